@@ -78,14 +78,26 @@ def _encode_header(header: dict) -> bytes:
 def check_output(out: Path, source: Path, force: bool) -> None:
     out_r, src_r = out.resolve(), source.resolve()
     if out_r == src_r or out_r.is_relative_to(src_r) or src_r.is_relative_to(out_r):
-        raise OutputExistsError(f"output {out} overlaps the source checkpoint {source}: choose another -o directory.")
+        raise OutputExistsError(
+            f"output {out} overlaps the source checkpoint {source}: choose another -o directory."
+        )
     if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists: choose another -o directory or pass --force to replace it.")
+        raise OutputExistsError(
+            f"output {out} already exists: choose another -o directory or pass --force to replace it."
+        )
 
 
-def write_checkpoint(source: Path, files: list[Path], plan: FoldPlan | None, out: Path, *,
-                     config_patch: dict | None = None, extra: dict[str, bytes] | None = None,
-                     force: bool = False, progress: Callable[[Iterable, int, str], Iterable] | None = None) -> Path:
+def write_checkpoint(
+    source: Path,
+    files: list[Path],
+    plan: FoldPlan | None,
+    out: Path,
+    *,
+    config_patch: dict | None = None,
+    extra: dict[str, bytes] | None = None,
+    force: bool = False,
+    progress: Callable[[Iterable, int, str], Iterable] | None = None,
+) -> Path:
     """Write the baked checkpoint to ``out`` (atomically). ``extra``: relative path → bytes."""
     check_output(out, source, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +189,7 @@ def _write_shard(shard: Shard, values: dict[str, torch.Tensor], dest: Path) -> N
             dst.write(head)
             src.seek(shard.data_start)
             shutil.copyfileobj(src, dst, 16 << 20)
-            for name, t in sorted(appended.items()):
+            for _name, t in sorted(appended.items()):
                 dst.write(_to_bytes(t))
     with open(dest, "r+b") as dst:
         for name, t in values.items():

@@ -4,7 +4,6 @@ exit codes here, and only here (set ACTMERGE_DEBUG=1 for tracebacks)."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,12 +19,16 @@ app = typer.Typer(
     help="Bake activation steering (Linear-AcT maps) into model weights: fit maps on two prompt sets, "
     "fold them at a fixed strength into norms, weights and biases, and write a standalone checkpoint "
     "that plain transformers / vLLM / llama.cpp load. Built-in model: gemma-3-270m.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
-Model = Annotated[str, typer.Argument(help="Hub id, local HF directory, .gguf file, or the built-in 'gemma-3-270m'.")]
+Model = Annotated[
+    str, typer.Argument(help="Hub id, local HF directory, .gguf file, or the built-in 'gemma-3-270m'.")
+]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of MODEL.")]
 Device = Annotated[str, typer.Option(help="Torch device for fitting/verification, e.g. cpu, cuda.")]
@@ -57,7 +60,9 @@ def _strengths(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: give a number or a comma-separated list, e.g. 1.0 or 0.5,1.0") from None
+        raise typer.BadParameter(
+            f"{text!r}: give a number or a comma-separated list, e.g. 1.0 or 0.5,1.0"
+        ) from None
 
 
 @app.command()
@@ -86,13 +91,39 @@ def bake(
     model: Model,
     recipe: RecipeOpt = None,
     maps: Annotated[Path | None, typer.Option("--maps", "-m", help="Maps file from `actmerge fit`.")] = None,
-    strength: Annotated[str | None, typer.Option("--strength", "-s", help="λ, or several: 0.5,1.0 (one sub-directory each). Default: the recipe's.")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--out", help="Output directory (must not exist unless --force).")] = None,
+    strength: Annotated[
+        str | None,
+        typer.Option(
+            "--strength", "-s", help="λ, or several: 0.5,1.0 (one sub-directory each). Default: the recipe's."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--out", help="Output directory (must not exist unless --force).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the fold plan and stop.")] = False,
-    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Runtime that must load the result: transformers, vllm, llama.cpp (repeatable).")] = None,
-    shift_policy: Annotated[str, typer.Option(help="'error': refuse shifts that cannot fold; 'drop': bake their scales only and report the deviation.")] = "error",
-    flags: Annotated[bool, typer.Option("--flags/--no-flags", help="Allow config flags (e.g. attention_bias) that add biases for shifts.")] = True,
-    verify: Annotated[bool, typer.Option("--verify", help="Verify the result in a fresh process after writing.")] = False,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target",
+            "-t",
+            help="Runtime that must load the result: transformers, vllm, llama.cpp (repeatable).",
+        ),
+    ] = None,
+    shift_policy: Annotated[
+        str,
+        typer.Option(
+            help="'error': refuse shifts that cannot fold; 'drop': bake their scales only and report the deviation."
+        ),
+    ] = "error",
+    flags: Annotated[
+        bool,
+        typer.Option(
+            "--flags/--no-flags", help="Allow config flags (e.g. attention_bias) that add biases for shifts."
+        ),
+    ] = True,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Verify the result in a fresh process after writing.")
+    ] = False,
     revision: Revision = None,
     device: Device = "cpu",
     force: Force = False,
@@ -104,14 +135,28 @@ def bake(
     if shift_policy not in ("error", "drop"):
         raise typer.BadParameter("--shift-policy must be 'error' or 'drop'.")
     lams = _strengths(strength) if strength else None
-    results = pipeline.bake(model, recipe=recipe, maps=maps, strengths=lams, out=output, targets=target or (),
-                            shift_policy=shift_policy, allow_flags=flags, force=force, dry_run=dry_run,
-                            revision=revision, device=device, log=_log)
+    results = pipeline.bake(
+        model,
+        recipe=recipe,
+        maps=maps,
+        strengths=lams,
+        out=output,
+        targets=target or (),
+        shift_policy=shift_policy,
+        allow_flags=flags,
+        force=force,
+        dry_run=dry_run,
+        revision=revision,
+        device=device,
+        log=_log,
+    )
     for res in results:
         _plan_table(describe(res.plan), res.strength)
         patch = res.plan.config_patch
-        out.print(f"config changes: {', '.join(f'{k}={v}' for k, v in patch.items()) or 'none'}; "
-                  f"loads in: {', '.join(sorted(res.plan.runtimes))}")
+        out.print(
+            f"config changes: {', '.join(f'{k}={v}' for k, v in patch.items()) or 'none'}; "
+            f"loads in: {', '.join(sorted(res.plan.runtimes))}"
+        )
         for note in res.notes:
             out.print(f"[yellow]note:[/] {note}")
         if res.out:
@@ -138,9 +183,11 @@ def _plan_table(rows: list[dict], strength: float) -> None:
 
 def _verify_print(rep) -> None:
     status = "[green]PASS[/]" if rep.passed else "[red]FAIL[/]"
-    out.print(f"{status} max |Δlogit| = {rep.max_abs_logit_diff:.3g} (tolerance {rep.tolerance:g}; logits reach "
-              f"{rep.max_abs_logit:.3g}); top-1 agreement {rep.argmax_agreement:.2%}; greedy tokens "
-              f"{rep.greedy_agreement:.2%} over {rep.n_prompts} prompts")
+    out.print(
+        f"{status} max |Δlogit| = {rep.max_abs_logit_diff:.3g} (tolerance {rep.tolerance:g}; logits reach "
+        f"{rep.max_abs_logit:.3g}); top-1 agreement {rep.argmax_agreement:.2%}; greedy tokens "
+        f"{rep.greedy_agreement:.2%} over {rep.n_prompts} prompts"
+    )
 
 
 @app.command()
@@ -148,17 +195,24 @@ def _verify_print(rep) -> None:
 def verify(
     checkpoint: Annotated[Path, typer.Argument(help="Baked checkpoint directory.")],
     base: Annotated[str | None, typer.Option(help="Base model (default: from actmerge/bake.json).")] = None,
-    maps: Annotated[Path | None, typer.Option("--maps", "-m", help="Maps file (default: the checkpoint's).")] = None,
-    strength: Annotated[float | None, typer.Option("--strength", "-s", help="λ (default: the bake's).")] = None,
-    tolerance: Annotated[float | None, typer.Option(help="Max |Δlogit| (default by dtype: fp32 1e-3).")] = None,
+    maps: Annotated[
+        Path | None, typer.Option("--maps", "-m", help="Maps file (default: the checkpoint's).")
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option("--strength", "-s", help="λ (default: the bake's).")
+    ] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Max |Δlogit| (default by dtype: fp32 1e-3).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     device: Device = "cpu",
 ):
     """Hooked base model vs the checkpoint reloaded by plain transformers in a fresh process; exit 5 above tolerance."""
     from . import pipeline
 
-    rep = pipeline.verify(checkpoint, base=base, maps=maps, strength=strength, tolerance=tolerance,
-                          device=device, log=_log)
+    rep = pipeline.verify(
+        checkpoint, base=base, maps=maps, strength=strength, tolerance=tolerance, device=device, log=_log
+    )
     if as_json:
         print(rep.to_json())
     else:
@@ -170,7 +224,9 @@ def verify(
 @app.command()
 @handled
 def sites(
-    model: Annotated[str | None, typer.Argument(help="Model (optional): show what folds for its config.")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="Model (optional): show what folds for its config.")
+    ] = None,
     target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Restrict to runtimes.")] = None,
     revision: Revision = None,
 ):
@@ -181,13 +237,17 @@ def sites(
 
     if model is None:
         for arch in ARCHITECTURES:
-            table = Table(title=f"{arch.name} ({', '.join(arch.model_types)}) — {arch.notes}", title_justify="left")
+            table = Table(
+                title=f"{arch.name} ({', '.join(arch.model_types)}) — {arch.notes}", title_justify="left"
+            )
             for col in ("site", "module", "side", "fold", "about"):
                 table.add_column(col)
             for name, rule in arch.sites.items():
                 table.add_row(name, f"{arch.layers}.{rule.module}", rule.side, rule.fold, rule.about)
             out.print(table)
-        out.print("Pass a MODEL to see which shifts fold for its config (exact / exact+flags / not foldable).")
+        out.print(
+            "Pass a MODEL to see which shifts fold for its config (exact / exact+flags / not foldable)."
+        )
         return
     config = resolve(model, revision, log=_log).config
     arch = architecture_for(config)
@@ -196,7 +256,9 @@ def sites(
     for col in ("site", "module", "side", "scale", "shift", "runtimes (shift)", "why"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(*(r[c] for c in ("site", "module", "side", "scale", "shift", "runtimes (shift)", "why")))
+        table.add_row(
+            *(r[c] for c in ("site", "module", "side", "scale", "shift", "runtimes (shift)", "why"))
+        )
     out.print(table)
 
 
@@ -206,6 +268,3 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-
-
-__all__ = ["app", "json"]

@@ -25,13 +25,26 @@ class Batch:
     token_mask: torch.Tensor  # [B, T]: 1 where a token is pooled
 
 
-def batches(tok, sentences: list[str], *, batch_size: int, max_tokens: int, skip_special: bool = True,
-            device: str | torch.device = "cpu") -> Iterator[Batch]:
+def batches(
+    tok,
+    sentences: list[str],
+    *,
+    batch_size: int,
+    max_tokens: int,
+    skip_special: bool = True,
+    device: str | torch.device = "cpu",
+) -> Iterator[Batch]:
     """Left-padded, truncated batches with the mask of tokens to pool."""
     tok.padding_side = "left"
     for i in range(0, len(sentences), batch_size):
-        enc = tok(sentences[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                  max_length=max_tokens, return_special_tokens_mask=True)
+        enc = tok(
+            sentences[i : i + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_tokens,
+            return_special_tokens_mask=True,
+        )
         special = enc.pop("special_tokens_mask")
         mask = enc["attention_mask"].clone()
         if skip_special:
@@ -45,9 +58,19 @@ def _bar(it: Iterable, total: int, desc: str, show: bool) -> Iterable:
 
 
 @torch.no_grad()
-def collect(model, tok, sentences: list[str], keys: list[str], *, batch_size: int = 16, max_tokens: int = 128,
-            pooling: str = "mean", skip_special: bool = True, desc: str = "collecting", progress: bool = True
-            ) -> dict[str, torch.Tensor]:
+def collect(
+    model,
+    tok,
+    sentences: list[str],
+    keys: list[str],
+    *,
+    batch_size: int = 16,
+    max_tokens: int = 128,
+    pooling: str = "mean",
+    skip_special: bool = True,
+    desc: str = "collecting",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
     """Pooled activations ``{key: [N, D]}`` (float32, CPU), one row per sentence."""
     if not sentences:
         raise ActivationError("no sentences to collect activations on.")
@@ -55,8 +78,19 @@ def collect(model, tok, sentences: list[str], keys: list[str], *, batch_size: in
     device = next(model.parameters()).device
     n_batches = -(-len(sentences) // batch_size)
     with record(model, keys, pooler) as store:
-        for b in _bar(batches(tok, sentences, batch_size=batch_size, max_tokens=max_tokens,
-                              skip_special=skip_special, device=device), n_batches, desc, progress):
+        for b in _bar(
+            batches(
+                tok,
+                sentences,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                skip_special=skip_special,
+                device=device,
+            ),
+            n_batches,
+            desc,
+            progress,
+        ):
             pooler.mask = b.token_mask
             model.base_model(**b.inputs)
     return {k: torch.cat(v) for k, v in store.items()}
@@ -71,18 +105,36 @@ class FitReport:
         return sum(i.degenerate for i in self.per_site.values())
 
 
-def fit(model, tok, sites: list[Site], source: list[str], target: list[str], *, method: str = "linear_act",
-        incremental: bool = False, batch_size: int = 16, max_tokens: int = 128, pooling: str = "mean",
-        skip_special: bool = True, fit_shift: bool = True, seed: int = 0, progress: bool = True
-        ) -> tuple[dict[str, AffineMap], FitReport]:
+def fit(
+    model,
+    tok,
+    sites: list[Site],
+    source: list[str],
+    target: list[str],
+    *,
+    method: str = "linear_act",
+    incremental: bool = False,
+    batch_size: int = 16,
+    max_tokens: int = 128,
+    pooling: str = "mean",
+    skip_special: bool = True,
+    fit_shift: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, AffineMap], FitReport]:
     """Fit one map per site. Incremental mode (the paper's): sites in forward order, each fitted on
     activations computed with every earlier map active at λ = 1, for source and target alike."""
     estimator = ESTIMATORS[method]
     keys = [s.key for s in sites]
     if len(set(keys)) != len(keys):
         raise ActivationError("the same module/side is selected twice; list each site once.")
-    opts = dict(batch_size=batch_size, max_tokens=max_tokens, pooling=pooling, skip_special=skip_special,
-                progress=progress)
+    opts = dict(
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        pooling=pooling,
+        skip_special=skip_special,
+        progress=progress,
+    )
     maps: dict[str, AffineMap] = {}
     infos: dict[str, FitInfo] = {}
     if not incremental:
@@ -91,20 +143,44 @@ def fit(model, tok, sites: list[Site], source: list[str], target: list[str], *, 
         for key in keys:
             maps[key], infos[key] = estimator(src[key], tgt[key], seed=seed, fit_shift=fit_shift)
         return maps, FitReport(infos)
-    return _fit_incremental(model, tok, sites, source, target, estimator, seed=seed, fit_shift=fit_shift, **opts)
+    return _fit_incremental(
+        model, tok, sites, source, target, estimator, seed=seed, fit_shift=fit_shift, **opts
+    )
 
 
 @torch.no_grad()
-def _fit_incremental(model, tok, sites, source, target, estimator, *, seed, fit_shift, batch_size, max_tokens,
-                     pooling, skip_special, progress):
+def _fit_incremental(
+    model,
+    tok,
+    sites,
+    source,
+    target,
+    estimator,
+    *,
+    seed,
+    fit_shift,
+    batch_size,
+    max_tokens,
+    pooling,
+    skip_special,
+    progress,
+):
     """One forward pass over source+target together: at each site (forward order) pool, fit the map
     on this batch's source/target rows, then apply it before the activation flows on."""
     from contextlib import ExitStack
 
     n_src = len(source)
     device = next(model.parameters()).device
-    batch = next(batches(tok, source + target, batch_size=len(source) + len(target), max_tokens=max_tokens,
-                         skip_special=skip_special, device=device))
+    batch = next(
+        batches(
+            tok,
+            source + target,
+            batch_size=len(source) + len(target),
+            max_tokens=max_tokens,
+            skip_special=skip_special,
+            device=device,
+        )
+    )
     pooler = Pooler(pooling)
     pooler.mask = batch.token_mask
     maps: dict[str, AffineMap] = {}
@@ -117,7 +193,9 @@ def _fit_incremental(model, tok, sites, source, target, estimator, *, seed, fit_
             pooled = pooler(a)
             if not torch.isfinite(pooled).all():
                 raise ActivationError(f"non-finite activations at {key} during incremental fitting.")
-            maps[key], infos[key] = estimator(pooled[:n_src].cpu(), pooled[n_src:].cpu(), seed=seed, fit_shift=fit_shift)
+            maps[key], infos[key] = estimator(
+                pooled[:n_src].cpu(), pooled[n_src:].cpu(), seed=seed, fit_shift=fit_shift
+            )
             if it is not None:
                 next(it, None)
             return affine_fn(maps[key].omega, maps[key].beta)(a)

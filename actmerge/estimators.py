@@ -29,7 +29,9 @@ Estimator = Callable[..., tuple[AffineMap, FitInfo]]
 
 def _check(src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if src.dim() != 2 or tgt.dim() != 2 or src.shape[1] != tgt.shape[1]:
-        raise ActivationError(f"source {tuple(src.shape)} and target {tuple(tgt.shape)} must be [N, D] with one D.")
+        raise ActivationError(
+            f"source {tuple(src.shape)} and target {tuple(tgt.shape)} must be [N, D] with one D."
+        )
     if src.shape[0] < 2 or tgt.shape[0] < 2:
         raise ActivationError("need at least 2 source and 2 target sentences to fit a map.")
     if not (torch.isfinite(src).all() and torch.isfinite(tgt).all()):
@@ -48,7 +50,9 @@ def equal_counts(src: torch.Tensor, tgt: torch.Tensor, seed: int = 0) -> tuple[t
     return src, tgt
 
 
-def linear_act(src: torch.Tensor, tgt: torch.Tensor, *, seed: int = 0, fit_shift: bool = True) -> tuple[AffineMap, FitInfo]:
+def linear_act(
+    src: torch.Tensor, tgt: torch.Tensor, *, seed: int = 0, fit_shift: bool = True
+) -> tuple[AffineMap, FitInfo]:
     """Linear-AcT (Rodriguez et al., 2025): per neuron, sort both samples, pair by rank, OLS.
 
     ``ω = cov(x_sorted, y_sorted) / var(x_sorted)``, ``β = mean(y) − ω·mean(x)``. Neurons whose
@@ -66,17 +70,23 @@ def linear_act(src: torch.Tensor, tgt: torch.Tensor, *, seed: int = 0, fit_shift
         cov = (xc * (y - my)).mean(0)
         scale = x.abs().mean(0).clamp_min(1.0)
         degenerate = var.sqrt() < DEGENERATE_STD * scale
-        omega = torch.where(degenerate, torch.ones_like(var), cov / torch.where(degenerate, torch.ones_like(var), var))
+        omega = torch.where(
+            degenerate, torch.ones_like(var), cov / torch.where(degenerate, torch.ones_like(var), var)
+        )
         beta = my - omega * mx
     else:
         sxx, sxy = (x * x).sum(0), (x * y).sum(0)
         degenerate = sxx.sqrt() < DEGENERATE_STD * len(x) ** 0.5
-        omega = torch.where(degenerate, torch.ones_like(sxx), sxy / torch.where(degenerate, torch.ones_like(sxx), sxx))
+        omega = torch.where(
+            degenerate, torch.ones_like(sxx), sxy / torch.where(degenerate, torch.ones_like(sxx), sxx)
+        )
         beta = torch.zeros_like(omega)
     return AffineMap(omega.float(), beta.float()), FitInfo(len(src), len(tgt), int(degenerate.sum()))
 
 
-def mean_act(src: torch.Tensor, tgt: torch.Tensor, *, seed: int = 0, fit_shift: bool = True) -> tuple[AffineMap, FitInfo]:
+def mean_act(
+    src: torch.Tensor, tgt: torch.Tensor, *, seed: int = 0, fit_shift: bool = True
+) -> tuple[AffineMap, FitInfo]:
     """Mean-AcT / ActAdd-style: ω = 1, β = mean(target) − mean(source)."""
     x, y = _check(src, tgt)
     beta = y.mean(0) - x.mean(0)
@@ -85,14 +95,22 @@ def mean_act(src: torch.Tensor, tgt: torch.Tensor, *, seed: int = 0, fit_shift: 
     return AffineMap(torch.ones_like(beta).float(), beta.float()), FitInfo(len(src), len(tgt))
 
 
-def gaussian_act(src: torch.Tensor, tgt: torch.Tensor, *, seed: int = 0, fit_shift: bool = True) -> tuple[AffineMap, FitInfo]:
+def gaussian_act(
+    src: torch.Tensor, tgt: torch.Tensor, *, seed: int = 0, fit_shift: bool = True
+) -> tuple[AffineMap, FitInfo]:
     """Per-neuron Gaussian transport: ω = σ_t/σ_s, β = μ_t − ω μ_s."""
     x, y = _check(src, tgt)
     sx, sy = x.std(0), y.std(0)
     degenerate = sx < DEGENERATE_STD * x.abs().mean(0).clamp_min(1.0)
-    omega = torch.where(degenerate, torch.ones_like(sx), sy / torch.where(degenerate, torch.ones_like(sx), sx))
+    omega = torch.where(
+        degenerate, torch.ones_like(sx), sy / torch.where(degenerate, torch.ones_like(sx), sx)
+    )
     beta = y.mean(0) - omega * x.mean(0) if fit_shift else torch.zeros_like(omega)
     return AffineMap(omega.float(), beta.float()), FitInfo(len(src), len(tgt), int(degenerate.sum()))
 
 
-ESTIMATORS: dict[str, Estimator] = {"linear_act": linear_act, "mean_act": mean_act, "gaussian_act": gaussian_act}
+ESTIMATORS: dict[str, Estimator] = {
+    "linear_act": linear_act,
+    "mean_act": mean_act,
+    "gaussian_act": gaussian_act,
+}

@@ -142,7 +142,9 @@ class FoldPlan:
 def _dim(op: _Op, n: int, module: str) -> None:
     for t in (op.scale, op.shift):
         if t is not None and t.numel() != n:
-            raise MapsMismatchError(f"map of dim {t.numel()} does not fit {module} (dim {n}): maps from another model?")
+            raise MapsMismatchError(
+                f"map of dim {t.numel()} does not fit {module} (dim {n}): maps from another model?"
+            )
 
 
 def _nonzero(t: torch.Tensor) -> bool:
@@ -162,14 +164,24 @@ def _config_get(config: dict, dotted: str) -> Any:
     return value
 
 
-def plan(arch: Architecture, config: dict, maps: MapSet, strength: float, tensors: dict[str, TensorInfo], *,
-         targets: frozenset[str] | set[str] = frozenset(), shift_policy: ShiftPolicy = "error",
-         allow_flags: bool = True) -> FoldPlan:
+def plan(
+    arch: Architecture,
+    config: dict,
+    maps: MapSet,
+    strength: float,
+    tensors: dict[str, TensorInfo],
+    *,
+    targets: frozenset[str] | set[str] = frozenset(),
+    shift_policy: ShiftPolicy = "error",
+    allow_flags: bool = True,
+) -> FoldPlan:
     """Plan the fold of ``maps`` at ``strength`` into a checkpoint with tensors ``tensors``."""
     targets = frozenset(targets)
     unknown = targets - set(RUNTIMES)
     if unknown:
-        raise NotFoldableError(f"unknown target runtime(s) {sorted(unknown)}; choose from {', '.join(RUNTIMES)}.")
+        raise NotFoldableError(
+            f"unknown target runtime(s) {sorted(unknown)}; choose from {', '.join(RUNTIMES)}."
+        )
     name_of = _tensor_namer(arch, tensors)
     edits: dict[str, _ModuleEdit] = {}
     site_plans: list[SitePlan] = []
@@ -202,7 +214,9 @@ def plan(arch: Architecture, config: dict, maps: MapSet, strength: float, tensor
         bias_roles = _bias_roles(rule)
         shift_ok, why, flags, runtimes = True, "", {}, ALL
         if has_shift:
-            shift_ok, why, flags, runtimes = shift_home(arch, config, site.name, targets=targets, allow_flags=allow_flags)
+            shift_ok, why, flags, runtimes = shift_home(
+                arch, config, site.name, targets=targets, allow_flags=allow_flags
+            )
         if has_shift and not shift_ok:
             if shift_policy == "error":
                 refused.append(f"  {key} ({site.name}): {why}")
@@ -218,7 +232,13 @@ def plan(arch: Architecture, config: dict, maps: MapSet, strength: float, tensor
         # scale and shift homes
         if rule.fold in ("rmsnorm", "rmsnorm_1p", "layernorm"):
             e = edit(site.module, rule.fold)
-            e.ops.append(_Op("output", scale if has_scale else None, shift if (has_shift and rule.fold == "layernorm") else None))
+            e.ops.append(
+                _Op(
+                    "output",
+                    scale if has_scale else None,
+                    shift if (has_shift and rule.fold == "layernorm") else None,
+                )
+            )
             sp.scale_into = [e.weight] + ([e.bias] if rule.fold == "layernorm" and e.bias else [])
             if rule.fold == "layernorm" and has_shift:
                 sp.shift_into = [e.bias]
@@ -256,15 +276,26 @@ def _bias_roles(rule) -> list[str]:
     return [rule.linear] if rule.linear else []
 
 
-def shift_home(arch: Architecture, config: dict, site_name: str, *, targets: frozenset[str] = frozenset(),
-               allow_flags: bool = True) -> tuple[bool, str, dict[str, Any], frozenset[str]]:
+def shift_home(
+    arch: Architecture,
+    config: dict,
+    site_name: str,
+    *,
+    targets: frozenset[str] = frozenset(),
+    allow_flags: bool = True,
+) -> tuple[bool, str, dict[str, Any], frozenset[str]]:
     """Can a shift at this site fold? → (ok, why not, config flags needed, runtimes that load it)."""
     rule = arch.sites[site_name]
     if rule.fold == "layernorm":
         return True, "", {}, ALL
     roles = _bias_roles(rule)
     if not roles:
-        return False, f"{rule.module} is a norm whose output adds straight into the residual: no bias can take a shift", {}, ALL
+        return (
+            False,
+            f"{rule.module} is a norm whose output adds straight into the residual: no bias can take a shift",
+            {},
+            ALL,
+        )
     flags: dict[str, Any] = {}
     runtimes = ALL
     for role in roles:
@@ -274,26 +305,39 @@ def shift_home(arch: Architecture, config: dict, site_name: str, *, targets: fro
             return False, f"{lin.module} has no bias in {arch.name} and no config flag adds one", {}, ALL
         if lin.bias != "always" and not _config_get(config, lin.bias):
             if not allow_flags:
-                return False, f"{lin.module} needs config flag {lin.bias}=true (config changes disallowed)", {}, ALL
+                return (
+                    False,
+                    f"{lin.module} needs config flag {lin.bias}=true (config changes disallowed)",
+                    {},
+                    ALL,
+                )
             flags[lin.bias] = True
     if targets - runtimes:
         return False, f"the added bias is not loaded by {', '.join(sorted(targets - runtimes))}", {}, ALL
     return True, "", flags, runtimes
 
 
-def capabilities(arch: Architecture, config: dict, targets: frozenset[str] = frozenset()) -> list[dict[str, str]]:
+def capabilities(
+    arch: Architecture, config: dict, targets: frozenset[str] = frozenset()
+) -> list[dict[str, str]]:
     """Per site: where a scale and a shift fold for this config (for `actmerge sites MODEL`)."""
     rows = []
     for name, rule in arch.sites.items():
         ok, why, flags, runtimes = shift_home(arch, config, name, targets=targets)
         cls = ("exact+flags" if flags else "exact") if ok else "not foldable"
-        rows.append({
-            "site": name, "module": f"{arch.layers.format(i='{i}')}.{rule.module}", "side": rule.side,
-            "fold": rule.fold, "scale": "exact",
-            "shift": cls + (f" ({', '.join(f'{k}=true' for k in flags)})" if flags else ""),
-            "runtimes (shift)": ", ".join(r for r in RUNTIMES if r in runtimes) if ok else "-",
-            "why": why, "about": rule.about,
-        })
+        rows.append(
+            {
+                "site": name,
+                "module": f"{arch.layers.format(i='{i}')}.{rule.module}",
+                "side": rule.side,
+                "fold": rule.fold,
+                "scale": "exact",
+                "shift": cls + (f" ({', '.join(f'{k}=true' for k in flags)})" if flags else ""),
+                "runtimes (shift)": ", ".join(r for r in RUNTIMES if r in runtimes) if ok else "-",
+                "why": why,
+                "about": rule.about,
+            }
+        )
     return rows
 
 
@@ -308,8 +352,8 @@ def _tensor_namer(arch: Architecture, tensors: dict[str, TensorInfo]):
         if param in tensors:
             return param
         for ours, theirs in arch.tensor_prefixes:
-            if param.startswith(ours) and theirs + param[len(ours):] in tensors:
-                return theirs + param[len(ours):]
+            if param.startswith(ours) and theirs + param[len(ours) :] in tensors:
+                return theirs + param[len(ours) :]
         if required:
             raise MapsMismatchError(f"tensor {param} is not in the checkpoint: maps from another model?")
         return None
@@ -340,7 +384,9 @@ def _companion_biases(arch, config, patch, edits, tensors, name_of) -> dict[str,
 
 
 def _guard_tied(arch: Architecture, config: dict, edits: dict[str, _ModuleEdit]) -> None:
-    if not (_config_get(config, "tie_word_embeddings") or _config_get(config, "text_config.tie_word_embeddings")):
+    if not (
+        _config_get(config, "tie_word_embeddings") or _config_get(config, "text_config.tie_word_embeddings")
+    ):
         return
     touched = {n for e in edits.values() for n in (e.weight, e.bias) if n}
     for a, b in arch.tied:
@@ -356,16 +402,18 @@ def describe(p: FoldPlan) -> list[dict[str, str]]:
     """Rows for the dry-run table and the model card."""
     rows = []
     for sp in p.sites:
-        rows.append({
-            "site": f"{sp.site.name}[{sp.site.layer}]",
-            "key": sp.site.key,
-            "class": sp.exactness,
-            "scale →": ", ".join(_short(n) for n in sp.scale_into) or "-",
-            "shift →": ", ".join(_short(n) for n in sp.shift_into) or "-",
-            "config": ", ".join(f"{k}={v}" for k, v in sp.flags.items()) or "-",
-            "runtimes": ", ".join(r for r in RUNTIMES if r in sp.runtimes),
-            "note": sp.note,
-        })
+        rows.append(
+            {
+                "site": f"{sp.site.name}[{sp.site.layer}]",
+                "key": sp.site.key,
+                "class": sp.exactness,
+                "scale →": ", ".join(_short(n) for n in sp.scale_into) or "-",
+                "shift →": ", ".join(_short(n) for n in sp.shift_into) or "-",
+                "config": ", ".join(f"{k}={v}" for k, v in sp.flags.items()) or "-",
+                "runtimes": ", ".join(r for r in RUNTIMES if r in sp.runtimes),
+                "note": sp.note,
+            }
+        )
     return rows
 
 

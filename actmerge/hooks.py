@@ -64,7 +64,9 @@ def affine_fn(scale: torch.Tensor, shift: torch.Tensor) -> ActFn:
 
     def fn(a: torch.Tensor) -> torch.Tensor:
         if a.shape[-1] != scale.numel():
-            raise MapsMismatchError(f"map of dim {scale.numel()} applied to an activation of dim {a.shape[-1]}.")
+            raise MapsMismatchError(
+                f"map of dim {scale.numel()} applied to an activation of dim {a.shape[-1]}."
+            )
         k = (a.device,)
         if k not in cache:
             cache[k] = (scale.to(a.device, torch.float32), shift.to(a.device, torch.float32))
@@ -103,7 +105,9 @@ class Pooler:
 
 
 @contextmanager
-def record(model: torch.nn.Module, keys: list[str], pooler: Pooler) -> Iterator[dict[str, list[torch.Tensor]]]:
+def record(
+    model: torch.nn.Module, keys: list[str], pooler: Pooler
+) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Collect pooled activations ``{key: [[B, D] per batch]}`` (on CPU, float32)."""
     store: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
 

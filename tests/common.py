@@ -20,12 +20,30 @@ TOLERANCE = {torch.float32: 1e-4}
 
 
 def pico_config(model_type: str):
-    from transformers import (Gemma2Config, Gemma3Config, Gemma3TextConfig, GPT2Config, LlamaConfig,
-                              MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
+    from transformers import (
+        Gemma2Config,
+        Gemma3Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
-                  bos_token_id=1, eos_token_id=2)
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if model_type == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
     if model_type == "mistral":
@@ -44,13 +62,26 @@ def pico_config(model_type: str):
         from transformers import SiglipVisionConfig
 
         text = Gemma3TextConfig(**common, head_dim=8)
-        vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, image_size=28, patch_size=14)
-        return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                            image_token_index=VOCAB - 1, boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3)
+        vision = SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        return Gemma3Config(
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+            image_token_index=VOCAB - 1,
+            boi_token_index=VOCAB - 2,
+            eoi_token_index=VOCAB - 3,
+        )
     if model_type == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1,
-                          eos_token_id=2)
+        return GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=1, eos_token_id=2
+        )
     raise ValueError(model_type)
 
 
@@ -65,8 +96,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers.processors import TemplateProcessing
 
     tk.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def make_pico(model_type: str, path: Path, seed: int = 0, dtype=torch.float32) -> Path:
@@ -86,7 +118,9 @@ def load(path: Path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
 
-def random_maps(config: dict, site_names: list[str] | None = None, *, shifts: bool = True, seed: int = 0) -> MapSet:
+def random_maps(
+    config: dict, site_names: list[str] | None = None, *, shifts: bool = True, seed: int = 0
+) -> MapSet:
     """Random maps at the given sites (all by default); shifts only where they fold (with flags)."""
     arch = architecture_for(config)
     caps = {r["site"]: r for r in capabilities(arch, config)}

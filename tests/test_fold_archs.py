@@ -41,8 +41,14 @@ def test_baked_equals_hooked(picos, tmp_path, model_type, site):
     for lam in STRENGTHS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[lam],
-                                   out=tmp_path / f"out-{lam}", progress=False, log=lambda *_: None)
+            (res,) = pipeline.bake(
+                pipeline.Loaded(src),
+                maps=maps,
+                strengths=[lam],
+                out=tmp_path / f"out-{lam}",
+                progress=False,
+                log=lambda *_: None,
+            )
         with steer(base, maps, lam):
             ref = _logits(base, ids)
         baked = load(res.out)
@@ -53,7 +59,9 @@ def test_baked_equals_hooked(picos, tmp_path, model_type, site):
         # config changes only where the plan said so
         cfg_out = json.loads((res.out / "config.json").read_text())
         cfg_src = src.config
-        changed = {k for k in cfg_out if cfg_out.get(k) != cfg_src.get(k)} | {k for k in cfg_src if k not in cfg_out}
+        changed = {k for k in cfg_out if cfg_out.get(k) != cfg_src.get(k)} | {
+            k for k in cfg_src if k not in cfg_out
+        }
         assert changed == {k.split(".")[0] for k in res.plan.config_patch}
 
 
@@ -61,13 +69,25 @@ def test_baked_equals_hooked(picos, tmp_path, model_type, site):
 def test_all_sites_together_and_lambda_zero_bit_identical(picos, tmp_path, model_type):
     src = ModelSource(model_type, picos[model_type])
     maps = random_maps(src.config)
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[0.0], out=tmp_path / "zero", progress=False,
-                           log=lambda *_: None)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        strengths=[0.0],
+        out=tmp_path / "zero",
+        progress=False,
+        log=lambda *_: None,
+    )
     for f in src.safetensors_files():
         assert (res.out / f.name).read_bytes() == f.read_bytes()
     assert (res.out / "config.json").read_bytes() == (src.path / "config.json").read_bytes()
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "one", progress=False,
-                           log=lambda *_: None)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        strengths=[1.0],
+        out=tmp_path / "one",
+        progress=False,
+        log=lambda *_: None,
+    )
     base = load(src.path)
     ids = random_ids(seed=1)
     with steer(base, maps, 1.0):
@@ -75,9 +95,16 @@ def test_all_sites_together_and_lambda_zero_bit_identical(picos, tmp_path, model
     assert (ref - _logits(load(res.out), ids)).abs().max().item() <= TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize(("model_type", "site"), [("mistral", "attn_in"), ("gemma3_text", "attn_post"),
-                                                  ("gemma3_text", "mlp_hidden"), ("phi3", "mlp_in"),
-                                                  ("qwen2", "attn_ctx")])
+@pytest.mark.parametrize(
+    ("model_type", "site"),
+    [
+        ("mistral", "attn_in"),
+        ("gemma3_text", "attn_post"),
+        ("gemma3_text", "mlp_hidden"),
+        ("phi3", "mlp_in"),
+        ("qwen2", "attn_ctx"),
+    ],
+)
 def test_unfoldable_shift_refused_then_dropped(picos, tmp_path, model_type, site):
     src = ModelSource(model_type, picos[model_type])
     maps = random_maps(src.config, [site], seed=3)
@@ -85,11 +112,24 @@ def test_unfoldable_shift_refused_then_dropped(picos, tmp_path, model_type, site
     for m in maps.maps.values():  # add shifts where none can fold
         m.beta.copy_(0.2 * torch.randn(m.dim, generator=g))
     with pytest.raises(NotFoldableError, match="shift-policy drop"):
-        pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "x", progress=False,
-                      log=lambda *_: None)
+        pipeline.bake(
+            pipeline.Loaded(src),
+            maps=maps,
+            strengths=[1.0],
+            out=tmp_path / "x",
+            progress=False,
+            log=lambda *_: None,
+        )
     assert not (tmp_path / "x").exists()
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "drop",
-                           shift_policy="drop", progress=False, log=lambda *_: None)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        strengths=[1.0],
+        out=tmp_path / "drop",
+        shift_policy="drop",
+        progress=False,
+        log=lambda *_: None,
+    )
     assert res.deviation is not None and res.deviation.max_abs_logit_diff > 0
     base = load(src.path)
     ids = random_ids()
@@ -103,12 +143,33 @@ def test_target_restricts_plan(picos, tmp_path):
     src = ModelSource("qwen3", picos["qwen3"])
     maps = random_maps(src.config, ["attn_ctx"], seed=4)
     with pytest.raises(NotFoldableError, match="vllm"):
-        pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], targets=["vllm"], dry_run=True,
-                      progress=False, log=lambda *_: None)
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], targets=["transformers"], dry_run=True,
-                           progress=False, log=lambda *_: None)
+        pipeline.bake(
+            pipeline.Loaded(src),
+            maps=maps,
+            strengths=[1.0],
+            targets=["vllm"],
+            dry_run=True,
+            progress=False,
+            log=lambda *_: None,
+        )
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        strengths=[1.0],
+        targets=["transformers"],
+        dry_run=True,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert res.plan.config_patch == {"attention_bias": True}
     maps = random_maps(src.config, ["attn_in"], seed=5)
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], targets=["vllm", "llama.cpp"],
-                           dry_run=True, progress=False, log=lambda *_: None)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        strengths=[1.0],
+        targets=["vllm", "llama.cpp"],
+        dry_run=True,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert "llama.cpp" in res.plan.runtimes

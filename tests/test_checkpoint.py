@@ -1,0 +1,110 @@
+"""The streaming writer: multi-shard index, byte-identical untouched tensors, atomic output."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from actmerge import checkpoint, pipeline
+from actmerge.errors import OutputExistsError
+from actmerge.hooks import steer
+from actmerge.models import ModelSource
+
+from .common import char_tokenizer, load, pico_config, random_ids, random_maps
+
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharded") / "llama"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(pico_config("llama")).save_pretrained(path, max_shard_size="20KB")
+    char_tokenizer().save_pretrained(path)
+    (path / "generation_config.json").write_text('{"do_sample": false}\n')
+    return path
+
+
+def test_multi_shard_index_and_bytes(sharded, tmp_path):
+    src = ModelSource("pico", sharded)
+    files = src.safetensors_files()
+    assert len(files) >= 3
+    maps = random_maps(
+        src.config, ["attn_in", "mlp_hidden"], seed=1
+    )  # shifts → new q,k,v,o + gate,up,down biases
+    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "o", **QUIET)
+    out = res.out
+    index = json.loads((out / checkpoint.INDEX).read_text())
+    # every tensor in the index is in the named shard, and every shard tensor is in the index
+    seen = {}
+    for f in files:
+        with safe_open(str(out / f.name), "pt") as h:
+            for k in h.keys():
+                seen[k] = f.name
+    assert seen == index["weight_map"]
+    assert "model.layers.1.self_attn.o_proj.bias" in seen and "model.layers.0.mlp.up_proj.bias" in seen
+    assert index["metadata"]["total_size"] == sum(
+        (m["data_offsets"][1] - m["data_offsets"][0])
+        for f in files
+        for m in checkpoint.read_shard(out / f.name).tensors().values()
+    )
+    # untouched tensors are byte-identical
+    edited = set(res.plan.edited_tensors())
+    for f in files:
+        a, b = checkpoint.read_shard(f), checkpoint.read_shard(out / f.name)
+        raw_a, raw_b = f.read_bytes(), (out / f.name).read_bytes()
+        for name, meta in a.tensors().items():
+            if name in edited:
+                continue
+            s, e = meta["data_offsets"]
+            s2, e2 = b.tensors()[name]["data_offsets"]
+            assert (
+                raw_a[a.data_start + s : a.data_start + e] == raw_b[b.data_start + s2 : b.data_start + e2]
+            ), name
+    # side files verbatim, config patched with the planned flags only
+    assert (out / "generation_config.json").read_bytes() == (sharded / "generation_config.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (sharded / "tokenizer.json").read_bytes()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
+    # and the model is right
+    base, ids = load(sharded), random_ids()
+    with steer(base, maps, 1.0), torch.no_grad():
+        ref = base(input_ids=ids).logits
+    with torch.no_grad():
+        assert (ref - load(out)(input_ids=ids).logits).abs().max() <= 1e-4
+    # provenance
+    assert (out / "actmerge" / "maps.safetensors").is_file() and (out / "README.md").is_file()
+    bake = json.loads((out / "actmerge" / "bake.json").read_text())
+    assert bake["strength"] == 1.0 and bake["config_patch"] == {"attention_bias": True, "mlp_bias": True}
+
+
+def test_refuses_existing_output_and_source_overlap(sharded, tmp_path):
+    src = ModelSource("pico", sharded)
+    maps = random_maps(src.config, ["attn_ctx"], seed=2)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputExistsError, match="--force"):
+        pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "exists", **QUIET)
+    with pytest.raises(OutputExistsError, match="overlaps"):
+        pipeline.bake(pipeline.Loaded(src), maps=maps, out=sharded / "inside", **QUIET)
+    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "exists", force=True, **QUIET)
+    assert (res.out / "config.json").is_file()
+
+
+def test_interrupt_mid_write_leaves_nothing(sharded, tmp_path, monkeypatch):
+    src = ModelSource("pico", sharded)
+    maps = random_maps(src.config, ["attn_ctx"], seed=2)
+    calls = {"n": 0}
+    real = checkpoint._write_shard
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(checkpoint, "_write_shard", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "o", **QUIET)
+    assert list(tmp_path.iterdir()) == []  # no output, no temp dir

@@ -1,0 +1,85 @@
+"""The CLI end to end on a pico model: fit → bake (dry-run, real) → verify in a fresh process → sites."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from actmerge.cli import app
+
+from .common import make_pico
+
+runner = CliRunner()
+
+RECIPE = """
+name: pico-test
+method: linear_act
+sites:
+  - site: [attn_ctx, mlp_hidden]
+    layers: all
+source: src.txt
+target: tgt.txt
+max_sentences: 40
+batch_size: 8
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = make_pico("gpt2", root / "gpt2")
+    (root / "src.txt").write_text("\n".join(f"bad words number {i} are here!!" for i in range(30)))
+    (root / "tgt.txt").write_text("\n".join(f"kind text {i}, nice and calm." for i in range(30)))
+    (root / "r.yaml").write_text(RECIPE)
+    return root, model
+
+
+def test_fit_bake_verify(setup, tmp_path):
+    root, model = setup
+    maps = tmp_path / "maps.safetensors"
+    r = runner.invoke(app, ["fit", str(model), "--recipe", str(root / "r.yaml"), "-o", str(maps)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["bake", str(model), "--maps", str(maps), "--strength", "1.0", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "fold plan" in r.output and "exact" in r.output
+    assert not (tmp_path / "out").exists()
+    r = runner.invoke(
+        app, ["bake", str(model), "--maps", str(maps), "--strength", "0.5,1.0", "-o", str(tmp_path / "out")]
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "lambda-0.5" / "config.json").is_file()
+    r = runner.invoke(app, ["verify", str(tmp_path / "out" / "lambda-1"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output[r.output.index("{") :])
+    assert rep["passed"] and rep["max_abs_logit_diff"] <= 1e-4 and rep["argmax_agreement"] == 1.0
+    # a wrong strength must fail verification (the check can fail)
+    r = runner.invoke(app, ["verify", str(tmp_path / "out" / "lambda-1"), "--strength", "0.5"])
+    assert r.exit_code == 5, r.output
+    # existing output refused without --force
+    r = runner.invoke(app, ["bake", str(model), "--maps", str(maps), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_bake_from_recipe_and_errors(setup, tmp_path):
+    root, model = setup
+    r = runner.invoke(
+        app, ["bake", str(model), "--recipe", str(root / "r.yaml"), "-o", str(tmp_path / "o"), "--verify"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output
+    assert (tmp_path / "o" / "actmerge" / "recipe.yaml").read_text() == (root / "r.yaml").read_text()
+    (root / "bad.yaml").write_text(RECIPE + "colour: red\n")
+    r = runner.invoke(
+        app, ["bake", str(model), "--recipe", str(root / "bad.yaml"), "-o", str(tmp_path / "p")]
+    )
+    assert r.exit_code == 2 and "colour" in r.output
+    r = runner.invoke(app, ["bake", str(model), "-o", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "exactly one" in r.output
+
+
+def test_sites_command(setup):
+    _, model = setup
+    r = runner.invoke(app, ["sites"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "gemma3_text" in r.output and "post_feedforward_layernorm" in r.output
+    r = runner.invoke(app, ["sites", str(model)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "attn_ctx" in r.output
