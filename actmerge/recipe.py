@@ -38,8 +38,16 @@ class Recipe(_Strict):
     modules: list[str] = Field(default_factory=list, description="raw '<module>:<input|output>' keys")
     source: Path = Field(description="sentences to steer away from (txt: one per line, or jsonl)")
     target: Path = Field(description="sentences to steer towards")
-    eval_prompts: Path | None = None
-    neutral_text: Path | None = None
+    eval_prompts: Path | None = Field(
+        None, description="held-out prompts for `actmerge eval` (never fitted on)"
+    )
+    neutral_text: Path | None = Field(None, description="neutral text for perplexity")
+    metrics: list[Literal["toxicity", "concept", "perplexity", "similarity"]] = ["toxicity", "perplexity"]
+    scorer: str = Field("profanity", description="toxicity scorer: 'profanity' or 'hf:<model id>'")
+    keywords: Path | None = Field(
+        None, description="concept keywords file (one per line) for the concept metric"
+    )
+    eval_max_new_tokens: int = Field(24, gt=0)
     text_field: str = "text"
     max_sentences: int = Field(256, gt=0)
     max_tokens: int = Field(128, gt=1)

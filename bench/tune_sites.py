@@ -118,12 +118,12 @@ def main() -> None:
 
         P, M = ["attn_post"], ["mlp_post"]
         combo("attn_post 9-17 + mlp_post 6-11", [(P, range(9, 18)), (M, range(6, 12))])
-        combo("attn_post 6-17 + mlp_post 6-11", [(P, range(6, 18)), (M, range(6, 12))])
-        combo("attn_post all + mlp_post 6-11", [(P, range(0, 18)), (M, range(6, 12))])
-        combo("post-norms 5-12", [(P + M, range(5, 13))])
-        combo("post-norms 6-13", [(P + M, range(6, 14))])
-        combo("post-norms 7-12", [(P + M, range(7, 13))])
+        combo("post-norms 6-11", [(P + M, range(6, 12))])
         combo("attn_post 9-17 + mlp_post 4-9", [(P, range(9, 18)), (M, range(4, 10))])
+        combo("post-norms 7-12", [(P + M, range(7, 13))])
+        combo("attn_post 9-17", [(P, range(9, 18))])
+        combo("mlp_post 0-8", [(M, range(0, 9))])
+        combo("attn_post all + mlp_post 6-11", [(P, range(0, 18)), (M, range(6, 12))])
         return
     if "--layers" in sys.argv:
         for names in (["attn_post"], ["attn_post", "mlp_post"], ["mlp_post"]):

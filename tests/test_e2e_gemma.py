@@ -45,7 +45,7 @@ def test_config_unchanged_and_plain_transformers_reload(baked):
 def test_toxicity_lower_than_base_at_bounded_perplexity(baked):
     recipe = load_recipe(RECIPE)
     prompts = read_sentences(recipe.path(recipe.eval_prompts))
-    neutral = read_sentences(recipe.path(recipe.neutral_text))
+    neutral = read_sentences(pipeline.NEUTRAL_TEXT)  # the shipped neutral corpus (detox.yaml sets none)
     scorer = profanity_scorer()
     base_model, tok = load_model(resolve("gemma-3-270m"))
     base = toxicity(base_model, tok, prompts, scorer, progress=False)

@@ -1,0 +1,285 @@
+"""Strength sweeps: the base model, hooked previews at several strengths and baked checkpoints,
+measured on identical prompts and settings, one row each.
+
+Metrics are a registry (``METRICS``) so that recipes pick theirs. A metric reads the row's
+generations (and, for ``similarity``, the reference row's) or the row's model (perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import ActmergeError
+from .evaluate import concept_presence, continuations, get_scorer, perplexity, similarity
+from .hooks import steer
+from .maps import MapSet
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts: list[str]
+    neutral: list[str] = field(default_factory=list)
+    metrics: tuple[str, ...] = ("toxicity", "perplexity")
+    scorer: str = "profanity"
+    keywords: tuple[str, ...] = ()
+    max_new_tokens: int = 24
+    sample: bool = False  # False: greedy; True: T=1, top_p=0.3, repetition_penalty=1.2
+    seed: int = 0
+    n_samples: int = 3  # generations shown per row
+    batch_size: int = 16
+    threshold: float = 0.5
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str  # base | hooked | baked
+    strength: float | None
+    metrics: dict[str, float]
+    samples: list[dict[str, str]]
+    seconds: float
+    texts: list[str] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Report:
+    model: str
+    config: EvalConfig
+    rows: list[Row]
+    version: str = __version__
+
+    def to_dict(self) -> dict:
+        cfg = asdict(self.config)
+        cfg["n_prompts"], cfg["n_neutral"] = len(cfg.pop("prompts")), len(cfg.pop("neutral"))
+        rows = [{k: v for k, v in asdict(r).items() if k != "texts"} for r in self.rows]
+        data = {"actmerge_version": self.version, "model": self.model, "settings": cfg, "rows": rows}
+        return json.loads(json.dumps(data))  # plain JSON types (tuples → lists)
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+# name → (needs generations?, fn(row texts, reference texts, model, tok, cfg, scorer) → {metric: value})
+MetricFn = Callable[..., dict[str, float]]
+
+
+def _toxicity(texts, ref, model, tok, cfg, scorer):
+    scores = scorer(texts)
+    n = max(len(scores), 1)
+    return {"toxicity_mean": sum(scores) / n, "toxic_fraction": sum(s > cfg.threshold for s in scores) / n}
+
+
+def _concept(texts, ref, model, tok, cfg, scorer):
+    return {"concept_presence": concept_presence(texts, list(cfg.keywords))}
+
+
+def _perplexity(texts, ref, model, tok, cfg, scorer):
+    if not cfg.neutral:
+        raise ActmergeError("perplexity needs neutral text (recipe `neutral_text:` or --neutral).")
+    return {"perplexity": perplexity(model, tok, cfg.neutral)}
+
+
+def _similarity(texts, ref, model, tok, cfg, scorer):
+    sims = similarity(texts, ref)
+    return {"similarity": sum(sims) / max(len(sims), 1)}
+
+
+METRICS: dict[str, MetricFn] = {
+    "toxicity": _toxicity,
+    "concept": _concept,
+    "perplexity": _perplexity,
+    "similarity": _similarity,
+}
+
+
+def evaluate_model(
+    model,
+    tok,
+    cfg: EvalConfig,
+    *,
+    label: str,
+    kind: str,
+    strength: float | None,
+    reference: list[str] | None = None,
+    scorer=None,
+    progress: bool = True,
+) -> Row:
+    unknown = set(cfg.metrics) - set(METRICS)
+    if unknown:
+        raise ActmergeError(f"unknown metric(s) {sorted(unknown)}: choose from {', '.join(METRICS)}.")
+    t0 = time.perf_counter()
+    texts = continuations(
+        model,
+        tok,
+        cfg.prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        sample=cfg.sample,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    metrics: dict[str, float] = {}
+    for name in cfg.metrics:
+        metrics.update(METRICS[name](texts, reference or texts, model, tok, cfg, scorer))
+    samples = [
+        {"prompt": p, "text": t}
+        for p, t in zip(cfg.prompts[: cfg.n_samples], texts[: cfg.n_samples], strict=False)
+    ]
+    return Row(label, kind, strength, metrics, samples, time.perf_counter() - t0, texts)
+
+
+def run_sweep(
+    model,
+    tok,
+    cfg: EvalConfig,
+    *,
+    maps: MapSet | None = None,
+    strengths: list[float] = (),
+    baked: list[Path] = (),
+    include_base: bool = False,
+    model_name: str = "",
+    progress: bool = True,
+    log=print,
+) -> Report:
+    """Rows: [base], hooked at each strength, each baked directory (loaded by plain transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    if strengths and maps is None:
+        raise ActmergeError("hooked strengths need maps (--recipe or --maps).")
+    scorer = get_scorer(cfg.scorer) if "toxicity" in cfg.metrics else None
+    rows: list[Row] = []
+    reference: list[str] | None = None
+    plan: list[tuple[str, str, float | None, object]] = []
+    if include_base or not strengths or 0.0 not in strengths:
+        plan.append(("base", "base", 0.0, None))
+    plan += [(f"hooked λ={lam:g}", "hooked", lam, lam) for lam in sorted(strengths)]
+    for label, kind, lam, hook_lam in plan:
+        ctx = steer(model, maps, hook_lam) if hook_lam is not None else nullcontext()
+        with ctx:
+            row = evaluate_model(
+                model,
+                tok,
+                cfg,
+                label=label,
+                kind=kind,
+                strength=lam,
+                reference=reference,
+                scorer=scorer,
+                progress=progress,
+            )
+        if reference is None:
+            reference = row.texts  # similarity is measured against the first (λ = 0 / base) row
+        rows.append(row)
+        log(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items()))
+    for path in baked:
+        path = Path(path)
+        info_path = path / "actmerge" / "bake.json"
+        lam = json.loads(info_path.read_text()).get("strength") if info_path.is_file() else None
+        bm = AutoModelForCausalLM.from_pretrained(str(path), dtype=next(model.parameters()).dtype).eval()
+        bm.to(next(model.parameters()).device)
+        row = evaluate_model(
+            bm,
+            tok,
+            cfg,
+            label=f"baked {path.name}",
+            kind="baked",
+            strength=lam,
+            reference=reference,
+            scorer=scorer,
+            progress=progress,
+        )
+        rows.append(row)
+        log(f"baked {path.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items()))
+        del bm
+    ref_ppl = rows[0].metrics.get("perplexity")
+    for r in rows:
+        if ref_ppl and "perplexity" in r.metrics:
+            r.metrics["perplexity_ratio"] = r.metrics["perplexity"] / ref_ppl
+    return Report(model_name, cfg, rows)
+
+
+PLOTTED = ("toxic_fraction", "toxicity_mean", "concept_presence", "perplexity_ratio", "similarity")
+
+
+def plot(report: Report, path: Path) -> dict[str, int]:
+    """sweep.png: one panel per metric vs λ; the hooked sweep as a line, baked points as crosses.
+    Returns {metric: number of series drawn} (for tests)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in PLOTTED if any(m in r.metrics for r in report.rows)]
+    if not names:
+        raise ActmergeError("nothing to plot: no row has a plottable metric.")
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    series: dict[str, int] = {}
+    for ax, name in zip(axes[0], names, strict=True):
+        n = 0
+        line = [
+            r
+            for r in report.rows
+            if r.kind in ("hooked", "base") and r.strength is not None and name in r.metrics
+        ]
+        if line:
+            pts = sorted({r.strength: r.metrics[name] for r in line}.items())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="hooked preview")
+            n += 1
+        baked = [r for r in report.rows if r.kind == "baked" and r.strength is not None and name in r.metrics]
+        if baked:
+            ax.plot(
+                [r.strength for r in baked],
+                [r.metrics[name] for r in baked],
+                "x",
+                markersize=11,
+                markeredgewidth=2.5,
+                color="crimson",
+                linestyle="none",
+                label="baked checkpoint",
+            )
+            n += 1
+        ax.set_xlabel("strength λ")
+        ax.set_title(name.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        series[name] = n
+    fig.suptitle(f"{report.model}: steering strength sweep ({len(report.config.prompts)} prompts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return series
+
+
+COLUMNS = (
+    "toxic_fraction",
+    "toxicity_mean",
+    "concept_presence",
+    "perplexity",
+    "perplexity_ratio",
+    "similarity",
+)
+
+
+def markdown_table(report: Report) -> str:
+    names = [m for m in COLUMNS if any(m in r.metrics for r in report.rows)]
+    lines = ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in report.rows:
+        lines.append(f"| {r.label} | " + " | ".join(_fmt(r.metrics.get(n)) for n in names) + " |")
+    c = report.config
+    lines.append("")
+    lines.append(
+        f"{len(c.prompts)} prompts, {'sampled (T=1, top_p=0.3, rep. penalty 1.2)' if c.sample else 'greedy'}, "
+        f"{c.max_new_tokens} new tokens, scorer `{c.scorer}` (toxic = probability > {c.threshold})."
+    )
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3g}"

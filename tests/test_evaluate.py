@@ -1,0 +1,124 @@
+"""Evaluation: metric functions with known answers, the exact fast nucleus filter, and a sweep on a
+pico model (λ = 0 row ≡ base, report schema, the plot)."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import TopPLogitsWarper
+
+from actmerge import pipeline
+from actmerge.evaluate import FastTopP, concept_presence, perplexity, profanity_scorer
+from actmerge.models import ModelSource
+from actmerge.sweep import EvalConfig, plot, run_sweep
+
+from .common import VOCAB, char_tokenizer, load, make_pico, random_maps
+
+
+def test_concept_presence_known_answers():
+    texts = [
+        "He scored a goal!",
+        "The goalkeeper dived.",
+        "A World Cup final",
+        "nothing here",
+        "Goals galore",
+    ]
+    assert concept_presence(texts, ["goal", "world cup"]) == pytest.approx(2 / 5)
+    assert concept_presence(texts, ["goal", "goals", "goalkeeper", "world cup"]) == pytest.approx(4 / 5)
+    assert concept_presence([], ["x"]) == 0.0
+
+
+def test_profanity_scorer_orders_texts():
+    s = profanity_scorer()(["you are a fucking idiot", "the weather is mild today"])
+    assert s[0] > 0.5 > s[1]
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(tmp_path):
+    path = make_pico("llama", tmp_path / "m")
+    model, tok = load(path), char_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # logits all zero → uniform → perplexity = |V|
+    assert perplexity(model, tok, ["hello world", "a longer sentence here."]) == pytest.approx(
+        VOCAB, rel=1e-4
+    )
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])  # 0.9 needs the full-sort fallback at k=64
+def test_fast_top_p_matches_transformers(top_p):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 5000, generator=g) * 3
+    ref = TopPLogitsWarper(top_p)(None, scores.clone())
+    got = FastTopP(top_p, k=64)(None, scores.clone())
+    assert torch.equal(torch.isinf(ref), torch.isinf(got))
+    assert torch.equal(ref[~torch.isinf(ref)], got[~torch.isinf(got)])
+
+
+@pytest.fixture(scope="module")
+def pico(tmp_path_factory):
+    return make_pico("gemma3_text", tmp_path_factory.mktemp("sw") / "g")
+
+
+def test_sweep_report_and_plot(pico, tmp_path):
+    src = ModelSource("pico", pico)
+    maps = random_maps(src.config, ["attn_post", "mlp_post"], seed=2)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        strengths=[1.0],
+        out=tmp_path / "b",
+        progress=False,
+        log=lambda *_: None,
+    )
+    model, tok = load(pico), char_tokenizer()
+    cfg = EvalConfig(
+        prompts=["hello there", "what a day", "the cat"],
+        neutral=["some neutral text here."],
+        metrics=("toxicity", "concept", "perplexity", "similarity"),
+        keywords=("zz",),
+        max_new_tokens=6,
+    )
+    rep = run_sweep(
+        model,
+        tok,
+        cfg,
+        maps=maps,
+        strengths=[0.0, 0.5, 1.0],
+        baked=[res.out],
+        include_base=True,
+        model_name="pico",
+        progress=False,
+        log=lambda *_: None,
+    )
+    labels = [r.label for r in rep.rows]
+    assert labels == ["base", "hooked λ=0", "hooked λ=0.5", "hooked λ=1", "baked b"]
+    base, zero, one, baked = rep.rows[0], rep.rows[1], rep.rows[3], rep.rows[4]
+    assert zero.texts == base.texts and zero.metrics == base.metrics  # λ = 0 is the identity, exactly
+    assert base.metrics["perplexity_ratio"] == 1.0 and base.metrics["similarity"] == pytest.approx(
+        1.0, abs=1e-5
+    )
+    assert baked.texts == one.texts  # the baked checkpoint generates what the hooked model does
+    assert baked.metrics["perplexity"] == pytest.approx(one.metrics["perplexity"], rel=1e-4)
+    assert one.metrics["perplexity"] != base.metrics["perplexity"]
+    data = rep.to_dict()
+    rep.save(tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text()) == data
+    assert set(data) == {"actmerge_version", "model", "settings", "rows"}
+    assert data["settings"]["n_prompts"] == 3 and data["settings"]["max_new_tokens"] == 6
+    for row in data["rows"]:
+        assert set(row) == {"label", "kind", "strength", "metrics", "samples", "seconds"}
+        assert {
+            "toxicity_mean",
+            "toxic_fraction",
+            "concept_presence",
+            "perplexity",
+            "perplexity_ratio",
+            "similarity",
+        } <= set(row["metrics"])
+        assert all(math.isfinite(v) for v in row["metrics"].values())
+    series = plot(rep, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert series == {
+        m: 2
+        for m in ("toxic_fraction", "toxicity_mean", "concept_presence", "perplexity_ratio", "similarity")
+    }  # hooked line + baked points per panel
