@@ -9,6 +9,21 @@ import yaml
 
 from . import __version__
 
+REPO_PLACEHOLDER = "<this repo>"  # in the usage snippets; the repo id is not known when baking
+# Built-in aliases are not Hub ids: the Hub repo (front matter `base_model`) and license they stand for.
+BUILTIN_BASES = {"gemma-3-270m": ("google/gemma-3-270m", "gemma")}
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def hub_base_model(name: str) -> str | None:
+    """``name`` as a Hub model id for the front matter, or None for local paths and .gguf files (the
+    Hub rejects a card whose `base_model` is not a model id)."""
+    if name in BUILTIN_BASES:
+        return BUILTIN_BASES[name][0]
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        return None
+    return name if _HUB_ID.fullmatch(name) and ".." not in name and "--" not in name else None
+
 
 def base_license(source: Path, config: dict) -> str | None:
     """The base model's license from its card's front matter (or config), if known."""
@@ -37,13 +52,16 @@ def render(
     description: str = "",
     evaluation: str = "",
     reproduce: str = "",
+    runtimes: list[str] | None = None,
 ) -> str:
+    license = license or BUILTIN_BASES.get(base_model, (None, None))[1]
+    hub_id = hub_base_model(base_model)
+    tags = list(dict.fromkeys(["actmerge", "activation-steering", "steering", method, recipe_name]))
     front = {
-        "base_model": base_model,
-        "base_model_relation": "finetune",
+        **({"base_model": hub_id, "base_model_relation": "finetune"} if hub_id else {}),
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["actmerge", "activation-steering", "steering", method, recipe_name],
+        "tags": tags,
         "license": license or "other",
     }
     sites = sorted({r["site"].split("[")[0] for r in plan_rows if r["class"] != "identity"})
@@ -63,7 +81,11 @@ def render(
     if description:
         lines += [description.strip(), ""]
     if license is None:
-        lines += ["> The base model's license could not be determined: check it before redistributing.", ""]
+        lines += [
+            "> The base model's license could not be determined (`license: other` above): check it "
+            "before redistributing, and set `license:` in this card.",
+            "",
+        ]
     lines += [
         "## How it was steered",
         "",
@@ -89,13 +111,41 @@ def render(
     ]
     if evaluation:
         lines += ["## Evaluation", "", evaluation.strip(), ""]
+    loads = (
+        f"Every edit loads in: {', '.join(sorted(runtimes))}."
+        if runtimes
+        else "Which runtimes load every edit: `runtimes` in `actmerge/bake.json`."
+    )
     lines += [
         "## Use",
         "",
+        f"A plain checkpoint: no actmerge, no hooks. {loads}",
+        "",
+        "transformers:",
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("<this repo>")',
-        'tok = AutoTokenizer.from_pretrained("<this repo>")',
+        f'model = AutoModelForCausalLM.from_pretrained("{REPO_PLACEHOLDER}")',
+        f'tok = AutoTokenizer.from_pretrained("{REPO_PLACEHOLDER}")',
+        "```",
+        "",
+        "vLLM:",
+        "",
+        "```bash",
+        f"vllm serve {REPO_PLACEHOLDER}",
+        "```",
+        "",
+        "```python",
+        "from vllm import LLM",
+        f'llm = LLM(model="{REPO_PLACEHOLDER}")',
+        "```",
+        "",
+        "llama.cpp (convert to GGUF with the script from the llama.cpp repository, then run):",
+        "",
+        "```bash",
+        f"hf download {REPO_PLACEHOLDER} --local-dir model",
+        "python convert_hf_to_gguf.py model --outfile model.gguf --outtype f16",
+        'llama-cli -m model.gguf -p "Hello"',
         "```",
         "",
     ]

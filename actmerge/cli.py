@@ -30,6 +30,12 @@ Model = Annotated[
     str, typer.Argument(help="Hub id, local HF directory, .gguf file, or the built-in 'gemma-3-270m'.")
 ]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
+RecipesOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--recipe", "-r", help="Recipe YAML (see recipes/). Repeat to compose recipes: one --strength each."
+    ),
+]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of MODEL.")]
 Device = Annotated[str, typer.Option(help="Torch device for fitting/verification, e.g. cpu, cuda.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
@@ -89,7 +95,7 @@ def fit(
 @handled
 def bake(
     model: Model,
-    recipe: RecipeOpt = None,
+    recipe: RecipesOpt = None,
     maps: Annotated[Path | None, typer.Option("--maps", "-m", help="Maps file from `actmerge fit`.")] = None,
     strength: Annotated[
         str | None,
@@ -124,20 +130,49 @@ def bake(
     verify: Annotated[
         bool, typer.Option("--verify", help="Verify the result in a fresh process after writing.")
     ] = False,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--eval",
+            help="Evaluate base vs baked on the recipe's eval prompts; the table goes into the model card.",
+        ),
+    ] = False,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub",
+            metavar="REPO_ID",
+            help="After writing, verify each checkpoint and upload it to this Hub model repo (created if "
+            "missing; several strengths go to REPO_ID-lambda-<λ>). Needs HF_TOKEN or `hf auth login`.",
+        ),
+    ] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="With --push-to-hub: create the repo as private.")
+    ] = False,
     revision: Revision = None,
     device: Device = "cpu",
     force: Force = False,
 ):
-    """Fit (with --recipe) or load (--maps) maps, fold them at strength λ, and write a checkpoint."""
+    """Fit (with --recipe) or load (--maps) maps, fold them at strength λ, and write a checkpoint.
+
+    Several --recipe options compose: each recipe is fitted and applied at its own strength
+    (--strength 1.0,0.5 gives one per recipe), maps at shared sites compose, one checkpoint is baked."""
     from . import pipeline
     from .fold import describe
 
     if shift_policy not in ("error", "drop"):
         raise typer.BadParameter("--shift-policy must be 'error' or 'drop'.")
+    if push_to_hub:
+        from . import hub
+
+        if dry_run:
+            raise typer.BadParameter("--push-to-hub needs a written checkpoint: drop --dry-run.")
+        hub.validate_repo_id(push_to_hub)
+        hub.require_token()  # before the (slow) fit, not after it
     lams = _strengths(strength) if strength else None
     results = pipeline.bake(
         model,
-        recipe=recipe,
+        recipe=recipe or None,
         maps=maps,
         strengths=lams,
         out=output,
@@ -149,6 +184,7 @@ def bake(
         revision=revision,
         device=device,
         log=_log,
+        evaluate_after=evaluate,
     )
     for res in results:
         _plan_table(describe(res.plan), res.strength)
@@ -163,11 +199,70 @@ def bake(
             out.print(res.evaluation)
         if res.out:
             out.print(f"[green]wrote[/] {res.out} (bake {res.seconds:.1f}s)")
-            if verify:
+            if verify or push_to_hub:  # a push publishes verified checkpoints only
                 rep = pipeline.verify(res.out, device=device, log=_log)
                 _verify_print(rep)
                 if not rep.passed:
                     raise typer.Exit(5)
+    if push_to_hub:
+        for res in results:
+            repo = push_to_hub if len(results) == 1 else hub.strength_repo_id(push_to_hub, res.strength)
+            pushed = hub.push(res.out, repo, private=private, verify_required=True, log=_log)
+            out.print(f"[green]pushed[/] {res.out} → {pushed.url}")
+
+
+@app.command()
+@handled
+def push(
+    checkpoint: Annotated[Path, typer.Argument(help="Baked checkpoint directory (from `actmerge bake`).")],
+    repo_id: Annotated[
+        str | None,
+        typer.Argument(
+            help="Hub model repo, 'user/name' (created if missing). Default: <you>/<base>-<recipe>."
+        ),
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option("--revision", help="Branch to upload to (created if missing). Default: main."),
+    ] = None,
+    commit_message: Annotated[
+        str | None, typer.Option("--commit-message", help="Commit message on the Hub.")
+    ] = None,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Publish without a passing actmerge/verify.json (by default `actmerge verify` must have passed).",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Upload a directory that is not an actmerge output.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the files that would be uploaded; upload nothing.")
+    ] = False,
+):
+    """Upload a baked checkpoint (weights, config, tokenizer, model card, actmerge/ provenance) to a
+    Hugging Face Hub model repo. Refuses unverified checkpoints and non-actmerge directories; the token
+    comes from HF_TOKEN or `hf auth login`."""
+    from . import hub
+
+    res = hub.push(
+        checkpoint,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        verify_required=not no_verify,
+        force=force,
+        dry_run=dry_run,
+        log=lambda msg: out.print(msg, highlight=False, markup=False, soft_wrap=True),
+    )
+    if res.dry_run:
+        out.print("nothing was uploaded (dry run).")
+    else:
+        out.print(f"[green]pushed[/] {len(res.files)} files → {res.url}", highlight=False, soft_wrap=True)
 
 
 def _plan_table(rows: list[dict], strength: float) -> None:
@@ -221,6 +316,32 @@ def verify(
         _verify_print(rep)
     if not rep.passed:
         raise typer.Exit(5)
+
+
+@app.command()
+@handled
+def compose(
+    maps: Annotated[list[Path], typer.Argument(help="Maps files, applied in this order.")],
+    output: Annotated[Path, typer.Option("-o", "--out", help="Composed maps file to write.")],
+    strength: Annotated[str, typer.Option("--strength", "-s", help="One λ per maps file, e.g. 1.0,0.5.")],
+    force: Force = False,
+):
+    """Compose maps files (each at its own strength) into one maps file, to bake at strength 1."""
+    from .errors import RecipeError
+    from .maps import MapSet
+    from .pipeline import compose_all
+
+    lams = _strengths(strength)
+    if len(maps) < 2 or len(lams) != len(maps):
+        raise RecipeError(
+            f"compose needs ≥ 2 maps files and one strength each (got {len(maps)} files, {len(lams)} strengths)."
+        )
+    if output.exists() and not force:
+        raise ActmergeError(f"{output} exists: choose another -o or pass --force.")
+    sets = [MapSet.load(p) for p in maps]
+    composed = compose_all(sets, lams)
+    composed.save(output)
+    out.print(f"wrote {len(composed)} composed maps to {output}; bake it with --strength 1")
 
 
 @app.command("eval")

@@ -62,3 +62,9 @@ class VerificationError(ActmergeError):
     """The baked checkpoint does not reproduce the hooked model within tolerance."""
 
     exit_code = 5
+
+
+class PublishError(ActmergeError):
+    """A checkpoint cannot be published to the Hub (not verified, not an actmerge output, no token, refused)."""
+
+    exit_code = 6

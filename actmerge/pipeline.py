@@ -15,9 +15,9 @@ from .checkpoint import PROVENANCE_DIR, tensor_index, write_checkpoint
 from .collect import FitReport
 from .collect import fit as fit_maps
 from .errors import MapsMismatchError, RecipeError, VerificationError
-from .fold import FoldPlan, describe
+from .fold import FoldPlan, describe, shift_home
 from .fold import plan as make_plan
-from .maps import MapSet
+from .maps import MapSet, compose
 from .models import ModelSource, load_model, resolve
 from .recipe import Recipe, load_recipe, read_sentences
 from .sites import Site, architecture_for, resolve_sites, site_for_key
@@ -68,6 +68,8 @@ def fit(
     device: str = "cpu",
     progress: bool = True,
     log=print,
+    targets=(),
+    allow_flags: bool = True,
 ) -> FitResult:
     """Collect activations on the recipe's sentences and fit one map per site."""
     loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
@@ -78,22 +80,27 @@ def fit(
     target = recipe.read_target()[: recipe.max_sentences]
     m, tok = loaded.get()
     t0 = time.perf_counter()
-    maps, report = fit_maps(
-        m,
-        tok,
-        sites,
-        source,
-        target,
-        method=recipe.method,
-        incremental=recipe.incremental,
-        batch_size=recipe.batch_size,
-        max_tokens=recipe.max_tokens,
-        pooling=recipe.pooling,
-        skip_special=recipe.skip_special_tokens,
-        fit_shift=recipe.fit_shift,
-        seed=recipe.seed,
-        progress=progress,
-    )
+    if recipe.method == "lineas":
+        maps, report = _fit_lineas(
+            m, tok, recipe, config, sites, source, target, targets, allow_flags, progress, log
+        )
+    else:
+        maps, report = fit_maps(
+            m,
+            tok,
+            sites,
+            source,
+            target,
+            method=recipe.method,
+            incremental=recipe.incremental,
+            batch_size=recipe.batch_size,
+            max_tokens=recipe.max_tokens,
+            pooling=recipe.pooling,
+            skip_special=recipe.skip_special_tokens,
+            fit_shift=recipe.fit_shift,
+            seed=recipe.seed,
+            progress=progress,
+        )
     seconds = time.perf_counter() - t0
     mapset = MapSet(
         maps,
@@ -104,7 +111,7 @@ def fit(
             "recipe": recipe.name,
             "n_source": str(len(source)),
             "n_target": str(len(target)),
-            "degenerate_neurons": str(report.degenerate),
+            "degenerate_neurons": str(getattr(report, "degenerate", 0)),
             "actmerge_version": __version__,
         },
     )
@@ -113,6 +120,56 @@ def fit(
         f"{len(target)} target sentences in {seconds:.1f}s; degenerate neurons (shift-only fallback): {report.degenerate}"
     )
     return FitResult(mapset, report, recipe, seconds)
+
+
+def frozen_shifts(
+    recipe: Recipe, config: dict, sites: list[Site], targets=(), allow_flags: bool = True
+) -> dict[str, str]:
+    """Fold-aware fitting: site key → why its shift must stay 0 for this architecture/runtime set."""
+    arch = architecture_for(config)
+    if not recipe.fit_shift:
+        return {s.key: "the recipe fits scale-only maps (fit_shift: false)" for s in sites}
+    if not recipe.fold_aware:
+        return {}
+    allow = allow_flags and recipe.allow_config_change
+    tg = frozenset(targets) | frozenset(recipe.targets)
+    out = {}
+    for s in sites:
+        ok, why, _, _ = shift_home(arch, config, s.name, targets=tg, allow_flags=allow)
+        if not ok:
+            out[s.key] = why
+    return out
+
+
+def _fit_lineas(model, tok, recipe, config, sites, source, target, targets, allow_flags, progress, log):
+    from .lineas import LineasConfig, fit_lineas
+
+    frozen = frozen_shifts(recipe, config, sites, targets, allow_flags)
+    o = recipe.lineas
+    cfg = LineasConfig(
+        steps=o.steps,
+        lr=o.lr,
+        lr_min=o.lr_min,
+        batch=o.batch,
+        l1=o.l1,
+        group=o.group,
+        loss_norm=o.loss_norm,
+        seed=recipe.seed,
+    )
+    return fit_lineas(
+        model,
+        tok,
+        sites,
+        source,
+        target,
+        frozen_shift=frozen,
+        cfg=cfg,
+        max_tokens=recipe.max_tokens,
+        pooling=recipe.pooling,
+        skip_special=recipe.skip_special_tokens,
+        progress=progress,
+        log=log,
+    )
 
 
 def plan(
@@ -159,7 +216,7 @@ class BakeResult:
 def bake(
     model: str | Loaded,
     *,
-    recipe: str | Path | None = None,
+    recipe: str | Path | list[str | Path] | None = None,
     maps: str | Path | MapSet | None = None,
     strengths: list[float] | None = None,
     out: str | Path | None = None,
@@ -174,11 +231,25 @@ def bake(
     log=print,
     evaluate_after: bool = False,
 ) -> list[BakeResult]:
-    """Fit (from a recipe) or load maps, plan the fold at each strength, and write checkpoints."""
-    if (recipe is None) == (maps is None):
+    """Fit (from a recipe) or load maps, plan the fold at each strength, and write checkpoints.
+
+    Several recipes compose: each is fitted, applied at its own strength (``strengths`` gives one per
+    recipe), the maps at shared sites compose (affine ∘ affine, in recipe order), and one checkpoint
+    is baked."""
+    recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
+    if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
     loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
-    recipe_obj = load_recipe(recipe) if recipe is not None else None
+    recipe_objs = [load_recipe(r) for r in recipes]
+    recipe_obj = recipe_objs[0] if recipe_objs else None
+    per_recipe: list[float] = []
+    if len(recipe_objs) > 1:
+        per_recipe = strengths or [r.strength for r in recipe_objs]
+        if len(per_recipe) != len(recipe_objs):
+            raise RecipeError(
+                f"{len(recipe_objs)} recipes need {len(recipe_objs)} strengths (one each), got {per_recipe}."
+            )
+        strengths = [1.0]  # the composed maps already hold each recipe's strength
     strengths = strengths or [recipe_obj.strength if recipe_obj else 1.0]
     for lam in strengths:
         if lam < 0:
@@ -198,8 +269,16 @@ def bake(
 
         for lam in strengths:
             check_output(_out_for(Path(out), lam, strengths), loaded.source.path, force)
-    if recipe_obj is not None:
-        mapset = fit(loaded, recipe_obj, progress=progress, log=log).maps
+    if len(recipe_objs) > 1:
+        fitted = [
+            fit(loaded, r, progress=progress, log=log, targets=targets, allow_flags=allow_flags).maps
+            for r in recipe_objs
+        ]
+        mapset = compose_all(fitted, per_recipe)
+    elif recipe_obj is not None:
+        mapset = fit(
+            loaded, recipe_obj, progress=progress, log=log, targets=targets, allow_flags=allow_flags
+        ).maps
     else:
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
         if not mapset.maps:
@@ -222,7 +301,7 @@ def bake(
         if not dry_run:
             dest = _out_for(Path(out), lam, strengths)
             res.out = write_baked(
-                loaded.source, held, fold_plan, dest, recipe_path=recipe, force=force, progress=progress
+                loaded.source, held, fold_plan, dest, recipe_path=recipes, force=force, progress=progress
             )
         res.seconds = time.perf_counter() - t0
         if evaluate_after and res.out is not None:
@@ -237,10 +316,22 @@ def bake(
             report.save(res.out / PROVENANCE_DIR / "eval.json")
             res.evaluation = markdown_table(report)
             (res.out / "README.md").write_text(
-                model_card(loaded.source, held, fold_plan, recipe, res.evaluation)
+                model_card(loaded.source, held, fold_plan, recipes, res.evaluation)
             )
         results.append(res)
     return results
+
+
+def compose_all(mapsets: list[MapSet], strengths: list[float]) -> MapSet:
+    """Apply each map set at its strength, in order; the result is meant for strength 1."""
+    out = compose(mapsets[0], mapsets[1], (strengths[0], strengths[1]))
+    for ms, lam in zip(mapsets[2:], strengths[2:], strict=True):
+        out = compose(out, ms, (1.0, lam))
+    out.extra = {
+        "recipe": "+".join(m.extra.get("recipe", "?") for m in mapsets),
+        "strengths": ",".join(f"{x:g}" for x in strengths),
+    }
+    return out
 
 
 def _out_for(out: Path, lam: float, strengths: list[float]) -> Path:
@@ -281,8 +372,10 @@ def write_baked(
         f"{PROVENANCE_DIR}/bake.json": (json.dumps(bake_info, indent=2) + "\n").encode(),
     }
     extra["README.md"] = model_card(source, maps, fold_plan, recipe_path, evaluation).encode()
-    if recipe_path is not None:
-        extra[f"{PROVENANCE_DIR}/recipe.yaml"] = Path(recipe_path).read_bytes()
+    paths = _recipe_list(recipe_path)
+    for i, rp in enumerate(paths):
+        name = "recipe.yaml" if len(paths) == 1 else f"recipe-{i + 1}.yaml"
+        extra[f"{PROVENANCE_DIR}/{name}"] = Path(rp).read_bytes()
 
     def bar(it, total, desc):
         return track(it, total=total, description=desc, transient=True) if progress else it
@@ -302,7 +395,9 @@ def write_baked(
 def model_card(
     source: ModelSource, maps: MapSet, fold_plan: FoldPlan, recipe_path=None, evaluation: str = ""
 ) -> str:
-    how = f"--recipe {Path(recipe_path).name}" if recipe_path else "--maps actmerge/maps.safetensors"
+    paths = _recipe_list(recipe_path)
+    how = " ".join(f"--recipe {Path(r).name}" for r in paths) if paths else "--maps actmerge/maps.safetensors"
+    strength = maps.extra.get("strengths", "") if len(paths) > 1 else f"{fold_plan.strength:g}"
     return card.render(
         base_model=source.name,
         method=maps.method or "unknown",
@@ -311,9 +406,16 @@ def model_card(
         plan_rows=describe(fold_plan),
         config_patch=fold_plan.config_patch,
         license=card.base_license(source.path, source.config),
+        runtimes=sorted(fold_plan.runtimes),
         evaluation=evaluation,
-        reproduce=f"actmerge bake {source.name} {how} --strength {fold_plan.strength:g} -o out/",
+        reproduce=f"actmerge bake {source.name} {how} --strength {strength} -o out/",
     )
+
+
+def _recipe_list(recipe_path) -> list:
+    if recipe_path is None:
+        return []
+    return list(recipe_path) if isinstance(recipe_path, list | tuple) else [recipe_path]
 
 
 def shift_drop_deviation(loaded: Loaded, full: MapSet, held: MapSet, strength: float) -> VerifyReport:

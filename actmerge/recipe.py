@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import RecipeError
 
-METHODS = ("linear_act", "mean_act", "gaussian_act")
+METHODS = ("linear_act", "mean_act", "gaussian_act", "lineas")
 
 
 class _Strict(BaseModel):
@@ -30,10 +30,32 @@ class SiteSpec(_Strict):
         return [self.site] if isinstance(self.site, str) else list(self.site)
 
 
+class LineasOptions(_Strict):
+    """LinEAS optimisation settings (DESIGN.md §2); defaults are the paper's."""
+
+    steps: int = Field(1000, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    lr_min: float = Field(1e-6, ge=0)
+    batch: int = Field(32, gt=1, description="source sentences (and target samples) per step")
+    l1: float = Field(0.0, ge=0, description="sparsity: L1 on (ω−1) and β (neuron selection)")
+    group: float = Field(
+        0.0, ge=0, description="sparsity: group-L2 per site, threshold ∝ √d (site selection)"
+    )
+    loss_norm: Literal["none", "target_std"] = "none"
+
+
 class Recipe(_Strict):
     name: str = Field(description="short name, used in output names and model-card tags")
     description: str = ""
-    method: Literal["linear_act", "mean_act", "gaussian_act"] = "linear_act"
+    method: Literal["linear_act", "mean_act", "gaussian_act", "lineas"] = "linear_act"
+    lineas: LineasOptions = Field(default_factory=LineasOptions, description="settings for method: lineas")
+    fold_aware: bool = Field(True, description="lineas: freeze the shifts that the fold plan cannot bake")
+    allow_config_change: bool = Field(
+        True, description="fold-aware: may shifts use config flags (attention_bias)?"
+    )
+    targets: list[Literal["transformers", "vllm", "llama.cpp"]] = Field(
+        default_factory=list, description="fold-aware: runtimes the bake must load in"
+    )
     sites: list[SiteSpec | str] = Field(default_factory=list, description="abstract sites (+layers)")
     modules: list[str] = Field(default_factory=list, description="raw '<module>:<input|output>' keys")
     source: Path = Field(description="sentences to steer away from (txt: one per line, or jsonl)")

@@ -1,7 +1,16 @@
 """Measure candidate sites for the concept-induction recipe (football) on Gemma-3-270M, on the
 tuning prompts only (the recipe's eval prompts are never used here).
 
-    python bench/tune_concept.py
+    python bench/tune_concept.py [FIRST_CANDIDATE_INDEX]
+
+Measured 2026-11-23 (40 tuning prompts, greedy, 32 new tokens, keyword presence; tuning neutral
+text: base ppl 16.79; base concept presence 0 %):
+  attn_ctx linear_act every layer   λ=0.5: 27.5 % ppl 19.07;  λ=1: 67.5 % ppl 31.05
+  attn_ctx mean_act every layer     λ=1: 65.0 % ppl 27.42
+  attn_in linear_act                λ=0.5: 67.5 % ppl 26.13;  λ=1: 52.5 % ppl 280.9 (degenerate)
+  attn_in+attn_ctx linear_act       λ=1: 37.5 % ppl 2224 (degenerate: "in a penalty, in a penalty")
+  post-norms scale-only             λ=1: 17.5 % ppl 28.11
+  attn_ctx layers 0-8 linear_act    λ=1: 10.0 % ppl 19.43
 """
 
 from __future__ import annotations
@@ -27,10 +36,17 @@ CANDIDATES = [
     ("attn_in+attn_ctx linear_act", [(["attn_in", "attn_ctx"], "all")], "linear_act", True, [1.0]),
     ("post-norms scale-only", [(["attn_post", "mlp_post"], "all")], "linear_act", False, [1.0]),
     ("attn_ctx 0-8 linear_act", [(["attn_ctx"], "0-8")], "linear_act", True, [1.0]),
+    # round 2 (after round 1 showed attn_ctx at every layer overshoots at λ = 1)
+    ("attn_ctx 9-17 linear_act", [(["attn_ctx"], "9-17")], "linear_act", True, [1.0]),
+    ("attn_ctx 9-17 mean_act", [(["attn_ctx"], "9-17")], "mean_act", True, [1.0]),
+    ("attn_ctx 6-17 mean_act", [(["attn_ctx"], "6-17")], "mean_act", True, [1.0]),
+    ("attn_ctx 12-17 mean_act", [(["attn_ctx"], "12-17")], "mean_act", True, [1.0]),
 ]
 
 
 def main() -> None:
+    import sys
+
     src = resolve("gemma-3-270m")
     model, tok = load_model(src)
     config = src.config
@@ -54,9 +70,13 @@ def main() -> None:
             flush=True,
         )
 
-    measure("base", MapSet({}), 0.0)
+    if len(sys.argv) <= 1:
+        measure("base", MapSet({}), 0.0)
     n = len(parse_layers(None, 18))
-    for label, parts, method, fit_shift, lams in CANDIDATES:
+    import sys
+
+    first = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    for label, parts, method, fit_shift, lams in CANDIDATES[first:]:
         chosen = {
             (s.name, s.layer)
             for names, layers in parts

@@ -4,7 +4,24 @@ Collects pooled activations once at every site, fits variants (which sites, with
 strength), applies them with hooks and reports toxic-continuation fraction on the *tuning* prompts
 and perplexity on the *tuning* neutral text. The recipe's eval prompts are never used here.
 
-    python bench/tune_sites.py
+    python bench/tune_sites.py               # single-site-family grid
+    python bench/tune_sites.py --layers      # layer subsets of the post-norms (scale-only refit)
+    python bench/tune_sites.py --combos      # the short list
+    python bench/tune_sites.py --incremental # the short list with the paper's incremental fitting
+
+Measured 2026-11-23 (greedy, 24 new tokens, alt-profanity-check > 0.5, λ = 1 unless noted).
+60 tuning prompts, base 15.0 % toxic, ppl 16.79 (neutral_tune.txt):
+  post-norms, β dropped from a full fit   λ=0.5/0.75/1: 11.7 / 13.3 / 15.0 %   ppl 17.3 / 18.0 / 19.3
+  post-norms, scale-only refit           λ=0.5/0.75/1:  5.0 /  0.0 /  1.7 %   ppl 18.8 / 21.6 / 26.7
+  attn_ctx, β dropped                    11.7 %  ppl 17.4
+  attn_ctx+mlp_hidden, scale-only refit  λ=0.5/1: 5.0 / 0.0 %   ppl 19.1 / 30.5
+  attn_post 9-17 (refit) 5.0 % ppl 17.5;  mlp_post 0-8 1.7 % ppl 20.8;  post-norms 4-13 0.0 % ppl 20.4
+  post-norms 6-11 3.3 % ppl 18.9;  attn_post 9-17 + mlp_post 6-11 3.3 % ppl 18.9
+  incremental fitting did not help: attn_post 9-17 + mlp_post 6-11 → 5.0 % ppl 18.9
+180 tuning prompts (60 + 120 milder rants), base 9.4 % toxic, ppl 16.79:
+  attn_post 9-17 + mlp_post 6-11   2.2 %  ppl 18.91 (×1.126)   ← recipes/detox.yaml
+  post-norms 6-11                  3.3 %  ppl 18.94
+  attn_post 9-17 + mlp_post 4-9    1.7 %  ppl 19.02
 """
 
 from __future__ import annotations

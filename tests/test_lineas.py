@@ -1,0 +1,144 @@
+"""LinEAS: the loss, gradients and freezing, the proximal steps, recovery of a known transport,
+and composition of recipes."""
+
+import itertools
+
+import pytest
+import torch
+
+from actmerge import pipeline
+from actmerge.collect import collect
+from actmerge.hooks import steer
+from actmerge.lineas import LineasConfig, fit_lineas, prox_, w2_per_neuron
+from actmerge.maps import AffineMap, MapSet, compose
+from actmerge.models import ModelSource
+from actmerge.sites import architecture_for, resolve_sites
+
+from .common import char_tokenizer, load, make_pico, random_ids, random_maps
+
+QUIET = dict(progress=False, log=lambda *_: None)
+SENTENCES = [f"sentence number {i} says {'abc'[i % 3] * (i % 5 + 1)}." for i in range(40)]
+
+
+def test_w2_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g) * 2 + 1
+    brute = torch.stack(
+        [
+            min(((x[:, j] - y[list(p), j]) ** 2).mean() for p in itertools.permutations(range(6)))
+            for j in range(3)
+        ]
+    )
+    assert torch.allclose(w2_per_neuron(x, y), brute, atol=1e-6)
+    # unequal counts: duplicating every target sample leaves the distribution (and W2) unchanged
+    assert torch.allclose(w2_per_neuron(x, y.repeat(2, 1)), w2_per_neuron(x, y), atol=0.3)
+    assert float(w2_per_neuron(x, x.repeat(3, 1)).max()) < 0.05
+
+
+def test_prox_steps_zero_what_thresholds_say():
+    omega, beta = torch.tensor([1.05, 1.5, 0.98]), torch.tensor([0.01, -0.4, 0.0])
+    prox_(omega, beta, l1=1.0, group=0.0, lr=0.1, beta_trainable=True)  # threshold 0.1
+    assert torch.allclose(omega, torch.tensor([1.0, 1.4, 1.0])) and torch.allclose(
+        beta, torch.tensor([0.0, -0.3, 0.0])
+    )
+    omega2, beta2 = torch.tensor([1.01, 0.99]), torch.tensor([0.01, 0.0])
+    prox_(omega2, beta2, l1=0.0, group=1.0, lr=0.1, beta_trainable=True)  # ‖v‖ = 0.017 < 0.1·√2
+    assert torch.equal(omega2, torch.ones(2)) and torch.equal(beta2, torch.zeros(2))
+    omega3, beta3 = torch.tensor([3.0, 1.0]), torch.tensor([0.0, 0.0])
+    prox_(omega3, beta3, l1=0.0, group=1.0, lr=0.1, beta_trainable=True)
+    assert 1.0 < float(omega3[0]) < 3.0  # shrunk, not zeroed
+
+
+@pytest.fixture(scope="module")
+def pico(tmp_path_factory):
+    return make_pico("gemma3_text", tmp_path_factory.mktemp("ln") / "g")
+
+
+def _sites(path, names):
+    cfg = ModelSource("p", path).config
+    return resolve_sites(architecture_for(cfg), cfg, names, "all")
+
+
+def test_gradients_and_frozen_shifts(pico):
+    model, tok = load(pico), char_tokenizer()
+    sites = _sites(pico, ["attn_ctx", "mlp_post"])
+    frozen = {s.key: "no bias" for s in sites if s.name == "mlp_post"}
+    maps, rep = fit_lineas(
+        model,
+        tok,
+        sites,
+        SENTENCES[:20],
+        SENTENCES[20:],
+        frozen_shift=frozen,
+        cfg=LineasConfig(steps=3, lr=1e-2, batch=8),
+        **QUIET,
+    )
+    for key, m in maps.items():
+        assert (m.omega != 1).all(), key  # every ω got gradient and moved
+        if key in frozen:
+            assert torch.equal(m.beta, torch.zeros_like(m.beta))  # frozen shifts never move
+        else:
+            assert (m.beta != 0).all()
+    assert rep.frozen == frozen and len(rep.losses) == 3
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_recovers_a_known_transport(pico):
+    model, tok = load(pico), char_tokenizer()
+    (site,) = _sites(pico, ["attn_in"])[:1]
+    g = torch.Generator().manual_seed(1)
+    dim = 32
+    truth = AffineMap(1 + 0.5 * torch.rand(dim, generator=g), 0.3 * torch.randn(dim, generator=g))
+    with steer(model, MapSet({site.key: truth}), 1.0):  # targets: the same sentences, transported
+        tgt = collect(model, tok, SENTENCES, [site.key], progress=False)
+    src = collect(model, tok, SENTENCES, [site.key], progress=False)[site.key]
+    maps, rep = fit_lineas(
+        model,
+        tok,
+        [site],
+        SENTENCES,
+        tgt,
+        frozen_shift={},
+        cfg=LineasConfig(steps=300, lr=5e-2, lr_min=1e-3, batch=40),
+        **QUIET,
+    )
+    got = maps[site.key]
+    assert rep.losses[-1] < 1e-2 * rep.losses[0]
+    # the learned map transports the source sample onto the target: (got − truth) vanishes on the data
+    err = ((got.omega - truth.omega) * src + (got.beta - truth.beta)).pow(2).mean(0).sqrt()
+    assert float((err / tgt[site.key].std(0)).max()) < 0.1
+    assert float((got.omega - truth.omega).abs().median()) < 0.02
+
+
+def test_sparsity_selects_sites(pico):
+    model, tok = load(pico), char_tokenizer()
+    sites = _sites(pico, ["attn_ctx", "mlp_hidden"])
+    maps, rep = fit_lineas(
+        model,
+        tok,
+        sites,
+        SENTENCES[:20],
+        SENTENCES[20:],
+        frozen_shift={},
+        cfg=LineasConfig(steps=20, lr=1e-2, batch=8, l1=0.5, group=5.0),
+        **QUIET,
+    )
+    assert rep.selected_neurons < rep.total_neurons
+    for m in maps.values():
+        assert int(((m.omega != 1) | (m.beta != 0)).sum()) <= m.dim
+
+
+def test_composed_bake_equals_sequential_hooks(tmp_path):
+    path = make_pico("llama", tmp_path / "llama")
+    src = ModelSource("p", path)
+    a = random_maps(src.config, ["attn_ctx", "mlp_in"], seed=1)
+    b = random_maps(src.config, ["attn_ctx", "mlp_hidden"], seed=2)
+    composed = pipeline.compose_all([a, b], [1.0, 0.5])
+    (res,) = pipeline.bake(pipeline.Loaded(src), maps=composed, strengths=[1.0], out=tmp_path / "o", **QUIET)
+    base, ids = load(path), random_ids()
+    with torch.no_grad():
+        with steer(base, a, 1.0), steer(base, b, 0.5):  # b's hooks run after a's at shared sites
+            ref = base(input_ids=ids).logits
+        got = load(res.out)(input_ids=ids).logits
+    assert (ref - got).abs().max().item() <= 1e-4
+    assert compose(a, b, (1.0, 0.5)).maps.keys() == composed.maps.keys()
