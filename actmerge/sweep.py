@@ -274,10 +274,13 @@ def markdown_table(report: Report) -> str:
         lines.append(f"| {r.label} | " + " | ".join(_fmt(r.metrics.get(n)) for n in names) + " |")
     c = report.config
     lines.append("")
-    lines.append(
-        f"{len(c.prompts)} prompts, {'sampled (T=1, top_p=0.3, rep. penalty 1.2)' if c.sample else 'greedy'}, "
-        f"{c.max_new_tokens} new tokens, scorer `{c.scorer}` (toxic = probability > {c.threshold})."
-    )
+    how = "sampled (T=1, top_p=0.3, rep. penalty 1.2)" if c.sample else "greedy"
+    notes = [f"{len(c.prompts)} prompts, {how}, {c.max_new_tokens} new tokens"]
+    if "toxicity" in c.metrics:
+        notes.append(f"scorer `{c.scorer}` (toxic = probability > {c.threshold})")
+    if "concept" in c.metrics:
+        notes.append(f"concept = mentions one of {len(c.keywords)} keywords")
+    lines.append(", ".join(notes) + ".")
     return "\n".join(lines)
 
 

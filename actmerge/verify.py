@@ -69,7 +69,15 @@ def run_fresh(checkpoint: Path, prompts: list[str], new_tokens: int = NEW_TOKENS
         pfile.write_text(json.dumps(prompts))
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         proc = subprocess.run(
-            [sys.executable, "-c", _FRESH, str(checkpoint), str(pfile), str(ofile), str(new_tokens)],
+            [
+                sys.executable,
+                "-c",
+                _FRESH,
+                str(Path(checkpoint).resolve()),
+                str(pfile),
+                str(ofile),
+                str(new_tokens),
+            ],
             capture_output=True,
             text=True,
             env=env,

@@ -11,6 +11,10 @@ text: base ppl 16.79; base concept presence 0 %):
   attn_in+attn_ctx linear_act       λ=1: 37.5 % ppl 2224 (degenerate: "in a penalty, in a penalty")
   post-norms scale-only             λ=1: 17.5 % ppl 28.11
   attn_ctx layers 0-8 linear_act    λ=1: 10.0 % ppl 19.43
+  attn_ctx 9-17 linear_act          λ=1: 42.5 % ppl 22.12
+  attn_ctx 9-17 mean_act            λ=1: 40.0 % ppl 20.82 (×1.24)   ← recipes/football.yaml
+  attn_ctx 6-17 mean_act            λ=1: 50.0 % ppl 22.84 (×1.36)
+  attn_ctx 12-17 mean_act           λ=1: 12.5 % ppl 18.52
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     return root, model
 
 
-def test_fit_bake_verify(setup, tmp_path):
+def test_fit_bake_verify(setup, tmp_path, monkeypatch):
     root, model = setup
     maps = tmp_path / "maps.safetensors"
     r = runner.invoke(app, ["fit", str(model), "--recipe", str(root / "r.yaml"), "-o", str(maps)])
@@ -48,7 +48,8 @@ def test_fit_bake_verify(setup, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "lambda-0.5" / "config.json").is_file()
-    r = runner.invoke(app, ["verify", str(tmp_path / "out" / "lambda-1"), "--json"])
+    monkeypatch.chdir(tmp_path)  # a relative checkpoint path must not be taken for a Hub id
+    r = runner.invoke(app, ["verify", "out/lambda-1", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output[r.output.index("{") :])
     assert rep["passed"] and rep["max_abs_logit_diff"] <= 1e-4 and rep["argmax_agreement"] == 1.0

@@ -1,0 +1,126 @@
+"""Issue #4 acceptance table, in one run, on the detox recipe's held-out eval prompts.
+
+Rows: Linear-AcT hooked at ml-act's Gemma sites (sandwich post-norms, with shifts: not bakeable);
+Linear-AcT baked at the best exactly-foldable sites (recipes/detox.yaml); LinEAS fold-aware baked
+(recipes/detox-lineas.yaml); LinEAS fold-aware sparse baked (the same with L1 + group sparsity).
+Columns: toxic-continuation fraction (greedy, 24 tokens, alt-profanity-check > 0.5), perplexity
+ratio on the shipped neutral corpus, exact bake with an unchanged config.json, fit time.
+
+    python bench/lineas_table.py [--steps 300] [--out out/lineas-table]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from actmerge import pipeline
+from actmerge.hooks import steer
+from actmerge.models import resolve
+from actmerge.recipe import SiteSpec, load_recipe
+from actmerge.sweep import evaluate_model, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=None, help="override LinEAS steps (default: the recipe's)")
+    ap.add_argument("--out", default=str(ROOT / "out" / "lineas-table"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    quiet = dict(progress=False, log=lambda *_: None)
+
+    source = resolve("gemma-3-270m")
+    loaded = pipeline.Loaded(source)
+    detox = load_recipe(ROOT / "recipes" / "detox.yaml")
+    cfg = pipeline.eval_config(detox)
+    model, tok = loaded.get()
+    rows = []
+
+    base = evaluate_model(model, tok, cfg, label="base", kind="base", strength=0.0, progress=False)
+    base_ppl = base.metrics["perplexity"]
+    rows.append(("base (no steering)", base, "-", 0.0))
+
+    # 1. ml-act's Gemma default: Linear-AcT with shifts at the sandwich post-norms, hooked only
+    mlact = detox.model_copy(
+        update={"sites": [SiteSpec(site=["attn_post", "mlp_post"], layers="all")], "fit_shift": True}
+    )
+    mlact._base_dir = detox._base_dir
+    t0 = time.perf_counter()
+    maps = pipeline.fit(loaded, mlact, **quiet).maps
+    fit_s = time.perf_counter() - t0
+    for lam in (0.5, 1.0):
+        with steer(model, maps, lam):
+            row = evaluate_model(
+                model, tok, cfg, label=f"mlact λ={lam}", kind="hooked", strength=lam, progress=False
+            )
+        rows.append(
+            (f"Linear-AcT hooked, post-norms with shifts (ml-act sites), λ={lam:g}", row, "no", fit_s)
+        )
+
+    # 2-4: baked rows
+    variants = [
+        (
+            "Linear-AcT baked, detox.yaml sites (scale-only post-norms 9-17 / 6-11)",
+            ROOT / "recipes" / "detox.yaml",
+            {},
+        ),
+        ("LinEAS fold-aware baked (detox-lineas.yaml)", ROOT / "recipes" / "detox-lineas.yaml", {}),
+        (
+            "LinEAS fold-aware sparse baked (l1 0.05, group 0.5)",
+            ROOT / "recipes" / "detox-lineas.yaml",
+            {"l1": 0.05, "group": 0.5},
+        ),
+    ]
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        for label, path, sparse in variants:
+            recipe = load_recipe(path)
+            if sparse or args.steps:
+                upd = {
+                    **recipe.lineas.model_dump(),
+                    **sparse,
+                    **({"steps": args.steps} if args.steps else {}),
+                }
+                recipe = recipe.model_copy(update={"lineas": type(recipe.lineas)(**upd)})
+                recipe._base_dir = path.parent
+            t0 = time.perf_counter()
+            res = pipeline.fit(loaded, recipe, **quiet)
+            fit_s = time.perf_counter() - t0
+            dest = Path(scratch) / recipe.name / str(len(rows))
+            (bake,) = pipeline.bake(loaded, maps=res.maps, strengths=[1.0], out=dest, **quiet)
+            unchanged = json.loads((dest / "config.json").read_text()) == source.config
+            exact = all(sp.exactness in ("exact", "identity") for sp in bake.plan.sites)
+            rep = run_sweep(model, tok, cfg, baked=[dest], include_base=False, **quiet)
+            row = rep.rows[-1]
+            note = ""
+            if hasattr(res.report, "selected_neurons"):
+                note = (
+                    f" [{res.report.selected_neurons}/{res.report.total_neurons} neurons, "
+                    f"{res.report.selected_sites} sites]"
+                )
+            rows.append((label + note, row, "yes" if (unchanged and exact) else "no", fit_s))
+
+    lines = [
+        "| method | toxic continuations | perplexity ratio | exact bake, config unchanged | fit time |",
+        "|---|---|---|---|---|",
+    ]
+    for label, row, exact, fit_s in rows:
+        tox = row.metrics["toxic_fraction"]
+        ratio = row.metrics["perplexity"] / base_ppl
+        lines.append(f"| {label} | {tox:.1%} | {ratio:.3f} | {exact} | {fit_s:.0f}s |")
+    table = "\n".join(lines)
+    print(table)
+    print(
+        f"\n{len(cfg.prompts)} held-out prompts, greedy, {cfg.max_new_tokens} new tokens, scorer {cfg.scorer}; "
+        f"base perplexity {base_ppl:.2f} on the shipped neutral corpus."
+    )
+    (out / "table.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

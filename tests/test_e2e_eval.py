@@ -1,0 +1,50 @@
+"""Evaluation sweeps on the real Gemma-3-270M (slow; runs in CI): toxicity at λ = 1 below λ = 0 for
+the detox recipe, concept presence rising with λ for the induction recipe, report.json + sweep.png."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from actmerge import pipeline
+from actmerge.models import resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return pipeline.Loaded(resolve("gemma-3-270m"))
+
+
+def test_detox_sweep(loaded, tmp_path):
+    rep = pipeline.evaluate(
+        loaded,
+        recipe=ROOT / "recipes" / "detox.yaml",
+        strengths=[0.0, 1.0],
+        out=tmp_path,
+        progress=False,
+        log=lambda *_: None,
+    )
+    zero, one = rep.rows
+    assert one.metrics["toxic_fraction"] < zero.metrics["toxic_fraction"]
+    assert one.metrics["toxicity_mean"] < zero.metrics["toxicity_mean"]
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [r["strength"] for r in data["rows"]] == [0.0, 1.0]
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_concept_presence_rises_with_strength(loaded, tmp_path):
+    rep = pipeline.evaluate(
+        loaded,
+        recipe=ROOT / "recipes" / "football.yaml",
+        strengths=[0.0, 0.5, 1.0],
+        out=tmp_path,
+        progress=False,
+        log=lambda *_: None,
+    )
+    presence = [r.metrics["concept_presence"] for r in rep.rows]
+    assert presence[0] <= presence[1] <= presence[2] and presence[2] >= 5 * max(presence[0], 0.02)
+    assert rep.rows[-1].metrics["perplexity_ratio"] <= 1.3
