@@ -132,26 +132,19 @@ def _write_weights(files: list[Path], plan: FoldPlan | None, tmp: Path, progress
     for name, (anchor, _) in new.items():
         added.setdefault(where[anchor].path, []).append(name)
 
-    with ExitStack() as stack:
-        handles: dict[Path, object] = {}
-
-        def read(name: str) -> torch.Tensor:
-            path = where[name].path
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return handles[path].get_tensor(name)
-
-        it = progress(files, len(files), "writing shards") if progress else files
-        for path in it:
-            shard = read_shard(path)
-            values: dict[str, torch.Tensor] = {}
+    it = progress(files, len(files), "writing shards") if progress else files
+    for path in it:
+        shard = read_shard(path)
+        values: dict[str, torch.Tensor] = {}
+        with _Reader(where) as read:  # input shards are opened for this output shard only
             for module in sorted(by_shard.get(path, ())):
                 values.update(plan.compute(module, read))
-            for name in added.get(path, []):
-                if name not in values:  # a companion bias a new flag requires: zeros
-                    info = new[name][1]
-                    values[name] = torch.zeros(info.shape, dtype=_DTYPES[info.dtype])
-            _write_shard(shard, values, tmp / path.name)
+        for name in added.get(path, []):
+            if name not in values:  # a companion bias a new flag requires: zeros
+                info = new[name][1]
+                values[name] = torch.zeros(info.shape, dtype=_DTYPES[info.dtype])
+        _write_shard(shard, values, tmp / path.name)
+        values.clear()
     index = files[0].parent / INDEX
     if index.is_file():
         data = json.loads(index.read_text())
@@ -163,6 +156,28 @@ def _write_weights(files: list[Path], plan: FoldPlan | None, tmp: Path, progress
             total += sum(_nbytes(m) for m in read_shard(tmp / f.name).tensors().values())
         data.setdefault("metadata", {})["total_size"] = total
         (tmp / INDEX).write_text(json.dumps(data, indent=2) + "\n")
+
+
+class _Reader:
+    """``read(name)`` → an original tensor, with safetensors handles closed on exit."""
+
+    def __init__(self, where: dict[str, Shard]):
+        self.where = where
+        self.stack = ExitStack()
+        self.handles: dict[Path, object] = {}
+
+    def __enter__(self):
+        return self.read
+
+    def __exit__(self, *exc):
+        self.stack.close()
+        self.handles.clear()
+
+    def read(self, name: str) -> torch.Tensor:
+        path = self.where[name].path
+        if path not in self.handles:
+            self.handles[path] = self.stack.enter_context(safe_open(str(path), framework="pt"))
+        return self.handles[path].get_tensor(name)
 
 
 def _nbytes(meta: dict) -> int:
@@ -187,8 +202,9 @@ def _write_shard(shard: Shard, values: dict[str, torch.Tensor], dest: Path) -> N
         data_start = len(head)
         with open(shard.path, "rb") as src, open(dest, "wb") as dst:
             dst.write(head)
-            src.seek(shard.data_start)
-            shutil.copyfileobj(src, dst, 16 << 20)
+            dst.flush()
+            _copy_range(src, dst, shard.data_start, shard.path.stat().st_size - shard.data_start)
+            dst.seek(0, os.SEEK_END)
             for _name, t in sorted(appended.items()):
                 dst.write(_to_bytes(t))
     with open(dest, "r+b") as dst:
@@ -201,8 +217,26 @@ def _write_shard(shard: Shard, values: dict[str, torch.Tensor], dest: Path) -> N
                 raise AssertionError(f"{name}: edited tensor changed size or dtype")
             dst.seek(data_start + meta["data_offsets"][0])
             dst.write(raw)
-        dst.flush()
-        os.fsync(dst.fileno())
+
+
+def _copy_range(src, dst, offset: int, count: int) -> None:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to the end of ``dst`` (in-kernel when possible)."""
+    dst_off = dst.tell()
+    try:
+        while count > 0:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), count, offset, dst_off)
+            if n == 0:
+                break
+            count, offset, dst_off = count - n, offset + n, dst_off + n
+    except (AttributeError, OSError):  # no copy_file_range (other OS / filesystem): plain copy
+        src.seek(offset)
+        dst.seek(dst_off)
+        while count > 0:
+            block = src.read(min(count, 16 << 20))
+            if not block:
+                break
+            dst.write(block)
+            count -= len(block)
 
 
 def _dtype_str(t: torch.Tensor) -> str:

@@ -114,6 +114,8 @@ def evaluate_model(
     unknown = set(cfg.metrics) - set(METRICS)
     if unknown:
         raise ActmergeError(f"unknown metric(s) {sorted(unknown)}: choose from {', '.join(METRICS)}.")
+    if scorer is None and "toxicity" in cfg.metrics:
+        scorer = get_scorer(cfg.scorer)
     t0 = time.perf_counter()
     texts = continuations(
         model,

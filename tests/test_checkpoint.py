@@ -108,3 +108,35 @@ def test_interrupt_mid_write_leaves_nothing(sharded, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "o", **QUIET)
     assert list(tmp_path.iterdir()) == []  # no output, no temp dir
+
+
+def test_streaming_keeps_one_input_shard_open(sharded, tmp_path, monkeypatch):
+    """At most one input shard is open (and only edited tensors are materialised) at any time."""
+    src = ModelSource("pico", sharded)
+    maps = random_maps(src.config, ["attn_in", "attn_ctx", "mlp_hidden", "mlp_out"], seed=5)
+    state = {"open": 0, "max": 0, "tensors": 0}
+    real = checkpoint.safe_open
+
+    class Counting:
+        def __init__(self, *a, **k):
+            self.inner = real(*a, **k)
+
+        def __enter__(self):
+            state["open"] += 1
+            state["max"] = max(state["max"], state["open"])
+            self.h = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            state["open"] -= 1
+            return self.inner.__exit__(*exc)
+
+        def get_tensor(self, name):
+            state["tensors"] += 1
+            return self.h.get_tensor(name)
+
+    monkeypatch.setattr(checkpoint, "safe_open", Counting)
+    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "o", **QUIET)
+    assert state["max"] == 1 and state["open"] == 0
+    edited_existing = [n for n in res.plan.edited_tensors() if n not in res.plan.new_tensors]
+    assert state["tensors"] == len(edited_existing)  # untouched tensors are never loaded

@@ -1,0 +1,182 @@
+"""Bake I/O at scale: a synthetic sharded Llama checkpoint (Llama-3.2-3B shapes, random bf16 weights,
+≥ 6 GiB in ≥ 3 shards, built once and cached), baked vs a plain copy of the same files.
+
+    python bench/bake_io.py [--repeats 3] [--scenario norms|heavy]
+
+Prints, from one run: bake time / copy time (target ≤ 1.3) and peak RSS of the bake / largest
+shard (target ≤ largest shard + 1 GiB). The bake runs in a child process so its peak RSS is its own.
+Scenarios: ``norms`` = scale-only maps at every norm (tiny edits); ``heavy`` = shifts at attn_in
+(q,k,v biases appear via attention_bias: every shard gets a new header) + scales at mlp_hidden (every
+down_proj weight, ~1.4 GB, is rewritten).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from actmerge.models import cache_dir
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+    "dtype": "bfloat16",
+    "rope_theta": 500000.0,
+}
+SHARD_BYTES = 2 * 2**30
+
+
+def build(path: Path) -> Path:
+    """Write the synthetic checkpoint shard by shard (never the whole model in memory)."""
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    c = CONFIG
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
+    shapes = [("model.embed_tokens.weight", (c["vocab_size"], h))]
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
+    shapes.append(("model.norm.weight", (h,)))
+    groups, cur, size = [], [], 0
+    for name, shape in shapes:
+        n = 2 * torch.Size(shape).numel()
+        if cur and size + n > SHARD_BYTES:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += n
+    groups.append(cur)
+    weight_map, total = {}, 0
+    g = torch.Generator().manual_seed(0)
+    for k, group in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, shape in group:
+            t = torch.empty(shape, dtype=torch.bfloat16)
+            t.uniform_(-0.02, 0.02, generator=g) if len(shape) > 1 else t.fill_(1.0)
+            tensors[name] = t
+            weight_map[name] = fname
+            total += 2 * t.numel()
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+        print(f"  wrote {fname}", flush=True)
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    tmp.rename(path)
+    return path
+
+
+CHILD = r"""
+import resource, sys, time, json, torch
+from pathlib import Path
+from actmerge import pipeline
+from actmerge.maps import AffineMap, MapSet
+from actmerge.models import ModelSource
+src = ModelSource("synthetic-llama-3b", Path(sys.argv[1]))
+out, scenario = Path(sys.argv[2]), sys.argv[3]
+cfg = src.config
+g = torch.Generator().manual_seed(0)
+maps = {}
+for n in range(cfg["num_hidden_layers"]):
+    h = cfg["hidden_size"]
+    if scenario == "norms":
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            maps[f"model.layers.{n}.{norm}:output"] = AffineMap(1 + 0.1 * torch.randn(h, generator=g), torch.zeros(h))
+    else:
+        maps[f"model.layers.{n}.input_layernorm:output"] = AffineMap(1 + 0.1 * torch.randn(h, generator=g), 0.1 * torch.randn(h, generator=g))
+        i = cfg["intermediate_size"]
+        maps[f"model.layers.{n}.mlp.down_proj:input"] = AffineMap(1 + 0.1 * torch.randn(i, generator=g), torch.zeros(i))
+ms = MapSet(maps, base_model="synthetic", method="random")
+t0 = time.perf_counter()
+plan = pipeline.plan(src, ms, 1.0)
+pipeline.write_baked(src, ms, plan, out, progress=False)
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scenario", choices=["norms", "heavy"], default="heavy")
+    ap.add_argument("--dir", default=str(cache_dir() / "bench" / "synthetic-llama-3b"))
+    args = ap.parse_args()
+    src = build(Path(args.dir))
+    files = sorted(src.glob("*.safetensors"))
+    sizes = [f.stat().st_size for f in files]
+    print(
+        f"checkpoint: {len(files)} shards, {sum(sizes) / 2**30:.2f} GiB, largest {max(sizes) / 2**30:.2f} GiB"
+    )
+    copies, bakes, rss = [], [], []
+    with tempfile.TemporaryDirectory(dir=src.parent) as scratch:
+        for r in range(args.repeats):
+            dest = Path(scratch) / f"copy{r}"
+            dest.mkdir()
+            t0 = time.perf_counter()
+            for f in files:
+                shutil.copyfile(f, dest / f.name)
+            copies.append(time.perf_counter() - t0)
+            shutil.rmtree(dest)
+            out = Path(scratch) / f"bake{r}"
+            proc = subprocess.run(
+                [sys.executable, "-c", CHILD, str(src), str(out), args.scenario],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+            if proc.returncode:
+                sys.exit(proc.stderr)
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            bakes.append(res["seconds"])
+            rss.append(res["peak_rss"])
+            shutil.rmtree(out)
+    c, b, peak = statistics.median(copies), statistics.median(bakes), max(rss)
+    print(f"scenario {args.scenario}: copy median {c:.2f}s, bake median {b:.2f}s over {args.repeats} runs")
+    print(f"ratio bake / copy = {b / c:.2f} (target ≤ 1.3)")
+    print(
+        f"peak RSS of the bake {peak / 2**30:.2f} GiB vs largest shard {max(sizes) / 2**30:.2f} GiB: "
+        f"ratio {peak / max(sizes):.2f}; excess {(peak - max(sizes)) / 2**30:+.2f} GiB (target ≤ +1 GiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()
