@@ -201,7 +201,7 @@ def fit_lineas(
                 for k, (om, be) in params.items():
                     prox_(om, be, l1=cfg.l1, group=cfg.group, lr=lr, beta_trainable=k not in frozen_shift)
             losses.append(float(loss.detach()))
-            bar.update(task, advance=1, description=f"LinEAS loss {float(loss):.4g}")
+            bar.update(task, advance=1, description=f"LinEAS loss {losses[-1]:.4g}")
     maps = {
         k: AffineMap(om.detach().float().cpu(), be.detach().float().cpu()) for k, (om, be) in params.items()
     }

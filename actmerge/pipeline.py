@@ -102,6 +102,7 @@ def fit(
             progress=progress,
         )
     seconds = time.perf_counter() - t0
+    degenerate = getattr(report, "degenerate", 0)  # linear_act's guard; LinEAS has none
     mapset = MapSet(
         maps,
         base_model=loaded.source.name,
@@ -111,13 +112,13 @@ def fit(
             "recipe": recipe.name,
             "n_source": str(len(source)),
             "n_target": str(len(target)),
-            "degenerate_neurons": str(getattr(report, "degenerate", 0)),
+            "degenerate_neurons": str(degenerate),
             "actmerge_version": __version__,
         },
     )
     log(
         f"fitted {len(maps)} maps ({sum(a.dim for a in maps.values())} neurons) on {len(source)} source / "
-        f"{len(target)} target sentences in {seconds:.1f}s; degenerate neurons (shift-only fallback): {report.degenerate}"
+        f"{len(target)} target sentences in {seconds:.1f}s; degenerate neurons (shift-only fallback): {degenerate}"
     )
     return FitResult(mapset, report, recipe, seconds)
 
