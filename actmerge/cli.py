@@ -149,6 +149,14 @@ def bake(
     private: Annotated[
         bool, typer.Option("--private", help="With --push-to-hub: create the repo as private.")
     ] = False,
+    as_llama: Annotated[
+        bool,
+        typer.Option(
+            "--as-llama",
+            help="Mistral only: write the checkpoint as LlamaForCausalLM so shifts fold into "
+            "attention_bias/mlp_bias biases (refused when the sliding window binds).",
+        ),
+    ] = False,
     revision: Revision = None,
     device: Device = "cpu",
     force: Force = False,
@@ -185,6 +193,7 @@ def bake(
         device=device,
         log=_log,
         evaluate_after=evaluate,
+        as_llama=as_llama,
     )
     for res in results:
         _plan_table(describe(res.plan), res.strength)
@@ -302,20 +311,132 @@ def verify(
         float | None, typer.Option(help="Max |Δlogit| (default by dtype: fp32 1e-3).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="transformers (reload in a fresh process), or llama.cpp (export to GGUF, run in "
+            "llama-cpp-python, next to the unbaked base's own round trip: the tolerance to beat)."
+        ),
+    ] = "transformers",
+    outtype: Annotated[
+        str, typer.Option(help="With --runtime llama.cpp: GGUF type of both exports (f32, f16, bf16, q8_0).")
+    ] = "f32",
     device: Device = "cpu",
 ):
-    """Hooked base model vs the checkpoint reloaded by plain transformers in a fresh process; exit 5 above tolerance."""
+    """Hooked base model vs the checkpoint reloaded by plain transformers in a fresh process (or run in
+    llama.cpp with --runtime llama.cpp); exit 5 above tolerance."""
     from . import pipeline
 
+    if runtime not in ("transformers", "llama.cpp"):
+        raise typer.BadParameter("--runtime must be 'transformers' or 'llama.cpp'.")
     rep = pipeline.verify(
-        checkpoint, base=base, maps=maps, strength=strength, tolerance=tolerance, device=device, log=_log
+        checkpoint,
+        base=base,
+        maps=maps,
+        strength=strength,
+        tolerance=tolerance,
+        device=device,
+        log=_log,
+        runtime=runtime,
+        outtype=outtype,
     )
     if as_json:
         print(rep.to_json())
+    elif runtime == "llama.cpp":
+        _llamacpp_print(rep)
     else:
         _verify_print(rep)
     if not rep.passed:
         raise typer.Exit(5)
+
+
+def _llamacpp_print(rep) -> None:
+    status = "[green]PASS[/]" if rep.passed else "[red]FAIL[/]"
+    table = Table(title=f"transformers vs llama.cpp (GGUF {rep.outtype}, {rep.baked.n_prompts} prompts)")
+    for col in ("model", "max |Δlogit|", "logits reach", "top-1", "greedy tokens", "tokenizer"):
+        table.add_column(col, justify="right")
+    for name, rt in (("base", rep.base), ("baked", rep.baked)):
+        table.add_row(
+            name,
+            f"{rt.max_abs_logit_diff:.3g}",
+            f"{rt.max_abs_logit:.3g}",
+            f"{rt.argmax_agreement:.2%}",
+            f"{rt.greedy_agreement:.2%}",
+            "-" if rt.tokenizer_agreement is None else f"{rt.tokenizer_agreement:.0%}",
+        )
+    out.print(table)
+    out.print("base: the unbaked base in transformers vs its GGUF; baked: hooked base vs baked GGUF")
+    verdict = "≤" if rep.passed else ">"
+    out.print(
+        f"{status} baked max |Δlogit| {rep.baked.max_abs_logit_diff:.3g} {verdict} tolerance {rep.tolerance:.3g}"
+    )
+    if rep.stripped:
+        out.print(f"left out {len(rep.stripped)} all-zero biases llama.cpp does not load")
+
+
+@app.command("export-gguf")
+@handled
+def export_gguf(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (e.g. from `actmerge bake`).")],
+    output: Annotated[Path, typer.Option("-o", "--out", help="GGUF file to write.")],
+    outtype: Annotated[str, typer.Option(help="f32, f16, bf16 or q8_0.")] = "f32",
+    force: Force = False,
+):
+    """Convert a checkpoint to GGUF with llama.cpp's own converter (fetched once from the pinned
+    llama-cpp-python sdist, or $ACTMERGE_LLAMA_CPP). All-zero biases llama.cpp does not load are
+    left out; non-zero ones are refused."""
+    from .gguf_export import export_gguf as run
+
+    res = run(checkpoint, output, outtype=outtype, force=force, log=_log)
+    out.print(f"[green]wrote[/] {res.out} ({res.outtype}, {res.seconds:.1f}s)")
+
+
+@app.command("export-control-vector")
+@handled
+def export_control_vector(
+    maps: Annotated[
+        Path,
+        typer.Argument(
+            help="Maps file from `actmerge fit` (a checkpoint's actmerge/maps.safetensors holds the maps as "
+            "baked: shifts dropped with --shift-policy drop are zero there)."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--out", help="Control-vector GGUF to write.")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model the maps belong to (default: the maps' base_model).")
+    ] = None,
+    strength: Annotated[float, typer.Option("--strength", "-s", help="λ: the vector holds λ·β.")] = 1.0,
+    partial: Annotated[
+        bool,
+        typer.Option("--partial", help="Export the shifts that can be a control vector; report the rest."),
+    ] = False,
+    force: Force = False,
+):
+    """Write the shifts of maps at layer-end sites (Gemma mlp_post, Llama-like mlp_out) as a llama.cpp
+    control vector: the fallback for shifts with no home in the weights. Bake the same maps with
+    --shift-policy drop (scales) and run `llama-cli -m baked.gguf --control-vector cv.gguf`."""
+    from .gguf_export import control_vector, write_control_vector
+    from .maps import MapSet
+    from .models import resolve
+    from .sites import architecture_for, num_layers
+
+    if output.exists() and not force:
+        raise ActmergeError(f"{output} exists: choose another -o or pass --force.")
+    mapset = MapSet.load(maps)
+    name = model or mapset.base_model
+    if not name:
+        raise ActmergeError("the maps file names no base model: pass --model MODEL.")
+    config = resolve(name, log=_log).config
+    cv = control_vector(mapset, config, strength, partial=partial)
+    n = num_layers(architecture_for(config), config)
+    write_control_vector(cv, output, model_hint=config.get("model_type", ""), n_layers=n)
+    out.print(
+        f"[green]wrote[/] {output}: {len(cv.directions)} directions (layers {', '.join(map(str, sorted(cv.directions)))})"
+    )
+    if cv.elsewhere:
+        out.print(
+            f"{len(cv.elsewhere)} map(s) with shifts elsewhere are not in the vector (bake them into the weights)"
+        )
 
 
 @app.command()

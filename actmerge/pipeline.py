@@ -231,16 +231,25 @@ def bake(
     progress: bool = True,
     log=print,
     evaluate_after: bool = False,
+    as_llama: bool = False,
 ) -> list[BakeResult]:
     """Fit (from a recipe) or load maps, plan the fold at each strength, and write checkpoints.
 
     Several recipes compose: each is fitted, applied at its own strength (``strengths`` gives one per
     recipe), the maps at shared sites compose (affine ∘ affine, in recipe order), and one checkpoint
-    is baked."""
+    is baked. ``as_llama``: write a Mistral checkpoint in the Llama layout, where shifts fold into
+    ``attention_bias``/``mlp_bias`` biases (``gguf_export.as_llama_config``)."""
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
     loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
+    if as_llama:
+        from .gguf_export import LlamaLayout, as_llama_config
+
+        src = loaded.source
+        as_llama_config(src.config)  # refuse (not Mistral, a binding sliding window) before the slow fit
+        layout = LlamaLayout(src.name, src.path, src.revision)
+        loaded = Loaded(layout, loaded.device, loaded._model, loaded._tok)
     recipe_objs = [load_recipe(r) for r in recipes]
     recipe_obj = recipe_objs[0] if recipe_objs else None
     per_recipe: list[float] = []
@@ -290,6 +299,10 @@ def bake(
         fold_plan = plan(
             loaded.source, mapset, lam, targets=targets, shift_policy=shift_policy, allow_flags=allow_flags
         )
+        if as_llama:
+            from .gguf_export import LLAMA_LAYOUT_PATCH
+
+            fold_plan.config_patch = {**LLAMA_LAYOUT_PATCH, **fold_plan.config_patch}
         held = baked_maps(mapset, fold_plan)
         res = BakeResult(None, lam, fold_plan, 0.0)
         if any(sp.exactness.startswith("scale only") for sp in fold_plan.sites):
@@ -437,10 +450,14 @@ def verify(
     prompts: list[str] | None = None,
     device: str = "cpu",
     log=print,
+    runtime: str = "transformers",
+    outtype: str = "f32",
 ) -> VerifyReport:
     """Hooked base model vs the baked checkpoint reloaded by plain transformers in a fresh process.
 
     Missing arguments are read from the checkpoint's ``actmerge/bake.json`` and maps file.
+    ``runtime="llama.cpp"``: the checkpoint exported to GGUF (``outtype``) and run in llama.cpp instead,
+    next to the unbaked base's own round trip (returns a ``gguf_export.LlamaCppReport``).
     """
     checkpoint = Path(checkpoint)
     info_path = checkpoint / PROVENANCE_DIR / "bake.json"
@@ -455,6 +472,10 @@ def verify(
         strength = info.get("strength") if "strength" in info else _need("--strength")
     loaded = base if isinstance(base, Loaded) else Loaded(resolve(base, log=log), device)
     mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
+    if runtime != "transformers":
+        return _verify_runtime(
+            checkpoint, loaded, mapset, strength, runtime, outtype, tolerance, prompts, log
+        )
     if tolerance is None:
         infos, _ = tensor_index(ModelSource("", checkpoint).safetensors_files())
         dtypes = {i.dtype for i in infos.values()}
@@ -471,6 +492,30 @@ def verify(
 
 def _need(flag: str):
     raise VerificationError(f"the checkpoint has no actmerge/bake.json to read this from: pass {flag}.")
+
+
+def _verify_runtime(checkpoint, loaded, mapset, strength, runtime, outtype, tolerance, prompts, log):
+    """``verify --runtime llama.cpp``: GGUF round trips of the baked checkpoint and of the unbaked base."""
+    if runtime != "llama.cpp":
+        raise VerificationError(f"--runtime {runtime!r}: choose transformers or llama.cpp.")
+    from .gguf_export import verify_llamacpp
+
+    model, tok = loaded.get()
+    report = verify_llamacpp(
+        checkpoint,
+        model,
+        loaded.source.path,
+        tok,
+        mapset,
+        strength,
+        prompts or DEFAULT_PROMPTS,
+        outtype=outtype,
+        tolerance=tolerance,
+        log=log,
+    )
+    (checkpoint / PROVENANCE_DIR).mkdir(exist_ok=True)
+    (checkpoint / PROVENANCE_DIR / "verify-llama.cpp.json").write_text(report.to_json() + "\n")
+    return report
 
 
 def eval_config(

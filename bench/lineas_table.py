@@ -30,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=None, help="override LinEAS steps (default: the recipe's)")
     ap.add_argument("--out", default=str(ROOT / "out" / "lineas-table"))
+    ap.add_argument("--no-sparse", action="store_true", help="skip the sparse LinEAS row (saves one fit)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,7 @@ def main() -> None:
     base = evaluate_model(model, tok, cfg, label="base", kind="base", strength=0.0, progress=False)
     base_ppl = base.metrics["perplexity"]
     rows.append(("base (no steering)", base, "-", 0.0))
+    print(f"base: {base.metrics}", flush=True)
 
     # 1. ml-act's Gemma default: Linear-AcT with shifts at the sandwich post-norms, hooked only
     mlact = detox.model_copy(
@@ -77,8 +79,11 @@ def main() -> None:
             {"l1": 0.05, "group": 0.5},
         ),
     ]
+    if args.no_sparse:
+        variants = variants[:2]
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         for label, path, sparse in variants:
+            print(f"... {label}", flush=True)
             recipe = load_recipe(path)
             if sparse or args.steps:
                 upd = {

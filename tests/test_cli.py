@@ -88,7 +88,9 @@ def test_sites_command(setup):
 
 def test_fit_lineas_recipe_and_compose(setup, tmp_path):
     root, model = setup
-    (root / "lineas.yaml").write_text(RECIPE.replace("method: linear_act", "method: lineas\nlineas:\n  steps: 2\n  batch: 8"))
+    (root / "lineas.yaml").write_text(
+        RECIPE.replace("method: linear_act", "method: lineas\nlineas:\n  steps: 2\n  batch: 8")
+    )
     a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
     r = runner.invoke(app, ["fit", str(model), "--recipe", str(root / "lineas.yaml"), "-o", str(a)])
     assert r.exit_code == 0, r.output
@@ -98,7 +100,20 @@ def test_fit_lineas_recipe_and_compose(setup, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["bake", str(model), "--maps", str(c), "-o", str(tmp_path / "o"), "--verify"])
     assert r.exit_code == 0 and "PASS" in r.output, r.output
-    r = runner.invoke(app, ["bake", str(model), "--recipe", str(root / "r.yaml"), "--recipe", str(root / "lineas.yaml"),
-                            "--strength", "1.0,0.5", "-o", str(tmp_path / "o2")])
+    r = runner.invoke(
+        app,
+        [
+            "bake",
+            str(model),
+            "--recipe",
+            str(root / "r.yaml"),
+            "--recipe",
+            str(root / "lineas.yaml"),
+            "--strength",
+            "1.0,0.5",
+            "-o",
+            str(tmp_path / "o2"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o2" / "actmerge" / "recipe-2.yaml").is_file()
