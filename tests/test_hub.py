@@ -136,7 +136,7 @@ def test_card_of_a_real_bake(baked):
         "AutoModelForCausalLM.from_pretrained",
         "vllm serve",
         "LLM(model=",
-        "convert_hf_to_gguf.py",
+        "actmerge export-gguf model -o model.gguf",
         "llama-cli -m",
         "## Reproduce",
         "actmerge bake pico --recipe r.yaml --strength 1",
