@@ -16,7 +16,7 @@ from rich.table import Table
 from .errors import ActmergeError
 
 app = typer.Typer(
-    help="Bake activation steering (Linear-AcT maps) into model weights: fit maps on two prompt sets, "
+    help="Bake activation steering (Linear-AcT, Mean-AcT or LinEAS maps) into model weights: fit maps on two prompt sets, "
     "fold them at a fixed strength into norms, weights and biases, and write a standalone checkpoint "
     "that plain transformers / vLLM / llama.cpp load. Built-in model: gemma-3-270m.",
     no_args_is_help=True,
