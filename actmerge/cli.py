@@ -37,7 +37,61 @@ RecipesOpt = Annotated[
     ),
 ]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of MODEL.")]
-Device = Annotated[str, typer.Option(help="Torch device for fitting/verification, e.g. cpu, cuda.")]
+
+
+def _pick_device(value: str | None) -> str:
+    from .errors import PlacementError
+    from .placement import pick_device
+
+    try:
+        return pick_device(value)
+    except PlacementError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _check_max_memory(value: str | None) -> str | None:
+    from .errors import PlacementError
+    from .placement import parse_max_memory
+
+    try:
+        parse_max_memory(value)
+    except PlacementError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+Device = Annotated[
+    str | None,
+    typer.Option(
+        help="Torch device for fitting/verification, e.g. cpu, cuda, cuda:1 (default: cuda when present, else cpu).",
+        callback=_pick_device,
+    ),
+]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Spread a model larger than memory with accelerate: auto, balanced, balanced_low_0 or sequential "
+        "(implied by --max-memory / --offload-folder).",
+    ),
+]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Memory budget per device for --device-map, e.g. cpu=2GiB or 0=20GiB,cpu=30GiB (GPU index, cpu, "
+        "mps or disk); layers beyond it stay on disk and are read in for their forward.",
+        callback=_check_max_memory,
+    ),
+]
+OffloadFolder = Annotated[
+    Path | None,
+    typer.Option(
+        "--offload-folder",
+        help="Directory for offloaded weights that must be rewritten (weights used as stored are read "
+        "from the checkpoint's own safetensors files and need none).",
+    ),
+]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 
 
@@ -78,7 +132,10 @@ def fit(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML.")],
     output: Annotated[Path, typer.Option("-o", "--out", help="Maps file to write (.safetensors).")],
     revision: Revision = None,
-    device: Device = "cpu",
+    device: Device = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     force: Force = False,
 ):
     """Fit transport maps on the recipe's source/target sentences and write a maps file."""
@@ -86,7 +143,24 @@ def fit(
 
     if output.exists() and not force:
         raise ActmergeError(f"{output} exists: choose another -o or pass --force.")
-    res = pipeline.fit(model, recipe, revision=revision, device=device, log=_log)
+    from . import diffusion
+
+    if diffusion.is_pipeline(model, revision):  # a diffusers pipeline: first-step statistics
+        from .diffusion.recipe import load_diffusion_recipe
+
+        src = diffusion.resolve_pipeline(model, revision)
+        res = diffusion.fit_pipeline(src, load_diffusion_recipe(recipe), device=device, log=_log)
+    else:
+        res = pipeline.fit(
+            model,
+            recipe,
+            revision=revision,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            log=_log,
+        )
     res.maps.save(output)
     out.print(f"wrote {len(res.maps)} maps to {output}")
 
@@ -158,7 +232,10 @@ def bake(
         ),
     ] = False,
     revision: Revision = None,
-    device: Device = "cpu",
+    device: Device = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     force: Force = False,
 ):
     """Fit (with --recipe) or load (--maps) maps, fold them at strength λ, and write a checkpoint.
@@ -170,6 +247,19 @@ def bake(
 
     if shift_policy not in ("error", "drop"):
         raise typer.BadParameter("--shift-policy must be 'error' or 'drop'.")
+    from .diffusion import is_pipeline
+
+    if is_pipeline(model, revision):  # a diffusers pipeline (model_index.json): actmerge.diffusion
+        from .diffusion import commands
+
+        unsupported = {"--target": bool(target), "--as-llama": as_llama, "--push-to-hub": bool(push_to_hub)}
+        unsupported |= {"--eval": evaluate, "--no-flags": not flags}
+        lams = _strengths(strength) if strength else None
+        kw = dict(maps=maps, strengths=lams, output=output, shift_policy=shift_policy, dry_run=dry_run)
+        kw |= dict(force=force, revision=revision, device=device, verify=verify, log=_log)
+        if not commands.bake(out, model, recipes=recipe or [], unsupported=unsupported, **kw):
+            raise typer.Exit(5)
+        return
     if push_to_hub:
         from . import hub
 
@@ -191,6 +281,9 @@ def bake(
         dry_run=dry_run,
         revision=revision,
         device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
         log=_log,
         evaluate_after=evaluate,
         as_llama=as_llama,
@@ -321,7 +414,7 @@ def verify(
     outtype: Annotated[
         str, typer.Option(help="With --runtime llama.cpp: GGUF type of both exports (f32, f16, bf16, q8_0).")
     ] = "f32",
-    device: Device = "cpu",
+    device: Device = None,
 ):
     """Hooked base model vs the checkpoint reloaded by plain transformers in a fresh process (or run in
     llama.cpp with --runtime llama.cpp); exit 5 above tolerance."""
@@ -329,6 +422,13 @@ def verify(
 
     if runtime not in ("transformers", "llama.cpp"):
         raise typer.BadParameter("--runtime must be 'transformers' or 'llama.cpp'.")
+    if (checkpoint / "model_index.json").is_file():  # a baked diffusers pipeline
+        from .diffusion import commands
+
+        kw = dict(base=base, maps=maps, strength=strength, tolerance=tolerance, device=device)
+        if not commands.verify(out, checkpoint, as_json=as_json, **kw):
+            raise typer.Exit(5)
+        return
     rep = pipeline.verify(
         checkpoint,
         base=base,
@@ -509,7 +609,10 @@ def eval_(
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's).")] = None,
     revision: Revision = None,
-    device: Device = "cpu",
+    device: Device = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ):
     """Measure what steering does: base, hooked previews at several strengths and baked checkpoints on
     identical prompts — a table, report.json and sweep.png (each metric vs λ)."""
@@ -527,6 +630,9 @@ def eval_(
         out=output,
         revision=revision,
         device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
         log=_log,
         prompts=read_sentences(prompts) if prompts else None,
         neutral=read_sentences(neutral) if neutral else None,
@@ -576,6 +682,10 @@ def sites(
     from .models import resolve
     from .sites import ARCHITECTURES, architecture_for
 
+    if model is not None and (Path(model) / "model_index.json").is_file():  # a diffusers pipeline
+        from .diffusion import commands
+
+        return commands.sites(out, model, revision)
     if model is None:
         for arch in ARCHITECTURES:
             table = Table(

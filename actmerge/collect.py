@@ -16,6 +16,7 @@ from .errors import ActivationError
 from .estimators import ESTIMATORS, FitInfo
 from .hooks import Pooler, affine_fn, attach, record
 from .maps import AffineMap, MapSet
+from .placement import input_device
 from .sites import Site
 
 
@@ -71,12 +72,17 @@ def collect(
     desc: str = "collecting",
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Pooled activations ``{key: [N, D]}`` (float32, CPU), one row per sentence."""
+    """Pooled activations ``{key: [N, D]}`` (float32, CPU), one row per sentence.
+
+    Works on a model dispatched by accelerate (``device_map``, disk offload): inputs go to the input
+    embedding's execution device, each site pools on its own device. The ``[N, D]`` results are
+    allocated once and filled batch by batch (no concatenation copy: peak = the statistics)."""
     if not sentences:
         raise ActivationError("no sentences to collect activations on.")
     pooler = Pooler(pooling)
-    device = next(model.parameters()).device
     n_batches = -(-len(sentences) // batch_size)
+    out: dict[str, torch.Tensor] = {}
+    row = 0
     with record(model, keys, pooler) as store:
         for b in _bar(
             batches(
@@ -85,7 +91,7 @@ def collect(
                 batch_size=batch_size,
                 max_tokens=max_tokens,
                 skip_special=skip_special,
-                device=device,
+                device=input_device(model),
             ),
             n_batches,
             desc,
@@ -93,7 +99,45 @@ def collect(
         ):
             pooler.mask = b.token_mask
             model.base_model(**b.inputs)
-    return {k: torch.cat(v) for k, v in store.items()}
+            row = _drain(store, out, row, len(sentences))
+    return out
+
+
+def _drain(store: dict[str, list[torch.Tensor]], out: dict[str, torch.Tensor], row: int, n: int) -> int:
+    """Move one batch's pooled rows ``{key: [[B, D]]}`` into the CPU results at ``row``, checking them
+    for NaN/Inf; returns the next row. Rows on an accelerator travel in one copy per device (one sync,
+    not one per site)."""
+    pooled = {key: _single(key, rows) for key, rows in store.items()}
+    by_device: dict[torch.device, list[str]] = {}
+    for key, rows in pooled.items():
+        by_device.setdefault(rows.device, []).append(key)
+    end = row
+    for device, keys in by_device.items():
+        parts = [pooled[k] for k in keys]
+        if device.type != "cpu":
+            parts = torch.cat(parts, dim=1).cpu().split([p.shape[1] for p in parts], dim=1)
+        for key, part in zip(keys, parts, strict=True):
+            if key not in out:
+                out[key] = torch.empty(n, part.shape[1], dtype=torch.float32)
+            end = row + len(part)
+            dest = out[key][row:end]
+            dest.copy_(part)
+            if not torch.isfinite(dest).all():
+                raise ActivationError(
+                    f"non-finite activations at {key}: the model produced NaN/Inf on these sentences "
+                    "(try float32, shorter max_tokens, or check the checkpoint)."
+                )
+    return end
+
+
+def _single(key: str, rows: list[torch.Tensor]) -> torch.Tensor:
+    """The one ``[B, D]`` block a site pooled in this forward pass (and empty the list)."""
+    if len(rows) != 1:
+        raise ActivationError(
+            f"site {key} ran {len(rows)} times in one forward pass (expected once): "
+            "is the module reused, or missing from the model's forward?"
+        )
+    return rows.pop()
 
 
 @dataclass
@@ -170,7 +214,7 @@ def _fit_incremental(
     from contextlib import ExitStack
 
     n_src = len(source)
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = next(
         batches(
             tok,

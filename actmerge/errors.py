@@ -68,3 +68,9 @@ class PublishError(ActmergeError):
     """A checkpoint cannot be published to the Hub (not verified, not an actmerge output, no token, refused)."""
 
     exit_code = 6
+
+
+class PlacementError(ActmergeError):
+    """The device / device map / memory budget / offload folder for loading a model is invalid."""
+
+    exit_code = 2

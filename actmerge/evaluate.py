@@ -16,6 +16,7 @@ import torch
 from rich.progress import track
 
 from .errors import ActmergeError
+from .placement import input_device
 
 Scorer = Callable[[list[str]], list[float]]
 
@@ -93,7 +94,7 @@ def continuations(
     from transformers import LogitsProcessorList
 
     tok.padding_side = "left"
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[str] = []
     chunks = range(0, len(prompts), batch_size)
     for i in track(chunks, description="generating", transient=True) if progress else chunks:
@@ -159,7 +160,7 @@ def similarity(texts: list[str], references: list[str]) -> list[float]:
 def perplexity(model, tok, texts: list[str], *, max_tokens: int = 256, batch_size: int = 8) -> float:
     """Token-level perplexity over ``texts`` (each scored on its own, padding excluded)."""
     tok.padding_side = "left"
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
         enc = tok(

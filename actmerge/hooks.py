@@ -87,39 +87,91 @@ def steer(model: torch.nn.Module, maps: MapSet, strength: float = 1.0) -> Iterat
 
 
 class Pooler:
-    """Pools an activation ``[B, T, D]`` to ``[B, D]`` with the current batch's token mask.
+    """Pools an activation ``[B, T, D]`` to ``[B, D]`` float32 with the current batch's token mask.
 
     ``mask`` ([B, T], 1 = real token) must be set before each forward. Left padding: the last real
-    token is at position -1.
+    token is at position -1. Mean pooling is one masked matrix product per site, in the activation's
+    own dtype where that keeps float32 accuracy: no masked temporary (nor, on a GPU, float32 copy) of
+    the whole ``[B, T, D]`` activation, only the pooled ``[B, D]`` is float32. Differentiable (LinEAS).
     """
 
     def __init__(self, pooling: str = "mean"):
         self.pooling = pooling
-        self.mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._operands: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor) -> None:
+        self._mask = mask
+        self._operands.clear()  # per (device, dtype) copies of the new mask
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
             return a[:, -1, :].float()
-        m = self.mask.to(a.device, torch.float32).unsqueeze(-1)
-        return (a.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+        weights, count = self._mask_for(a)
+        return masked_sum(a, weights) / count
+
+    def _mask_for(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask as ``[B, 1, T]`` in the dtype ``masked_sum`` multiplies in, and the token counts
+        ``[B, 1]`` (float32), both on ``a``'s device; cached per batch (sites may span devices)."""
+        key = (a.device, a.dtype)
+        if key not in self._operands:
+            if self._mask is None:
+                raise ActivationError("Pooler.mask must be set before the forward pass.")
+            m = self._mask.to(a.device, torch.float32)
+            self._operands[key] = (
+                m.unsqueeze(1).to(_matmul_dtype(a)),
+                m.sum(1, keepdim=True).clamp_min(1.0),
+            )
+        return self._operands[key]
+
+
+def _matmul_dtype(a: torch.Tensor) -> torch.dtype:
+    """float32/float64 and CUDA half precision multiply natively; CPU half precision in float32."""
+    if a.dtype in (torch.float32, torch.float64) or (a.is_cuda and a.dtype in _HALF):
+        return a.dtype
+    return torch.float32
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def masked_sum(a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_t weights[b, 0, t] · a[b, t, :]`` → ``[B, D]`` float32, accumulated in float32 at least.
+
+    CUDA half precision: cuBLAS accumulates in float32 and writes float32 (``out_dtype``, PyTorch ≥ 2.8;
+    where that kernel is missing, the upcast below). CPU half precision has no such kernel: the
+    activation is upcast (exact float32 sums, one copy)."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.bmm(weights, a).squeeze(1).float()
+    if weights.dtype == a.dtype and _OUT_DTYPE_KERNEL.get(a.device.type, True):
+        try:
+            return torch.bmm(weights, a, out_dtype=torch.float32).squeeze(1)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_KERNEL[a.device.type] = False  # probe once per device type
+    return torch.bmm(weights.float(), a.float()).squeeze(1)
+
+
+_OUT_DTYPE_KERNEL: dict[str, bool] = {}
 
 
 @contextmanager
 def record(
     model: torch.nn.Module, keys: list[str], pooler: Pooler
 ) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Collect pooled activations ``{key: [[B, D] per batch]}`` (on CPU, float32)."""
+    """Collect pooled activations ``{key: [[B, D] per batch]}`` (float32, on the activation's device).
+
+    Nothing is copied to the CPU or checked inside the hooks (that would stall a GPU at every site):
+    the caller drains the lists after each forward (``collect.collect`` does, checking for NaN/Inf)."""
     store: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
 
     def make(key: str) -> ActFn:
         def fn(a: torch.Tensor) -> None:
-            pooled = pooler(a)
-            if not torch.isfinite(pooled).all():
-                raise ActivationError(
-                    f"non-finite activations at {key}: the model produced NaN/Inf on these sentences "
-                    "(try float32, shorter max_tokens, or check the checkpoint)."
-                )
-            store[key].append(pooled.cpu())
+            store[key].append(pooler(a))
 
         return fn
 

@@ -43,6 +43,7 @@ class LineasConfig:
     l1: float = 0.0  # sparsity: L1 on (ω − 1) and β
     group: float = 0.0  # sparsity: group-L2 per site (threshold ∝ √d)
     loss_norm: str = "none"  # none | target_std: per-neuron W2 divided by the target's variance
+    param: str = "linear"  # linear: learn ω; log: learn θ with ω = exp(θ)
     seed: int = 0
 
 
@@ -80,20 +81,29 @@ def soft_threshold(v: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def prox_(
-    omega: torch.Tensor, beta: torch.Tensor, *, l1: float, group: float, lr: float, beta_trainable: bool
+    omega: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    l1: float,
+    group: float,
+    lr: float,
+    beta_trainable: bool,
+    identity: float = 1.0,
 ) -> None:
-    """Proximal step in place: L1 soft-threshold on (ω−1), β; then group-L2 shrink of the site."""
+    """Proximal step in place: L1 soft-threshold on (ω−1), β; then group-L2 shrink of the site.
+
+    ``identity`` is the value of the scale parameter at the identity map (1 for ω, 0 for log ω)."""
     with torch.no_grad():
         if l1 > 0:
-            omega.copy_(1 + soft_threshold(omega - 1, lr * l1))
+            omega.copy_(identity + soft_threshold(omega - identity, lr * l1))
             if beta_trainable:
                 beta.copy_(soft_threshold(beta, lr * l1))
         if group > 0:
-            v = torch.cat([omega - 1, beta])
+            v = torch.cat([omega - identity, beta])
             norm = float(v.norm())
             thr = lr * group * math.sqrt(omega.numel())
             factor = 0.0 if norm <= thr else 1 - thr / norm
-            omega.copy_(1 + (omega - 1) * factor)
+            omega.copy_(identity + (omega - identity) * factor)
             beta.mul_(factor)
 
 
@@ -136,10 +146,14 @@ def fit_lineas(
     tgt = {k: v.to(device) for k, v in tgt.items()}
     n_target = len(next(iter(tgt.values())))
     norm = {k: (v.var(0) + 1e-6) if cfg.loss_norm == "target_std" else None for k, v in tgt.items()}
+    if cfg.param not in ("linear", "log"):
+        raise ValueError(f"unknown LinEAS parametrisation {cfg.param!r}: use 'linear' or 'log'")
+    log_param = cfg.param == "log"
+    identity = 0.0 if log_param else 1.0  # parameter value of the identity scale
     params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k in keys:
         d = tgt[k].shape[1]
-        omega = torch.ones(d, device=device, requires_grad=True)
+        omega = torch.full((d,), identity, device=device, requires_grad=True)
         beta = torch.zeros(d, device=device, requires_grad=k not in frozen_shift)
         params[k] = (omega, beta)
     trainable = [p for om, be in params.values() for p in (om, be) if p.requires_grad]
@@ -154,7 +168,8 @@ def fit_lineas(
         omega, beta = params[key]
 
         def fn(a: torch.Tensor) -> torch.Tensor:
-            out = (a.float() * omega + beta).to(a.dtype)
+            scale = omega.exp() if log_param else omega
+            out = (a.float() * scale + beta).to(a.dtype)
             pooled[key] = pooler(out)
             return out
 
@@ -199,11 +214,22 @@ def fit_lineas(
             sched.step()
             if cfg.l1 > 0 or cfg.group > 0:
                 for k, (om, be) in params.items():
-                    prox_(om, be, l1=cfg.l1, group=cfg.group, lr=lr, beta_trainable=k not in frozen_shift)
+                    prox_(
+                        om,
+                        be,
+                        l1=cfg.l1,
+                        group=cfg.group,
+                        lr=lr,
+                        beta_trainable=k not in frozen_shift,
+                        identity=identity,
+                    )
             losses.append(float(loss.detach()))
             bar.update(task, advance=1, description=f"LinEAS loss {losses[-1]:.4g}")
     maps = {
-        k: AffineMap(om.detach().float().cpu(), be.detach().float().cpu()) for k, (om, be) in params.items()
+        k: AffineMap(
+            (om.detach().exp() if log_param else om.detach()).float().cpu(), be.detach().float().cpu()
+        )
+        for k, (om, be) in params.items()
     }
     active = {k: int(((m.omega != 1) | (m.beta != 0)).sum()) for k, m in maps.items()}
     report = LineasReport(

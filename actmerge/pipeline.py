@@ -7,18 +7,19 @@ import json
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__, card
 from .checkpoint import PROVENANCE_DIR, tensor_index, write_checkpoint
 from .collect import FitReport
 from .collect import fit as fit_maps
-from .errors import MapsMismatchError, RecipeError, VerificationError
+from .errors import MapsMismatchError, PlacementError, RecipeError, VerificationError
 from .fold import FoldPlan, describe, shift_home
 from .fold import plan as make_plan
 from .maps import MapSet, compose
 from .models import ModelSource, load_model, resolve
+from .placement import from_pretrained_kwargs, offloaded, pick_device
 from .recipe import Recipe, load_recipe, read_sentences
 from .sites import Site, architecture_for, resolve_sites, site_for_key
 from .sweep import EvalConfig, Report, markdown_table, plot, run_sweep
@@ -29,17 +30,53 @@ NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "neutral.txt"
 
 @dataclass
 class Loaded:
-    """A resolved model with its (lazily) loaded transformers model and tokenizer."""
+    """A resolved model with its (lazily) loaded transformers model and tokenizer.
+
+    ``device``: None = cuda when present, else cpu. ``device_map``/``max_memory``/``offload_folder``:
+    accelerate's dispatch for models larger than memory (``models.load_model``)."""
 
     source: ModelSource
-    device: str = "cpu"
+    device: str | None = None
     _model: object = None
     _tok: object = None
+    device_map: str | dict | None = None
+    max_memory: str | dict | None = None
+    offload_folder: str | Path | None = None
 
     def get(self):
         if self._model is None:
-            self._model, self._tok = load_model(self.source, device=self.device)
+            self._model, self._tok = load_model(
+                self.source,
+                device=self.device,
+                device_map=self.device_map,
+                max_memory=self.max_memory,
+                offload_folder=self.offload_folder,
+            )
         return self._model, self._tok
+
+
+def load(
+    model: str | Loaded,
+    *,
+    revision: str | None = None,
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
+    log=print,
+) -> Loaded:
+    """A model argument as a lazily loaded model (a ``Loaded`` passes through). The placement is
+    checked here, before any slow work: a bad device, device map or ``max_memory`` fails at once."""
+    if isinstance(model, Loaded):
+        return model
+    from_pretrained_kwargs(pick_device(device), device_map, max_memory, offload_folder)
+    return Loaded(
+        resolve(model, revision, log=log),
+        device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+    )
 
 
 def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
@@ -65,14 +102,25 @@ def fit(
     recipe: str | Path | Recipe,
     *,
     revision: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     progress: bool = True,
     log=print,
     targets=(),
     allow_flags: bool = True,
 ) -> FitResult:
     """Collect activations on the recipe's sentences and fit one map per site."""
-    loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
+    loaded = load(
+        model,
+        revision=revision,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        log=log,
+    )
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     config = loaded.source.config
     sites = recipe_sites(recipe, config)
@@ -80,6 +128,12 @@ def fit(
     target = recipe.read_target()[: recipe.max_sentences]
     m, tok = loaded.get()
     t0 = time.perf_counter()
+    if recipe.method == "lineas" and "disk" in offloaded(m):
+        raise PlacementError(
+            "LinEAS back-propagates through every layer, so disk-offloaded weights would all be held "
+            "for the backward pass: raise --max-memory until nothing goes to disk, or fit with "
+            "linear_act / mean_act (forward passes only), which work with disk offload."
+        )
     if recipe.method == "lineas":
         maps, report = _fit_lineas(
             m, tok, recipe, config, sites, source, target, targets, allow_flags, progress, log
@@ -155,6 +209,7 @@ def _fit_lineas(model, tok, recipe, config, sites, source, target, targets, allo
         l1=o.l1,
         group=o.group,
         loss_norm=o.loss_norm,
+        param=o.param,
         seed=recipe.seed,
     )
     return fit_lineas(
@@ -227,7 +282,10 @@ def bake(
     force: bool = False,
     dry_run: bool = False,
     revision: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     progress: bool = True,
     log=print,
     evaluate_after: bool = False,
@@ -242,14 +300,22 @@ def bake(
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
-    loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
+    loaded = load(
+        model,
+        revision=revision,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        log=log,
+    )
     if as_llama:
         from .gguf_export import LlamaLayout, as_llama_config
 
         src = loaded.source
         as_llama_config(src.config)  # refuse (not Mistral, a binding sliding window) before the slow fit
         layout = LlamaLayout(src.name, src.path, src.revision)
-        loaded = Loaded(layout, loaded.device, loaded._model, loaded._tok)
+        loaded = replace(loaded, source=layout)
     recipe_objs = [load_recipe(r) for r in recipes]
     recipe_obj = recipe_objs[0] if recipe_objs else None
     per_recipe: list[float] = []
@@ -448,7 +514,7 @@ def verify(
     strength: float | None = None,
     tolerance: float | None = None,
     prompts: list[str] | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     log=print,
     runtime: str = "transformers",
     outtype: str = "f32",
@@ -570,13 +636,24 @@ def evaluate(
     config: EvalConfig | None = None,
     include_base: bool = False,
     revision: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     progress: bool = True,
     log=print,
     **overrides,
 ) -> Report:
     """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png."""
-    loaded = model if isinstance(model, Loaded) else Loaded(resolve(model, revision, log=log), device)
+    loaded = load(
+        model,
+        revision=revision,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        log=log,
+    )
     recipe_obj = load_recipe(recipe) if recipe is not None else None
     cfg = config or eval_config(recipe_obj, **overrides)
     mapset = None

@@ -42,6 +42,9 @@ class LineasOptions(_Strict):
         0.0, ge=0, description="sparsity: group-L2 per site, threshold ∝ √d (site selection)"
     )
     loss_norm: Literal["none", "target_std"] = "none"
+    param: Literal["linear", "log"] = Field(
+        "linear", description="learn ω directly (linear) or as exp(θ) (log: ω stays positive)"
+    )
 
 
 class Recipe(_Strict):

@@ -19,6 +19,7 @@ from .errors import ActmergeError
 from .evaluate import concept_presence, continuations, get_scorer, perplexity, similarity
 from .hooks import steer
 from .maps import MapSet
+from .placement import input_device
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def run_sweep(
         info_path = path / "actmerge" / "bake.json"
         lam = json.loads(info_path.read_text()).get("strength") if info_path.is_file() else None
         bm = AutoModelForCausalLM.from_pretrained(str(path), dtype=next(model.parameters()).dtype).eval()
-        bm.to(next(model.parameters()).device)
+        bm.to(input_device(model))  # a base spread by a device map: the baked model on its main device
         row = evaluate_model(
             bm,
             tok,

@@ -16,6 +16,7 @@ import torch
 from .errors import VerificationError
 from .hooks import steer
 from .maps import MapSet
+from .placement import input_device
 
 DEFAULT_PROMPTS = [
     "The weather in the mountains changed quickly that afternoon, and",
@@ -98,11 +99,12 @@ def hooked_outputs(
     enc = tok(prompts, return_tensors="pt", padding=True)
     if maps is None:
         maps = MapSet({})
+    on_model = {k: v.to(input_device(model)) for k, v in enc.items()}
     with steer(model, maps, strength):
-        logits = model(**enc).logits.float()
+        logits = model(**on_model).logits.float().cpu()
         gen = model.generate(
-            **enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, top_k=None
-        )
+            **on_model, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, top_k=None
+        ).cpu()
     return {"logits": logits, "mask": enc["attention_mask"], "tokens": gen}
 
 

@@ -1,7 +1,14 @@
 """Bake I/O at scale: a synthetic sharded Llama checkpoint (Llama-3.2-3B shapes, random bf16 weights,
 ≥ 6 GiB in ≥ 3 shards, built once and cached), baked vs a plain copy of the same files.
 
-    python bench/bake_io.py [--repeats 3] [--scenario norms|heavy]
+    HF_HUB_OFFLINE=1 python bench/bake_io.py --scenario heavy --repeats 3
+    HF_HUB_OFFLINE=1 python bench/bake_io.py --scenario norms --repeats 3
+
+The first run writes the checkpoint to $ACTMERGE_CACHE/bench/synthetic-llama-3b (default
+~/.cache/actmerge; ``--dir`` elsewhere): 6.4 GB, a few minutes, ~2 GiB of RAM (one shard at a time).
+Each repeat also needs room for one copy and one bake beside it (another ~13 GB of disk). Run it on
+an idle machine with a warm page cache (the first repeat warms it). ``bench/offload.py`` reuses the
+same checkpoint.
 
 Prints, from one run: bake time / copy time (target ≤ 1.3) and peak RSS of the bake / largest
 shard (target ≤ largest shard + 1 GiB). The bake runs in a child process so its peak RSS is its own.
@@ -50,14 +57,14 @@ CONFIG = {
 SHARD_BYTES = 2 * 2**30
 
 
-def build(path: Path) -> Path:
+def build(path: Path, config: dict = CONFIG, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write the synthetic checkpoint shard by shard (never the whole model in memory)."""
     if (path / "model.safetensors.index.json").is_file():
         return path
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    c = CONFIG
+    c = config
     h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
     shapes = [("model.embed_tokens.weight", (c["vocab_size"], h))]
     for n in range(c["num_hidden_layers"]):
@@ -77,7 +84,7 @@ def build(path: Path) -> Path:
     groups, cur, size = [], [], 0
     for name, shape in shapes:
         n = 2 * torch.Size(shape).numel()
-        if cur and size + n > SHARD_BYTES:
+        if cur and size + n > shard_bytes:
             groups.append(cur)
             cur, size = [], 0
         cur.append((name, shape))
@@ -100,7 +107,7 @@ def build(path: Path) -> Path:
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
-    (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tmp.rename(path)
     return path
 

@@ -56,7 +56,7 @@ def main() -> None:
     t0 = time.perf_counter()
     maps = pipeline.fit(loaded, mlact, **quiet).maps
     fit_s = time.perf_counter() - t0
-    for lam in (0.5, 1.0):
+    for lam in (0.25, 0.5, 1.0):
         with steer(model, maps, lam):
             row = evaluate_model(
                 model, tok, cfg, label=f"mlact λ={lam}", kind="hooked", strength=lam, progress=False
