@@ -43,7 +43,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "lr3e-3": ({}, {"lr": 0.003}),
     "b16": ({}, {"batch": 16}),
 }
-STRENGTHS = tuple(float(x) for x in next((a.split("=")[1] for a in sys.argv if a.startswith("--strengths=")), "0.75,1").split(","))
+STRENGTHS = tuple(
+    float(x)
+    for x in next((a.split("=")[1] for a in sys.argv if a.startswith("--strengths=")), "0.75,1").split(",")
+)
 
 
 def variant(base, name: str):
@@ -94,7 +97,9 @@ def main() -> None:
             res = pipeline.fit(loaded, variant(base_recipe, name), progress=False)
             maps = res.maps
             maps.save(path)
-            print(f"{name}: fit {time.perf_counter() - t0:.0f}s; {res.report.selected_neurons} neurons active")
+            print(
+                f"{name}: fit {time.perf_counter() - t0:.0f}s; {res.report.selected_neurons} neurons active"
+            )
         for lam in STRENGTHS:
             score(name, maps, lam)
 
