@@ -148,6 +148,11 @@ def fit(
     if diffusion.is_pipeline(model, revision):  # a diffusers pipeline: first-step statistics
         from .diffusion.recipe import load_diffusion_recipe
 
+        if device_map or max_memory or offload_folder:
+            raise ActmergeError(
+                "--device-map/--max-memory/--offload-folder are for LLMs; diffusers pipelines load whole."
+            )
+
         src = diffusion.resolve_pipeline(model, revision)
         res = diffusion.fit_pipeline(src, load_diffusion_recipe(recipe), device=device, log=_log)
     else:
@@ -254,6 +259,8 @@ def bake(
 
         unsupported = {"--target": bool(target), "--as-llama": as_llama, "--push-to-hub": bool(push_to_hub)}
         unsupported |= {"--eval": evaluate, "--no-flags": not flags}
+        unsupported |= {"--device-map": bool(device_map), "--max-memory": bool(max_memory)}
+        unsupported |= {"--offload-folder": offload_folder is not None}
         lams = _strengths(strength) if strength else None
         kw = dict(maps=maps, strengths=lams, output=output, shift_policy=shift_policy, dry_run=dry_run)
         kw |= dict(force=force, revision=revision, device=device, verify=verify, log=_log)
@@ -608,6 +615,13 @@ def eval_(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's).")] = None,
+    clamped: Annotated[
+        bool,
+        typer.Option(
+            help="With a Linear-AcT --recipe: also rows for ml-act's clamped variant (transport only inside "
+            "the source support; not bakeable), to show what the unclamped, bakeable maps change.",
+        ),
+    ] = True,
     revision: Revision = None,
     device: Device = None,
     device_map: DeviceMap = None,
@@ -628,6 +642,7 @@ def eval_(
         strengths=lams,
         baked=baked or [],
         out=output,
+        clamped=clamped,
         revision=revision,
         device=device,
         device_map=device_map,

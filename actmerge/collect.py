@@ -7,7 +7,7 @@ Forward passes run through ``model.base_model`` so the (large) LM head is never 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.progress import track
@@ -143,6 +143,8 @@ def _single(key: str, rows: list[torch.Tensor]) -> torch.Tensor:
 @dataclass
 class FitReport:
     per_site: dict[str, FitInfo]
+    # source support per site, (min, max) of the pooled source values: ml-act's clamp (hooks.steer)
+    support: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def degenerate(self) -> int:
@@ -186,7 +188,8 @@ def fit(
         tgt = collect(model, tok, target, keys, desc="target sentences", **opts)
         for key in keys:
             maps[key], infos[key] = estimator(src[key], tgt[key], seed=seed, fit_shift=fit_shift)
-        return maps, FitReport(infos)
+        support = {k: (v.min(0).values, v.max(0).values) for k, v in src.items()}
+        return maps, FitReport(infos, support)
     return _fit_incremental(
         model, tok, sites, source, target, estimator, seed=seed, fit_shift=fit_shift, **opts
     )
@@ -229,6 +232,7 @@ def _fit_incremental(
     pooler.mask = batch.token_mask
     maps: dict[str, AffineMap] = {}
     infos: dict[str, FitInfo] = {}
+    support: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     bar = track(range(len(sites)), description="incremental fit", transient=True) if progress else None
     it = iter(bar) if bar is not None else None
 
@@ -237,9 +241,9 @@ def _fit_incremental(
             pooled = pooler(a)
             if not torch.isfinite(pooled).all():
                 raise ActivationError(f"non-finite activations at {key} during incremental fitting.")
-            maps[key], infos[key] = estimator(
-                pooled[:n_src].cpu(), pooled[n_src:].cpu(), seed=seed, fit_shift=fit_shift
-            )
+            src = pooled[:n_src].cpu()
+            maps[key], infos[key] = estimator(src, pooled[n_src:].cpu(), seed=seed, fit_shift=fit_shift)
+            support[key] = (src.min(0).values, src.max(0).values)
             if it is not None:
                 next(it, None)
             return affine_fn(maps[key].omega, maps[key].beta)(a)
@@ -257,7 +261,7 @@ def _fit_incremental(
     if len(ordered) != len(sites):
         missing = [s.key for s in sites if s.key not in maps]
         raise ActivationError(f"sites never reached in the forward pass: {missing[:5]}")
-    return ordered, FitReport(infos)
+    return ordered, FitReport(infos, support)
 
 
 def to_mapset(maps: dict[str, AffineMap], **meta) -> MapSet:

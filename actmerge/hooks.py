@@ -76,13 +76,39 @@ def affine_fn(scale: torch.Tensor, shift: torch.Tensor) -> ActFn:
     return fn
 
 
+def clamped_fn(scale: torch.Tensor, shift: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> ActFn:
+    """ml-act's ``q_0_100`` variant: transport only values strictly inside the source support
+    ``(lo, hi)``, leave the rest unchanged. Not affine, so it cannot be baked; evaluation only."""
+    affine = affine_fn(scale, shift)
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        k = (a.device,)
+        if k not in cache:
+            cache[k] = (lo.to(a.device, torch.float32), hi.to(a.device, torch.float32))
+        low, high = cache[k]
+        af = a.float()
+        return torch.where((af > low) & (af < high), affine(a), a)
+
+    return fn
+
+
 @contextmanager
-def steer(model: torch.nn.Module, maps: MapSet, strength: float = 1.0) -> Iterator[None]:
-    """Apply every map at strength λ: ``a ↦ (1−λ+λω)·a + λβ``."""
+def steer(
+    model: torch.nn.Module,
+    maps: MapSet,
+    strength: float = 1.0,
+    support: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Iterator[None]:
+    """Apply every map at strength λ: ``a ↦ (1−λ+λω)·a + λβ``. With ``support`` (site → (min, max)
+    of the source values), the clamped ml-act variant instead: only values inside it are moved."""
     with ExitStack() as stack:
         for key, m in maps.items():
             scale, shift = m.at(strength)
-            stack.enter_context(attach(model, key, affine_fn(scale, shift)))
+            fn = affine_fn(scale, shift)
+            if support is not None and key in support:
+                fn = clamped_fn(scale, shift, *support[key])
+            stack.enter_context(attach(model, key, fn))
         yield
 
 

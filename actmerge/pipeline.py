@@ -635,6 +635,7 @@ def evaluate(
     out: str | Path | None = None,
     config: EvalConfig | None = None,
     include_base: bool = False,
+    clamped: bool = True,
     revision: str | None = None,
     device: str | None = None,
     device_map: str | dict | None = None,
@@ -656,11 +657,15 @@ def evaluate(
     )
     recipe_obj = load_recipe(recipe) if recipe is not None else None
     cfg = config or eval_config(recipe_obj, **overrides)
-    mapset = None
+    mapset, support = None, None
     if maps is not None:
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
     elif recipe_obj is not None and strengths:
-        mapset = fit(loaded, recipe_obj, progress=progress, log=log).maps
+        fitted = fit(loaded, recipe_obj, progress=progress, log=log)
+        mapset = fitted.maps
+        # ml-act's clamped variant needs the source support, which only a fresh Linear-AcT fit knows
+        if clamped and recipe_obj.method == "linear_act":
+            support = getattr(fitted.report, "support", None)
     m, tok = loaded.get()
     report = run_sweep(
         m,
@@ -673,6 +678,7 @@ def evaluate(
         model_name=loaded.source.name,
         progress=progress,
         log=log,
+        support=support,
     )
     if out is not None:
         out = Path(out)

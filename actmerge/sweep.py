@@ -40,7 +40,7 @@ class EvalConfig:
 @dataclass
 class Row:
     label: str
-    kind: str  # base | hooked | baked
+    kind: str  # base | hooked | clamped | baked
     strength: float | None
     metrics: dict[str, float]
     samples: list[dict[str, str]]
@@ -150,8 +150,12 @@ def run_sweep(
     model_name: str = "",
     progress: bool = True,
     log=print,
+    support: dict | None = None,
 ) -> Report:
-    """Rows: [base], hooked at each strength, each baked directory (loaded by plain transformers)."""
+    """Rows: [base], hooked at each strength, each baked directory (loaded by plain transformers).
+
+    With ``support`` (site → source (min, max), from a Linear-AcT fit), also ml-act's clamped variant
+    at each strength: what the paper's hooks do, which no checkpoint can bake (DESIGN.md §2)."""
     from transformers import AutoModelForCausalLM
 
     if strengths and maps is None:
@@ -163,8 +167,11 @@ def run_sweep(
     if include_base or not strengths or 0.0 not in strengths:
         plan.append(("base", "base", 0.0, None))
     plan += [(f"hooked λ={lam:g}", "hooked", lam, lam) for lam in sorted(strengths)]
+    if support:
+        plan += [(f"clamped λ={lam:g}", "clamped", lam, lam) for lam in sorted(strengths) if lam != 0]
     for label, kind, lam, hook_lam in plan:
-        ctx = steer(model, maps, hook_lam) if hook_lam is not None else nullcontext()
+        clamp = support if kind == "clamped" else None
+        ctx = steer(model, maps, hook_lam, clamp) if hook_lam is not None else nullcontext()
         with ctx:
             row = evaluate_model(
                 model,
@@ -234,6 +241,16 @@ def plot(report: Report, path: Path) -> dict[str, int]:
         if line:
             pts = sorted({r.strength: r.metrics[name] for r in line}.items())
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="hooked preview")
+            n += 1
+        clamped = [r for r in report.rows if r.kind == "clamped" and name in r.metrics]
+        if clamped:
+            ax.plot(
+                [r.strength for r in clamped],
+                [r.metrics[name] for r in clamped],
+                "s--",
+                alpha=0.7,
+                label="ml-act clamped (not bakeable)",
+            )
             n += 1
         baked = [r for r in report.rows if r.kind == "baked" and r.strength is not None and name in r.metrics]
         if baked:

@@ -122,3 +122,55 @@ def test_sweep_report_and_plot(pico, tmp_path):
         m: 2
         for m in ("toxic_fraction", "toxicity_mean", "concept_presence", "perplexity_ratio", "similarity")
     }  # hooked line + baked points per panel
+
+
+def test_clamped_variant_moves_only_values_inside_the_source_support():
+    from actmerge.hooks import clamped_fn
+
+    scale, shift = torch.tensor([2.0, 2.0]), torch.tensor([1.0, -1.0])
+    lo, hi = torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 5.0])
+    a = torch.tensor([[[0.5, 3.0], [1.5, -2.0], [-1.0, 4.9]]])
+    out = clamped_fn(scale, shift, lo, hi)(a)
+    # inside (strictly) → 2a ± 1; outside or on the boundary → unchanged (ml-act's q_0_100 mask)
+    assert torch.equal(out, torch.tensor([[[2.0, 5.0], [1.5, -2.0], [-1.0, 8.8]]]))
+
+
+def test_sweep_adds_clamped_rows_from_a_linear_act_fit(pico, tmp_path):
+    from actmerge.collect import fit
+    from actmerge.sites import architecture_for, resolve_sites
+
+    src = ModelSource("pico", pico)
+    model, tok = load(pico), char_tokenizer()
+    arch = architecture_for(src.config)
+    sites = resolve_sites(arch, src.config, ["attn_post", "mlp_post"], "all")
+    source = ["you are a total idiot", "shut up you fool", "what a stupid thing", "go away loser"]
+    target = ["you are a kind person", "please keep talking", "what a clever thing", "stay a while friend"]
+    maps, report = fit(model, tok, sites, source, target, progress=False)
+    assert set(report.support) == set(maps)
+    for key, (lo, hi) in report.support.items():
+        assert (lo <= hi).all() and lo.shape == maps[key].omega.shape
+    cfg = EvalConfig(
+        prompts=["hello there", "the cat"],
+        neutral=["some neutral text here."],
+        metrics=("perplexity",),
+        max_new_tokens=4,
+    )
+    from actmerge.maps import MapSet
+
+    rep = run_sweep(
+        model,
+        tok,
+        cfg,
+        maps=MapSet(maps),
+        strengths=[0.0, 1.0],
+        support=report.support,
+        progress=False,
+        log=lambda *_: None,
+    )
+    labels = [r.label for r in rep.rows]
+    assert labels == ["hooked λ=0", "hooked λ=1", "clamped λ=1"]
+    hooked, clamped = rep.rows[1], rep.rows[2]
+    assert clamped.kind == "clamped"
+    # per-token values leave the pooled support, so the clamped variant really differs
+    assert clamped.metrics["perplexity"] != hooked.metrics["perplexity"]
+    assert plot(rep, tmp_path / "s.png")["perplexity_ratio"] == 2
