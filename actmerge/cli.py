@@ -522,7 +522,7 @@ def export_control_vector(
     """Write the shifts of maps at layer-end sites (Gemma mlp_post, Llama-like mlp_out) as a llama.cpp
     control vector: the fallback for shifts with no home in the weights. Bake the same maps with
     --shift-policy drop (scales) and run `llama-cli -m baked.gguf --control-vector cv.gguf`."""
-    from .gguf_export import control_vector, write_control_vector
+    from .control_vector import control_vector, write_control_vector
     from .maps import MapSet
     from .models import resolve
     from .sites import architecture_for, num_layers

@@ -296,7 +296,7 @@ def bake(
     Several recipes compose: each is fitted, applied at its own strength (``strengths`` gives one per
     recipe), the maps at shared sites compose (affine ∘ affine, in recipe order), and one checkpoint
     is baked. ``as_llama``: write a Mistral checkpoint in the Llama layout, where shifts fold into
-    ``attention_bias``/``mlp_bias`` biases (``gguf_export.as_llama_config``)."""
+    ``attention_bias``/``mlp_bias`` biases (``llama_layout.as_llama_config``)."""
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
@@ -310,7 +310,7 @@ def bake(
         log=log,
     )
     if as_llama:
-        from .gguf_export import LlamaLayout, as_llama_config
+        from .llama_layout import LlamaLayout, as_llama_config
 
         src = loaded.source
         as_llama_config(src.config)  # refuse (not Mistral, a binding sliding window) before the slow fit
@@ -366,7 +366,7 @@ def bake(
             loaded.source, mapset, lam, targets=targets, shift_policy=shift_policy, allow_flags=allow_flags
         )
         if as_llama:
-            from .gguf_export import LLAMA_LAYOUT_PATCH
+            from .llama_layout import LLAMA_LAYOUT_PATCH
 
             fold_plan.config_patch = {**LLAMA_LAYOUT_PATCH, **fold_plan.config_patch}
         held = baked_maps(mapset, fold_plan)
@@ -523,7 +523,7 @@ def verify(
 
     Missing arguments are read from the checkpoint's ``actmerge/bake.json`` and maps file.
     ``runtime="llama.cpp"``: the checkpoint exported to GGUF (``outtype``) and run in llama.cpp instead,
-    next to the unbaked base's own round trip (returns a ``gguf_export.LlamaCppReport``).
+    next to the unbaked base's own round trip (returns a ``llamacpp.LlamaCppReport``).
     """
     checkpoint = Path(checkpoint)
     info_path = checkpoint / PROVENANCE_DIR / "bake.json"
@@ -564,7 +564,7 @@ def _verify_runtime(checkpoint, loaded, mapset, strength, runtime, outtype, tole
     """``verify --runtime llama.cpp``: GGUF round trips of the baked checkpoint and of the unbaked base."""
     if runtime != "llama.cpp":
         raise VerificationError(f"--runtime {runtime!r}: choose transformers or llama.cpp.")
-    from .gguf_export import verify_llamacpp
+    from .llamacpp import verify_llamacpp
 
     model, tok = loaded.get()
     report = verify_llamacpp(

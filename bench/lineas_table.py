@@ -54,15 +54,19 @@ def main() -> None:
     )
     mlact._base_dir = detox._base_dir
     t0 = time.perf_counter()
-    maps = pipeline.fit(loaded, mlact, **quiet).maps
+    fitted = pipeline.fit(loaded, mlact, **quiet)
+    maps, support = fitted.maps, fitted.report.support
     fit_s = time.perf_counter() - t0
-    for lam in (0.25, 0.5, 1.0):
-        with steer(model, maps, lam):
+    # unclamped (what a bake would need) and ml-act's own clamped-to-source-support variant
+    for lam, clamp in ((0.25, None), (0.5, None), (1.0, None), (0.5, support), (1.0, support)):
+        with steer(model, maps, lam, clamp):
             row = evaluate_model(
                 model, tok, cfg, label=f"mlact λ={lam}", kind="hooked", strength=lam, progress=False
             )
+        kind = "clamped to the source support" if clamp else "unclamped"
+        print(f"ml-act hooked {kind} λ={lam}: {row.metrics}", flush=True)
         rows.append(
-            (f"Linear-AcT hooked, post-norms with shifts (ml-act sites), λ={lam:g}", row, "no", fit_s)
+            (f"Linear-AcT hooked, post-norms with shifts (ml-act sites), {kind}, λ={lam:g}", row, "no", fit_s)
         )
 
     # 2-4: baked rows
@@ -71,18 +75,25 @@ def main() -> None:
             "Linear-AcT baked, detox.yaml sites (scale-only post-norms 9-17 / 6-11)",
             ROOT / "recipes" / "detox.yaml",
             {},
+            [1.0],
         ),
-        ("LinEAS fold-aware baked (detox-lineas.yaml)", ROOT / "recipes" / "detox-lineas.yaml", {}),
         (
-            "LinEAS fold-aware sparse baked (l1 0.05, group 0.5)",
+            "LinEAS fold-aware baked (detox-lineas.yaml)",
             ROOT / "recipes" / "detox-lineas.yaml",
-            {"l1": 0.05, "group": 0.5},
+            {},
+            [1.0, 0.75],
+        ),
+        (
+            "LinEAS fold-aware sparse baked (l1 0.05, group 0.05)",
+            ROOT / "recipes" / "detox-lineas.yaml",
+            {"l1": 0.05, "group": 0.05},
+            [1.0],
         ),
     ]
     if args.no_sparse:
         variants = variants[:2]
     with tempfile.TemporaryDirectory(dir=out) as scratch:
-        for label, path, sparse in variants:
+        for label, path, sparse, lams in variants:
             print(f"... {label}", flush=True)
             recipe = load_recipe(path)
             if sparse or args.steps:
@@ -96,19 +107,24 @@ def main() -> None:
             t0 = time.perf_counter()
             res = pipeline.fit(loaded, recipe, **quiet)
             fit_s = time.perf_counter() - t0
-            dest = Path(scratch) / recipe.name / str(len(rows))
-            (bake,) = pipeline.bake(loaded, maps=res.maps, strengths=[1.0], out=dest, **quiet)
-            unchanged = json.loads((dest / "config.json").read_text()) == source.config
-            exact = all(sp.exactness in ("exact", "identity") for sp in bake.plan.sites)
-            rep = run_sweep(model, tok, cfg, baked=[dest], include_base=False, **quiet)
-            row = rep.rows[-1]
             note = ""
             if hasattr(res.report, "selected_neurons"):
                 note = (
                     f" [{res.report.selected_neurons}/{res.report.total_neurons} neurons, "
                     f"{res.report.selected_sites} sites]"
                 )
-            rows.append((label + note, row, "yes" if (unchanged and exact) else "no", fit_s))
+            for lam in lams:
+                dest = Path(scratch) / recipe.name / str(len(rows))
+                (bake,) = pipeline.bake(loaded, maps=res.maps, strengths=[lam], out=dest, **quiet)
+                unchanged = json.loads((dest / "config.json").read_text()) == source.config
+                exact = all(sp.exactness in ("exact", "identity") for sp in bake.plan.sites)
+                rep = run_sweep(model, tok, cfg, baked=[dest], include_base=False, **quiet)
+                row = rep.rows[-1]
+                rows.append(
+                    (f"{label}, λ={lam:g}{note}", row, "yes" if (unchanged and exact) else "no", fit_s)
+                )
+                tox, ratio = row.metrics["toxic_fraction"], row.metrics["perplexity"] / base_ppl
+                print(f"{rows[-1][0]}: toxic {tox:.1%}, ppl ×{ratio:.3f}, fit {fit_s:.0f}s", flush=True)
 
     lines = [
         "| method | toxic continuations | perplexity ratio | exact bake, config unchanged | fit time |",

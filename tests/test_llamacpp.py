@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from actmerge import gguf_export, pipeline
+from actmerge import control_vector, gguf_export, llamacpp, pipeline
 from actmerge.cli import app
 from actmerge.errors import NotFoldableError
 from actmerge.gguf_export import ExportError
@@ -156,13 +156,13 @@ def test_pico_roundtrip_in_llamacpp(model_type, tmp_path):
     exp = gguf_export.export_gguf(res.out, tmp_path / "baked.gguf", log=lambda *_: None)
     ids = [[1, *row] for row in random_ids(4, 12, seed=5).tolist()]
     model = load(base)
-    got = gguf_export.run_llamacpp(exp.out, ids, NEW_TOKENS)
-    rt = gguf_export.compare_runs(gguf_export.run_transformers(model, ids, NEW_TOKENS, maps, 1.0), got, ids)
+    got = llamacpp.run_llamacpp(exp.out, ids, NEW_TOKENS)
+    rt = llamacpp.compare_runs(llamacpp.run_transformers(model, ids, NEW_TOKENS, maps, 1.0), got, ids)
     print(model_type, rt)
     assert rt.max_abs_logit_diff <= PICO_TOLERANCE, rt
     assert rt.argmax_agreement == 1.0 and rt.greedy_agreement == 1.0, rt
     # the check can fail: the unsteered model is far from the baked GGUF
-    off = gguf_export.compare_runs(gguf_export.run_transformers(model, ids, NEW_TOKENS), got, ids)
+    off = llamacpp.compare_runs(llamacpp.run_transformers(model, ids, NEW_TOKENS), got, ids)
     assert off.max_abs_logit_diff > 100 * PICO_TOLERANCE
 
 
@@ -207,15 +207,15 @@ def test_control_vector_refuses_what_it_cannot_hold(tmp_path):
     base = pico("gemma3_text", tmp_path / "base")
     config = ModelSource("pico", base).config
     with pytest.raises(ExportError, match="layer 0"):  # llama.cpp has no control vector for layer 0
-        gguf_export.control_vector(post_shift_maps(config, 0), config, 1.0)
+        control_vector.control_vector(post_shift_maps(config, 0), config, 1.0)
     maps = post_shift_maps(config, 1)
     g = torch.Generator().manual_seed(1)
     maps.maps["model.layers.1.post_attention_layernorm:output"] = AffineMap(
         torch.ones(32), torch.randn(32, generator=g)
     )
     with pytest.raises(ExportError, match="attn_post is not the end of a layer"):
-        gguf_export.control_vector(maps, config, 1.0)
-    cv = gguf_export.control_vector(maps, config, 0.5, partial=True)
+        control_vector.control_vector(maps, config, 1.0)
+    cv = control_vector.control_vector(maps, config, 0.5, partial=True)
     assert sorted(cv.directions) == [1] and len(cv.elsewhere) == 1
     assert torch.allclose(
         cv.directions[1], 0.5 * maps.maps["model.layers.1.post_feedforward_layernorm:output"].beta
@@ -242,11 +242,11 @@ def test_control_vector_matches_hooked_shift(tmp_path):
 
     ids = [[1, *row] for row in random_ids(3, 10, seed=7).tolist()]
     model = load(base)
-    full = gguf_export.run_transformers(model, ids, NEW_TOKENS, maps, 1.0)  # scale and shift, hooked
-    with_cv = gguf_export.compare_runs(
-        full, gguf_export.run_llamacpp(gguf, ids, NEW_TOKENS, cvec=tmp_path / "cv.gguf"), ids
+    full = llamacpp.run_transformers(model, ids, NEW_TOKENS, maps, 1.0)  # scale and shift, hooked
+    with_cv = llamacpp.compare_runs(
+        full, llamacpp.run_llamacpp(gguf, ids, NEW_TOKENS, cvec=tmp_path / "cv.gguf"), ids
     )
-    without = gguf_export.compare_runs(full, gguf_export.run_llamacpp(gguf, ids, NEW_TOKENS), ids)
+    without = llamacpp.compare_runs(full, llamacpp.run_llamacpp(gguf, ids, NEW_TOKENS), ids)
     print("with control vector", with_cv, "\nwithout", without)
     assert with_cv.max_abs_logit_diff <= PICO_TOLERANCE and with_cv.greedy_agreement == 1.0, with_cv
     assert without.max_abs_logit_diff > 10 * PICO_TOLERANCE  # the shift matters: the vector carries it
@@ -333,8 +333,8 @@ def test_as_llama_mistral_roundtrip_in_llamacpp(tmp_path):
     res = bake(base, maps, tmp_path / "baked", as_llama=True)
     exp = gguf_export.export_gguf(res.out, tmp_path / "m.gguf", log=lambda *_: None)
     ids = [[1, *row] for row in random_ids(3, 12, seed=6).tolist()]
-    got = gguf_export.run_llamacpp(exp.out, ids, NEW_TOKENS)
-    rt = gguf_export.compare_runs(
-        gguf_export.run_transformers(load(base), ids, NEW_TOKENS, maps, 1.0), got, ids
+    got = llamacpp.run_llamacpp(exp.out, ids, NEW_TOKENS)
+    rt = llamacpp.compare_runs(
+        llamacpp.run_transformers(load(base), ids, NEW_TOKENS, maps, 1.0), got, ids
     )
     assert rt.max_abs_logit_diff <= PICO_TOLERANCE and rt.greedy_agreement == 1.0, rt
