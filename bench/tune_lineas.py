@@ -7,6 +7,12 @@ to out/tune-lineas/<variant>.safetensors so a variant can be re-scored without r
 
     python bench/tune_lineas.py recipe ctx_hidden l1      # variants by name (see VARIANTS)
     python bench/tune_lineas.py --list
+
+Measured 2026-11-23 (180 tuning prompts, base 9.4 % toxic, ppl 16.79 on neutral_tune.txt; greedy,
+24 tokens; 300 steps, lr 0.01, post-norms + attn_ctx, scale-only, loss_norm target_std):
+  recipe (ω learned directly)  λ=0.75: 1.1 %  ppl 18.25 (×1.087)   λ=1: 0.0 %  ppl 19.85 (×1.182)
+  log (ω = exp θ)              λ=0.75: 1.1 %  ppl 18.26 (×1.088)   λ=1: 0.0 %  ppl 19.88 (×1.184)
+→ the parametrisation does not matter; recipes/detox-lineas.yaml bakes at λ = 0.75 by default.
 """
 
 from __future__ import annotations
