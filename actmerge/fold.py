@@ -90,6 +90,10 @@ class FoldPlan:
         w0 = read(e.weight)
         dtype = w0.dtype
         w = w0.float()
+        # a weight whose ops are all input-side shifts is only read (for b' = b + W c), never rewritten
+        weight_changes = not (
+            e.kind == "linear" and all(op.side == "input" and op.scale is None for op in e.ops)
+        )
         b = None
         if e.bias:
             b = torch.zeros(w.shape[1] if e.conv1d else w.shape[0]) if e.new_bias else read(e.bias).float()
@@ -102,7 +106,7 @@ class FoldPlan:
                 if op.side == "input":
                     _dim(op, w.shape[1], module)
                     if op.shift is not None:
-                        b = b + (w.double() @ op.shift.double()).float()  # b' = b + W c
+                        b = b + torch.mv(w, op.shift.float())  # b' = b + W c
                     if op.scale is not None:
                         w = w * op.scale[None, :]
                 else:
@@ -127,16 +131,24 @@ class FoldPlan:
                 b = b * s
                 if op.shift is not None:
                     b = b + op.shift
-        out = {e.weight: w.to(dtype)}
+        out = {e.weight: w.to(dtype)} if weight_changes else {}
         if e.bias:
             out[e.bias] = b.to(dtype)
         for name, t in out.items():
-            if not torch.isfinite(t).all():
+            if not _finite(t):
                 raise NotFoldableError(
                     f"folding into {name} produced NaN/Inf: the maps at {module} are not finite or overflow "
                     f"{dtype}. Refit, lower the strength, or bake in float32."
                 )
         return out
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: one float32 reduction (a non-finite element makes the sum non-finite; a
+    finite tensor whose sum overflows gets the exact element-wise check)."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def _dim(op: _Op, n: int, module: str) -> None:

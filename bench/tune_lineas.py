@@ -42,7 +42,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "post_only": ({"sites": [SiteSpec(site=POST, layers="all")]}, {}),
     "l1": ({}, {"l1": 0.05}),
     "l1_strong": ({}, {"l1": 0.2}),
-    "sparse": ({}, {"l1": 0.05, "group": 0.5}),
+    "sparse": ({}, {"l1": 0.05, "group": 0.05}),
+    "sparse_strong": ({}, {"l1": 0.3, "group": 0.05}),
     "log": ({}, {"param": "log"}),
     "raw": ({}, {"loss_norm": "none"}),
     "steps150": ({}, {"steps": 150}),
@@ -92,7 +93,8 @@ def main() -> None:
         )
 
     base_ppl = perplexity(model, tok, neutral)
-    score("base", None, 0.0)
+    if "--no-base" not in sys.argv:
+        score("base", None, 0.0)
     for name in names:
         path = OUT / f"{name}.safetensors"
         if path.exists():
