@@ -78,20 +78,20 @@ def main() -> None:
             [1.0],
         ),
         (
-            "LinEAS fold-aware baked (detox-lineas.yaml)",
+            "LinEAS fold-aware baked, dense (detox-lineas.yaml with l1 = group = 0)",
             ROOT / "recipes" / "detox-lineas.yaml",
-            {},
+            {"l1": 0.0, "group": 0.0},
             [1.0, 0.75],
         ),
         (
-            "LinEAS fold-aware sparse baked (l1 0.05, group 0.05)",
+            "LinEAS fold-aware sparse baked (detox-lineas.yaml: l1 0.3, group 0.05)",
             ROOT / "recipes" / "detox-lineas.yaml",
-            {"l1": 0.05, "group": 0.05},
+            {},
             [1.0],
         ),
     ]
     if args.no_sparse:
-        variants = variants[:2]
+        variants = variants[:2]  # Linear-AcT baked and dense LinEAS
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         for label, path, sparse, lams in variants:
             print(f"... {label}", flush=True)
