@@ -185,42 +185,54 @@ def _nbytes(meta: dict) -> int:
 
 
 def _write_shard(shard: Shard, values: dict[str, torch.Tensor], dest: Path) -> None:
-    """Copy ``shard`` to ``dest`` byte for byte, with ``values`` overwritten or appended."""
+    """Copy ``shard`` to ``dest`` byte for byte, with ``values`` overwritten or appended.
+
+    One pass: the header (the original bytes, or a rewritten one when tensors are appended), then the
+    data section in offset order — untouched runs copied in-kernel, edited tensors written from
+    memory (each byte written once) — then the appended tensors."""
     existing = shard.tensors()
     appended = {k: v for k, v in values.items() if k not in existing}
-    if not appended:
-        shutil.copyfile(shard.path, dest)  # fast OS copy; then patch edited tensors in place
-        data_start = shard.data_start
-    else:
-        header = dict(shard.header)
-        end = max((m["data_offsets"][1] for m in existing.values()), default=0)
-        for name, t in sorted(appended.items()):
-            n = t.numel() * t.element_size()
-            header[name] = {"dtype": _dtype_str(t), "shape": list(t.shape), "data_offsets": [end, end + n]}
-            end += n
-        head = _encode_header(header)
-        data_start = len(head)
-        with open(shard.path, "rb") as src, open(dest, "wb") as dst:
-            dst.write(head)
+    edited: list[tuple[int, int, bytes]] = []
+    for name, t in values.items():
+        if name in appended:
+            continue
+        meta = existing[name]
+        raw = _to_bytes(t)
+        if len(raw) != _nbytes(meta) or _dtype_str(t) != meta["dtype"]:
+            raise AssertionError(f"{name}: edited tensor changed size or dtype")
+        edited.append((meta["data_offsets"][0], meta["data_offsets"][1], raw))
+    edited.sort(key=lambda e: e[0])
+    size = shard.path.stat().st_size
+    with open(shard.path, "rb") as src, open(dest, "wb") as dst:
+        if appended:
+            header = dict(shard.header)
+            end = max((m["data_offsets"][1] for m in existing.values()), default=0)
+            for name, t in sorted(appended.items()):
+                n = t.numel() * t.element_size()
+                header[name] = {
+                    "dtype": _dtype_str(t),
+                    "shape": list(t.shape),
+                    "data_offsets": [end, end + n],
+                }
+                end += n
+            dst.write(_encode_header(header))
             dst.flush()
-            _copy_range(src, dst, shard.data_start, shard.path.stat().st_size - shard.data_start)
-            dst.seek(0, os.SEEK_END)
-            for _name, t in sorted(appended.items()):
-                dst.write(_to_bytes(t))
-    with open(dest, "r+b") as dst:
-        for name, t in values.items():
-            if name in appended:
-                continue
-            meta = existing[name]
-            raw = _to_bytes(t)
-            if len(raw) != _nbytes(meta) or _dtype_str(t) != meta["dtype"]:
-                raise AssertionError(f"{name}: edited tensor changed size or dtype")
-            dst.seek(data_start + meta["data_offsets"][0])
+        else:
+            _copy_range(src, dst, 0, shard.data_start)  # the original header, byte for byte
+        pos = 0  # offset within the source's data section
+        for start, stop, raw in edited:
+            _copy_range(src, dst, shard.data_start + pos, start - pos)
             dst.write(raw)
+            dst.flush()
+            pos = stop
+        _copy_range(src, dst, shard.data_start + pos, size - shard.data_start - pos)
+        for _name, t in sorted(appended.items()):
+            dst.write(_to_bytes(t))
 
 
 def _copy_range(src, dst, offset: int, count: int) -> None:
-    """Copy ``count`` bytes of ``src`` from ``offset`` to the end of ``dst`` (in-kernel when possible)."""
+    """Copy ``count`` bytes of ``src`` from ``offset`` to ``dst`` at its current position, which ends
+    after the copied bytes (in-kernel when possible). ``dst`` must be flushed."""
     dst_off = dst.tell()
     try:
         while count > 0:
@@ -228,6 +240,7 @@ def _copy_range(src, dst, offset: int, count: int) -> None:
             if n == 0:
                 break
             count, offset, dst_off = count - n, offset + n, dst_off + n
+        dst.seek(dst_off)  # copy_file_range with explicit offsets leaves the file position alone
     except (AttributeError, OSError):  # no copy_file_range (other OS / filesystem): plain copy
         src.seek(offset)
         dst.seek(dst_off)

@@ -140,3 +140,30 @@ def test_streaming_keeps_one_input_shard_open(sharded, tmp_path, monkeypatch):
     assert state["max"] == 1 and state["open"] == 0
     edited_existing = [n for n in res.plan.edited_tensors() if n not in res.plan.new_tensors]
     assert state["tensors"] == len(edited_existing)  # untouched tensors are never loaded
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_write_shard_patches_only_edited_ranges(tmp_path, append):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    tensors = {f"t{i}": torch.randn(3 + i, 5) for i in range(5)}
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata={"format": "pt"})
+    shard = checkpoint.read_shard(tmp_path / "s.safetensors")
+    values = {"t1": torch.full((4, 5), 7.0), "t3": torch.zeros(6, 5)}  # two edits, not adjacent
+    if append:
+        values["new.bias"] = torch.arange(4.0)
+    checkpoint._write_shard(shard, values, tmp_path / "o.safetensors")
+    got = load_file(str(tmp_path / "o.safetensors"))
+    assert set(got) == set(tensors) | set(values)
+    for name, t in {**tensors, **values}.items():
+        assert torch.equal(got[name], t), name
+    src, out = (tmp_path / "s.safetensors").read_bytes(), (tmp_path / "o.safetensors").read_bytes()
+    if not append:  # same header bytes, same length; only the edited byte ranges differ
+        assert len(src) == len(out) and out[: shard.data_start] == src[: shard.data_start]
+        keep = [m["data_offsets"] for n, m in shard.tensors().items() if n not in values]
+        for s, e in keep:
+            assert (
+                out[shard.data_start + s : shard.data_start + e]
+                == src[shard.data_start + s : shard.data_start + e]
+            )
