@@ -334,7 +334,5 @@ def test_as_llama_mistral_roundtrip_in_llamacpp(tmp_path):
     exp = gguf_export.export_gguf(res.out, tmp_path / "m.gguf", log=lambda *_: None)
     ids = [[1, *row] for row in random_ids(3, 12, seed=6).tolist()]
     got = llamacpp.run_llamacpp(exp.out, ids, NEW_TOKENS)
-    rt = llamacpp.compare_runs(
-        llamacpp.run_transformers(load(base), ids, NEW_TOKENS, maps, 1.0), got, ids
-    )
+    rt = llamacpp.compare_runs(llamacpp.run_transformers(load(base), ids, NEW_TOKENS, maps, 1.0), got, ids)
     assert rt.max_abs_logit_diff <= PICO_TOLERANCE and rt.greedy_agreement == 1.0, rt
