@@ -28,11 +28,17 @@ def test_detox_sweep(loaded, tmp_path):
         progress=False,
         log=lambda *_: None,
     )
-    zero, one = rep.rows
+    zero, one, clamped = rep.rows  # + ml-act's clamped variant (Linear-AcT recipe, not bakeable)
     assert one.metrics["toxic_fraction"] < zero.metrics["toxic_fraction"]
     assert one.metrics["toxicity_mean"] < zero.metrics["toxicity_mean"]
+    assert clamped.kind == "clamped" and clamped.strength == 1.0
+    assert clamped.metrics["toxicity_mean"] < zero.metrics["toxicity_mean"]
     data = json.loads((tmp_path / "report.json").read_text())
-    assert [r["strength"] for r in data["rows"]] == [0.0, 1.0]
+    assert [(r["kind"], r["strength"]) for r in data["rows"]] == [
+        ("hooked", 0.0),
+        ("hooked", 1.0),
+        ("clamped", 1.0),
+    ]
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
