@@ -32,12 +32,26 @@ def attach(model: torch.nn.Module, key: str, fn: ActFn) -> Iterator[None]:
         module = model.get_submodule(name)
     except AttributeError as exc:
         raise MapsMismatchError(f"the model has no module {name!r} (from {key!r}).") from exc
+    with hook_module(module, side, fn, key):
+        yield
 
+
+@contextmanager
+def hook_module(module: torch.nn.Module, side: str, fn: ActFn, key: str) -> Iterator[None]:
+    """Run ``fn`` on ``module``'s input (the first positional argument, else the ``hidden_states``
+    keyword) or output (a tensor, or the first element of a tuple); ``None`` leaves it unchanged."""
     if side == "input":
 
         def pre_hook(_mod, args, kwargs):
-            new = fn(args[0])
-            return None if new is None else ((new, *args[1:]), kwargs)
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            if "hidden_states" in kwargs:
+                new = fn(kwargs["hidden_states"])
+                return None if new is None else (args, {**kwargs, "hidden_states": new})
+            raise MapsMismatchError(
+                f"{key!r}: the module was called without a positional or hidden_states input."
+            )
 
         handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     elif side == "output":

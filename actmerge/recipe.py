@@ -111,10 +111,11 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, cls: type[Recipe] = Recipe, what: str = "recipe") -> Recipe:
+    """Read and validate a recipe YAML (``cls``: the Recipe subclass, e.g. for diffusion)."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist; see recipes/ for examples.")
+        raise RecipeError(f"{what} {path} does not exist; see recipes/ for examples.")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -122,10 +123,10 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, method:, sites:, source:, target: …).")
     try:
-        recipe = Recipe(**data)
+        recipe = cls(**data)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise RecipeError(f"{path} is not a valid recipe:\n" + "\n".join(lines)) from None
+        raise RecipeError(f"{path} is not a valid {what}:\n" + "\n".join(lines)) from None
     recipe._base_dir = path.resolve().parent
     if not recipe.sites and not recipe.modules:
         raise RecipeError(f"{path}: give at least one site under `sites:` (or raw `modules:`).")

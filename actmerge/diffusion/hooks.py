@@ -16,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from ..errors import MapsMismatchError
+from ..hooks import hook_module
 from ..maps import MapSet
 from .sites import split_key
 
@@ -39,34 +40,8 @@ def module_at(components: Mapping[str, torch.nn.Module], key: str) -> tuple[torc
 @contextmanager
 def attach(components: Mapping[str, torch.nn.Module], key: str, fn: ActFn) -> Iterator[None]:
     module, side = module_at(components, key)
-    if side == "input":
-
-        def pre_hook(_mod, args, kwargs):
-            if args:
-                new = fn(args[0])
-                return None if new is None else ((new, *args[1:]), kwargs)
-            if "hidden_states" in kwargs:
-                new = fn(kwargs["hidden_states"])
-                return None if new is None else (args, {**kwargs, "hidden_states": new})
-            raise MapsMismatchError(
-                f"{key!r}: the module was called without a positional or hidden_states input."
-            )
-
-        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-
-        def hook(_mod, _args, output):
-            tensor = output[0] if isinstance(output, tuple) else output
-            new = fn(tensor)
-            if new is None:
-                return None
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        handle = module.register_forward_hook(hook)
-    try:
+    with hook_module(module, side, fn, key):
         yield
-    finally:
-        handle.remove()
 
 
 def affine_fn(scale: torch.Tensor, shift: torch.Tensor, key: str) -> ActFn:

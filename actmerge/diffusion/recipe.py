@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from ..errors import RecipeError
-from ..recipe import Recipe, _Strict, read_sentences
+from ..recipe import Recipe, _Strict, load_recipe
 
 
 class DiffusionOptions(_Strict):
@@ -43,23 +42,7 @@ class DiffusionRecipe(Recipe):
 
 
 def load_diffusion_recipe(path: str | Path) -> DiffusionRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist; see recipes/diffusion-*.yaml for examples.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, method:, sites:, source:, target: …).")
-    try:
-        recipe = DiffusionRecipe(**data)
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise RecipeError(f"{path} is not a valid diffusion recipe:\n" + "\n".join(lines)) from None
-    recipe._base_dir = path.resolve().parent
-    if not recipe.sites and not recipe.modules:
-        raise RecipeError(f"{path}: give at least one site under `sites:` (or raw `modules:`).")
+    recipe = load_recipe(path, DiffusionRecipe, "diffusion recipe")
     if recipe.method == "lineas":
         raise RecipeError(
             f"{path}: method lineas is not available for diffusion pipelines (its end-to-end loss would need "
@@ -69,6 +52,4 @@ def load_diffusion_recipe(path: str | Path) -> DiffusionRecipe:
         raise RecipeError(
             f"{path}: incremental fitting is not implemented for pipelines; set incremental: false."
         )
-    for p in (recipe.source, recipe.target):
-        read_sentences(recipe.path(p), recipe.text_field)
     return recipe
