@@ -3,7 +3,9 @@
 One ``Architecture`` row per family holds *everything* actmerge knows about it: the module
 template of every site, the side of the module that is transformed, the fold rule, the bias
 policy of every linear layer (present always / behind a config flag / never, and which runtimes
-load an added bias) and the tied tensors. Nothing else in the package branches on ``model_type``.
+load an added bias), the tied tensors, and the pico model the tests build for each ``model_type``
+(data only: a new row is tested by adding it). Nothing else in the package branches on
+``model_type``.
 
 Fold kinds (DESIGN.md §4):
   rmsnorm     output of ``x̂·g``          scale → gain,  shift → consumers' biases
@@ -64,6 +66,16 @@ class SiteRule:
 
 
 @dataclass(frozen=True)
+class PicoConfig:
+    """A tiny random model for the tests (hidden ≤ 64, 2 layers, ``PICO_VOCAB`` tokens): the
+    transformers config class, by name, and its arguments. An argument that is itself a
+    ``PicoConfig`` (a nested config) is passed as that config's ``to_dict()``."""
+
+    config: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     model_types: tuple[str, ...]
@@ -75,6 +87,8 @@ class Architecture:
     # checkpoints written by other tools may prefix tensors differently from named_modules()
     tensor_prefixes: tuple[tuple[str, str], ...] = ()
     notes: str = ""
+    # model_type → a pico model of it, built by the tests (a new row is tested by adding its pico)
+    pico: dict[str, PicoConfig] = field(default_factory=dict)
 
     def layer_module(self, layer: int, module: str) -> str:
         return f"{self.layers.format(i=layer)}.{module}"
@@ -155,6 +169,39 @@ _QWEN2_LINEARS = {
 
 _TIED_LLAMA = (("lm_head.weight", "model.embed_tokens.weight"),)
 
+# --- pico models (tests) ---------------------------------------------------------------------
+
+PICO_VOCAB = 128
+_PICO = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=PICO_VOCAB,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _pico(config: str, **args: Any) -> PicoConfig:
+    return PicoConfig(config, {**_PICO, **args})
+
+
+_PICO_GEMMA3_VISION = PicoConfig(
+    "SiglipVisionConfig",
+    dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    ),
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "llama",
@@ -165,6 +212,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         _LLAMA_SITES,
         _TIED_LLAMA,
         notes="attention_bias adds q,k,v,o biases; mlp_bias adds gate,up,down biases.",
+        pico={"llama": _pico("LlamaConfig", tie_word_embeddings=False)},
     ),
     Architecture(
         "mistral",
@@ -175,6 +223,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         _LLAMA_SITES,
         _TIED_LLAMA,
         notes="No bias flags: transformers drops extra biases, so shifts cannot fold (scales can).",
+        pico={"mistral": _pico("MistralConfig", tie_word_embeddings=False)},
     ),
     Architecture(
         "qwen2",
@@ -185,6 +234,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         _LLAMA_SITES,
         _TIED_LLAMA,
         notes="q,k,v always biased: attn_in shifts fold with no config change.",
+        pico={"qwen2": _pico("Qwen2Config", tie_word_embeddings=True)},
     ),
     Architecture(
         "qwen3",
@@ -195,6 +245,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         _LLAMA_SITES,
         _TIED_LLAMA,
         notes="attention_bias adds q,k,v,o biases; vLLM drops and llama.cpp rejects an o_proj bias.",
+        pico={"qwen3": _pico("Qwen3Config", head_dim=8, tie_word_embeddings=True)},
     ),
     Architecture(
         "phi3",
@@ -218,6 +269,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         },
         _TIED_LLAMA,
         notes="Fused qkv / gate_up projections, no bias flags: shifts cannot fold (scales can).",
+        pico={"phi3": _pico("Phi3Config", num_key_value_heads=4, tie_word_embeddings=False)},
     ),
     Architecture(
         "gemma",
@@ -228,6 +280,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         _GEMMA_SITES,
         _TIED_LLAMA,
         notes="Norms compute x̂·(1+g). Sandwich post-norms have no bias to take a shift.",
+        pico={
+            "gemma2": _pico("Gemma2Config", head_dim=8, tie_word_embeddings=True),
+            "gemma3_text": _pico("Gemma3TextConfig", head_dim=8, tie_word_embeddings=True),
+        },
     ),
     Architecture(
         "gemma3",
@@ -239,6 +295,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         (("lm_head.weight", "model.language_model.embed_tokens.weight"),),
         tensor_prefixes=(("model.language_model.", "language_model.model."),),
         notes="Multimodal Gemma 3: the text decoder only.",
+        pico={
+            "gemma3": PicoConfig(
+                "Gemma3Config",
+                dict(
+                    text_config=_pico("Gemma3TextConfig", head_dim=8),
+                    vision_config=_PICO_GEMMA3_VISION,
+                    mm_tokens_per_image=4,
+                    image_token_index=PICO_VOCAB - 1,
+                    boi_token_index=PICO_VOCAB - 2,
+                    eoi_token_index=PICO_VOCAB - 3,
+                ),
+            )
+        },
     ),
     Architecture(
         "gpt2",
@@ -274,6 +343,20 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         (("lm_head.weight", "transformer.wte.weight"),),
         tensor_prefixes=(("transformer.", ""),),
         notes="Every linear (Conv1D, [in, out]) and LayerNorm is biased: everything folds.",
+        pico={
+            "gpt2": PicoConfig(
+                "GPT2Config",
+                dict(
+                    n_embd=32,
+                    n_layer=2,
+                    n_head=4,
+                    vocab_size=PICO_VOCAB,
+                    n_positions=256,
+                    bos_token_id=1,
+                    eos_token_id=2,
+                ),
+            )
+        },
     ),
 )
 

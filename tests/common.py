@@ -12,80 +12,32 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from actmerge.fold import capabilities
 from actmerge.maps import AffineMap, MapSet
-from actmerge.sites import architecture_for, resolve_sites
+from actmerge.sites import ARCHITECTURES, PICO_VOCAB, PicoConfig, architecture_for, resolve_sites
 
-VOCAB = 128
+VOCAB = PICO_VOCAB
 # max |Δlogit| allowed between the hooked model and the baked checkpoint, by dtype
 TOLERANCE = {torch.float32: 1e-4}
 
 
 def pico_config(model_type: str):
-    from transformers import (
-        Gemma2Config,
-        Gemma3Config,
-        Gemma3TextConfig,
-        GPT2Config,
-        LlamaConfig,
-        MistralConfig,
-        Phi3Config,
-        Qwen2Config,
-        Qwen3Config,
-    )
-
-    common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    if model_type == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=False)
-    if model_type == "mistral":
-        return MistralConfig(**common, tie_word_embeddings=False)
-    if model_type == "qwen2":
-        return Qwen2Config(**common, tie_word_embeddings=True)
-    if model_type == "qwen3":
-        return Qwen3Config(**common, head_dim=8, tie_word_embeddings=True)
-    if model_type == "phi3":
-        return Phi3Config(**{**common, "num_key_value_heads": 4}, tie_word_embeddings=False)
-    if model_type == "gemma2":
-        return Gemma2Config(**common, head_dim=8, tie_word_embeddings=True)
-    if model_type == "gemma3_text":
-        return Gemma3TextConfig(**common, head_dim=8, tie_word_embeddings=True)
-    if model_type == "gemma3":
-        from transformers import SiglipVisionConfig
-
-        text = Gemma3TextConfig(**common, head_dim=8)
-        vision = SiglipVisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
+    """The transformers config of the pico model that ``model_type``'s table row declares."""
+    pico = architecture_for(model_type).pico.get(model_type)
+    if pico is None:
+        raise ValueError(
+            f"the {model_type!r} row of actmerge/sites.py has no pico model: add one to its `pico`"
         )
-        return Gemma3Config(
-            text_config=text.to_dict(),
-            vision_config=vision.to_dict(),
-            mm_tokens_per_image=4,
-            image_token_index=VOCAB - 1,
-            boi_token_index=VOCAB - 2,
-            eoi_token_index=VOCAB - 3,
-        )
-    if model_type == "gpt2":
-        return GPT2Config(
-            n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=1, eos_token_id=2
-        )
-    raise ValueError(model_type)
+    return _build(pico)
 
 
-MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3", "gpt2"]
+def _build(pico: PicoConfig):
+    import transformers
+
+    args = {k: _build(v).to_dict() if isinstance(v, PicoConfig) else v for k, v in pico.args.items()}
+    return getattr(transformers, pico.config)(**args)
+
+
+# every model_type of every row, in table order (test_fold_archs seeds pico models by position)
+MODEL_TYPES = [t for arch in ARCHITECTURES for t in arch.model_types]
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
