@@ -40,44 +40,66 @@ def base_license(source: Path, config: dict) -> str | None:
     return config.get("license")
 
 
+def _short(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[-3:]) if len(parts) > 3 else name
+
+
+def fold_cells(row: dict) -> tuple[str, str, str, str, str]:
+    """(site, class, scale into, shift into, config) of one ``bake.json`` fold row, for tables."""
+    return (
+        row["label"],
+        row["exactness"],
+        ", ".join(_short(n) for n in row["scale_into"]) or "-",
+        ", ".join(_short(n) for n in row["shift_into"]) or "-",
+        ", ".join(f"{k}={v}" for k, v in row["flags"].items()) or "-",
+    )
+
+
 def render(
+    info,
     *,
-    base_model: str,
-    method: str,
-    recipe_name: str,
-    strength: float,
-    plan_rows: list[dict],
-    config_patch: dict,
     license: str | None,
     description: str = "",
     evaluation: str = "",
     reproduce: str = "",
-    runtimes: list[str] | None = None,
+    chat: bool = False,
 ) -> str:
+    """The model card of a bake (``info``: ``io.provenance.BakeInfo``), language model or pipeline."""
+    pipeline = info.kind == "pipeline"
+    base_model, method, recipe_name = info.base_model, info.method, info.recipe
     license = license or BUILTIN_BASES.get(base_model, (None, None))[1]
     hub_id = hub_base_model(base_model)
     tags = list(dict.fromkeys(["actmerge", "activation-steering", "steering", method, recipe_name]))
     front = {
         **({"base_model": hub_id, "base_model_relation": "finetune"} if hub_id else {}),
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
+        "library_name": "diffusers" if pipeline else "transformers",
+        "pipeline_tag": "text-to-image" if pipeline else "text-generation",
         "tags": tags,
         "license": license or "other",
     }
-    sites = sorted({r["site"].split("[")[0] for r in plan_rows if r["class"] != "identity"})
-    classes = sorted({r["class"] for r in plan_rows})
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        "",
-        f"# {base_model.split('/')[-1]} — {recipe_name} (actmerge, λ = {strength:g})",
-        "",
-        f"This checkpoint is **{base_model}** with activation steering baked into its weights by "
-        f"[actmerge](https://pypi.org/project/actmerge/) {__version__}. It loads in plain transformers "
-        "(no actmerge code, no hooks) and runs at the base model's speed.",
-        "",
-    ]
+    rows = info.fold
+    active = [r for r in rows if r["exactness"] != "identity"]
+    sites = sorted({r["label"].split("[")[0] for r in active})
+    classes = sorted({r["exactness"] for r in rows})
+    name = base_model.rstrip("/").split("/")[-1]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    lines += [f"# {name} — {recipe_name} (actmerge, λ = {info.strength:g})", ""]
+    if pipeline:
+        lines += [
+            f"This pipeline is **{base_model}** ({info.pipeline_class}) with activation steering baked into "
+            f"the weights of {', '.join(info.edited_components) or 'no component'} by actmerge {__version__}. "
+            "It loads in plain diffusers (no actmerge, no hooks) and runs at the base pipeline's speed; the "
+            "other components are byte-identical copies.",
+            "",
+        ]
+    else:
+        lines += [
+            f"This checkpoint is **{base_model}** with activation steering baked into its weights by "
+            f"[actmerge](https://pypi.org/project/actmerge/) {__version__}. It loads in plain transformers "
+            "(no actmerge code, no hooks) and runs at the base model's speed.",
+            "",
+        ]
     if description:
         lines += [description.strip(), ""]
     if license is None:
@@ -86,37 +108,87 @@ def render(
             "before redistributing, and set `license:` in this card.",
             "",
         ]
+    unit = "channel" if pipeline else "neuron"
     lines += [
         "## How it was steered",
         "",
-        f"- method: `{method}` (per-neuron affine transport maps `T(a) = ω·a + β`)",
-        f"- strength: λ = {strength:g} (the model sees `(1−λ+λω)·a + λβ`)",
-        f"- sites: {', '.join(sites) or 'none'} ({len(plan_rows)} module sides)",
+        f"- method: `{method}` (per-{unit} affine transport maps `T(a) = ω·a + β`"
+        + (", fitted at the first denoising step)" if pipeline else ")"),
+        f"- strength: λ = {info.strength:g} (the model sees `(1−λ+λω)·a + λβ`"
+        + (" at every step)" if pipeline else ")"),
+        f"- sites: {', '.join(sites) or 'none'} ({len(active)} active maps of {len(rows)})",
         f"- fold classes: {', '.join(classes)}",
-        f"- config changes: {', '.join(f'`{k}={v}`' for k, v in config_patch.items()) or 'none'}",
+        f"- config changes: {', '.join(f'`{k}={v}`' for k, v in info.config_patch.items()) or 'none'}",
         "",
-        "The maps (`actmerge/maps.safetensors`) and the recipe (`actmerge/recipe.yaml`) are included.",
+        "Provenance in `actmerge/`: the maps as baked (`maps.safetensors`), the bake record (`bake.json`)"
+        + (
+            ", the recipe as used (`" + "`, `".join(info.recipe_files) + "`) with its sentence files"
+            if info.recipe_files
+            else ""
+        )
+        + ".",
         "",
         "<details><summary>Fold report</summary>",
         "",
         "| site | class | scale → | shift → | config |",
         "|---|---|---|---|---|",
-        *[
-            f"| {r['site']} | {r['class']} | {r['scale →']} | {r['shift →']} | {r['config']} |"
-            for r in plan_rows
-        ],
+        *["| " + " | ".join(fold_cells(r)) + " |" for r in rows],
         "",
         "</details>",
         "",
     ]
     if evaluation:
         lines += ["## Evaluation", "", evaluation.strip(), ""]
+    lines += _usage_pipeline() if pipeline else _usage_llm(info.runtimes, chat)
+    if reproduce:
+        lines += [
+            "## Reproduce",
+            "",
+            "From the published checkpoint (its `actmerge/` folder holds the recipe and sentence files):",
+            "",
+            "```bash",
+            f"hf download {REPO_PLACEHOLDER} --local-dir model",
+            reproduce,
+            "```",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _usage_pipeline() -> list[str]:
+    return [
+        "Quality on this pipeline was not measured by actmerge: check images before and after.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        f'pipe = DiffusionPipeline.from_pretrained("{REPO_PLACEHOLDER}", torch_dtype=torch.float16)',
+        "```",
+        "",
+    ]
+
+
+def _usage_llm(runtimes: list[str], chat: bool) -> list[str]:
     loads = (
         f"Every edit loads in: {', '.join(sorted(runtimes))}."
         if runtimes
         else "Which runtimes load every edit: `runtimes` in `actmerge/bake.json`."
     )
-    lines += [
+    snippet = [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{REPO_PLACEHOLDER}")',
+        f'tok = AutoTokenizer.from_pretrained("{REPO_PLACEHOLDER}")',
+    ]
+    if chat:
+        snippet += [
+            'messages = [{"role": "user", "content": "Hello!"}]',
+            'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
+            "out = model.generate(ids, max_new_tokens=64)",
+            "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+        ]
+    return [
         "## Use",
         "",
         f"A plain checkpoint: no actmerge, no hooks. {loads}",
@@ -124,9 +196,7 @@ def render(
         "transformers:",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{REPO_PLACEHOLDER}")',
-        f'tok = AutoTokenizer.from_pretrained("{REPO_PLACEHOLDER}")',
+        *snippet,
         "```",
         "",
         "vLLM:",
@@ -150,6 +220,3 @@ def render(
         "```",
         "",
     ]
-    if reproduce:
-        lines += ["## Reproduce", "", "```bash", reproduce, "```", ""]
-    return "\n".join(lines)

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .gguf_export import ExportError
+from .errors import ExportError
+from .io.output import atomic_file
 from .sites import architecture_for, num_layers
 
 # sites whose output is the last thing a decoder layer adds into the residual stream: a shift there
@@ -68,23 +68,23 @@ def control_vector(maps, config: dict, strength: float, *, partial: bool = False
     return ControlVector(dirs, used, elsewhere)
 
 
-def write_control_vector(cv: ControlVector, out: Path, *, model_hint: str, n_layers: int) -> Path:
+def write_control_vector(
+    cv: ControlVector, out: Path, *, model_hint: str, n_layers: int, force: bool = True
+) -> Path:
     """Write the GGUF llama.cpp's ``--control-vector`` reads: arch ``controlvector``, F32 ``direction.N``."""
     import gguf
 
     if not cv.directions:
         raise ExportError("no shift at a layer-end site: the control vector would be empty.")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "controlvector")
-    w.add_string("controlvector.model_hint", model_hint)
-    w.add_int32("controlvector.layer_count", n_layers)
-    for layer in sorted(cv.directions):  # llama.cpp: direction.N is added to the output of layer N
-        w.add_tensor(f"direction.{layer}", cv.directions[layer].numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out)
+    with atomic_file(out, force=force) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "controlvector")
+        w.add_string("controlvector.model_hint", model_hint)
+        w.add_int32("controlvector.layer_count", n_layers)
+        for layer in sorted(cv.directions):  # llama.cpp: direction.N is added to the output of layer N
+            w.add_tensor(f"direction.{layer}", cv.directions[layer].numpy().astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
     return out

@@ -58,6 +58,24 @@ class OutputExistsError(ActmergeError):
     exit_code = 2
 
 
+class CheckpointFormatError(ActmergeError):
+    """A checkpoint file is unreadable: truncated or garbage safetensors, invalid config.json."""
+
+    exit_code = 2
+
+
+class OutputError(ActmergeError):
+    """The output cannot be written: not writable, disk full, locked by another actmerge process."""
+
+    exit_code = 8
+
+
+class ExportError(ActmergeError):
+    """A checkpoint cannot be exported to (or run in) llama.cpp as asked."""
+
+    exit_code = 7
+
+
 class VerificationError(ActmergeError):
     """The baked checkpoint does not reproduce the hooked model within tolerance."""
 

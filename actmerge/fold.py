@@ -1,72 +1,213 @@
 """Fold planning and the tensor math that bakes maps into weights (pure: no I/O, no model).
 
-``plan()`` turns maps at strength λ into a ``FoldPlan``: where each site's scale and shift go,
-the config flags that must be set, the class of every site (exact / exact+flags / not foldable),
-and the runtimes that load the result. ``FoldPlan.compute(module, read)`` produces the new tensors
-of one module from its original tensors, in float32, cast back to the checkpoint's dtype.
+One engine for language models and diffusers pipelines. ``Edit`` is what one module's tensors
+undergo (affine ops on its input and output side); ``compute`` is the only tensor math (float32,
+cast back once, NaN/Inf refused); ``FoldPlan`` holds every edit of a bake plus, per map, where its
+scale and shift went (``SitePlan``, data). ``plan()`` here places language-model sites (the
+architecture table, ``sites.py``); ``diffusion/plan.py`` places pipeline sites into the same types.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 import torch
 
 from .errors import MapsMismatchError, NotFoldableError
+from .io.safetensors import TensorInfo, TensorNamer
+from .io.weights import WeightEdits
 from .maps import MapSet
-from .sites import ALL, RUNTIMES, Architecture, Site, site_for_key
+from .sites import ALL, RUNTIMES, Architecture, site_for_key
 
-Exactness = Literal["exact", "exact+flags", "scale only (shift dropped)", "identity"]
 ShiftPolicy = Literal["error", "drop"]
+SHIFT_POLICIES = ("error", "drop")
+
+
+class Exactness(StrEnum):
+    EXACT = "exact"
+    EXACT_FLAGS = "exact+flags"
+    SCALE_ONLY = "scale only (shift dropped)"
+    IDENTITY = "identity"
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype string, e.g. "F32", "BF16"
+class FoldOptions:
+    """How a fold may be planned, merged once from the recipe and the command line and handed to
+    both fold-aware fitting and the planner.
+
+    ``targets``: runtimes that must load every edit; ``shift_policy``: ``error`` refuses a shift
+    that cannot fold, ``drop`` bakes its scale only; ``allow_config_change``: config flags (e.g.
+    ``attention_bias``) may be set to add biases for shifts."""
+
+    targets: frozenset[str] = frozenset()
+    shift_policy: ShiftPolicy = "error"
+    allow_config_change: bool = True
+
+    def __post_init__(self):
+        unknown = set(self.targets) - set(RUNTIMES)
+        if unknown:
+            raise NotFoldableError(
+                f"unknown target runtime(s) {sorted(unknown)}; choose from {', '.join(RUNTIMES)}."
+            )
+        if self.shift_policy not in SHIFT_POLICIES:
+            raise NotFoldableError(
+                f"shift policy {self.shift_policy!r}: choose 'error' (refuse) or 'drop' (bake scales only)."
+            )
+
+    @classmethod
+    def merged(
+        cls,
+        recipe: Any = None,
+        *,
+        targets: Iterable[str] = (),
+        shift_policy: ShiftPolicy | None = None,
+        allow_config_change: bool = True,
+    ) -> FoldOptions:
+        """Recipe and command line together: targets are the union, config changes need both to
+        allow them, an explicit shift policy overrides the recipe's."""
+        r_targets = frozenset(getattr(recipe, "targets", ()) or ())
+        r_allow = bool(getattr(recipe, "allow_config_change", True))
+        r_policy = getattr(getattr(recipe, "diffusion", None), "shift_policy", None)
+        return cls(
+            frozenset(targets) | r_targets,
+            shift_policy or r_policy or "error",
+            allow_config_change and r_allow,
+        )
 
 
 @dataclass
 class SitePlan:
-    site: Site
+    """Where one map's scale and shift went (tensor names), as data."""
+
+    key: str  # the maps key, <module>:<side>
+    label: str  # site[layer], or component/site[block]
     exactness: Exactness
     scale_into: list[str] = field(default_factory=list)
     shift_into: list[str] = field(default_factory=list)
     flags: dict[str, Any] = field(default_factory=dict)
     runtimes: frozenset[str] = ALL
     note: str = ""
+    site: Any = field(default=None, repr=False, compare=False)  # the resolved Site / DSite
+
+    def to_dict(self) -> dict:
+        return {
+            "key": self.key,
+            "label": self.label,
+            "exactness": self.exactness.value,
+            "scale_into": list(self.scale_into),
+            "shift_into": list(self.shift_into),
+            "flags": dict(self.flags),
+            "runtimes": [r for r in RUNTIMES if r in self.runtimes],
+            "note": self.note,
+        }
 
 
-@dataclass(frozen=True)
-class _Op:
-    """An affine map on one side of a module: ``a ↦ scale·a + shift`` (either may be None)."""
-
-    side: str  # input | output
-    scale: torch.Tensor | None
-    shift: torch.Tensor | None
+Op = tuple[torch.Tensor | None, torch.Tensor | None]  # (scale, shift) of a ↦ scale·a + shift
 
 
 @dataclass
-class _ModuleEdit:
-    kind: str  # rmsnorm | rmsnorm_1p | layernorm | linear
+class Edit:
+    """New tensors of one module. ``kind``: ``norm`` (``x̂·γ`` or ``x̂·γ + β``), ``norm_1p`` (Gemma's
+    ``x̂·(1+g)``), ``linear`` (``[out, in]`` weight; ``conv1d``: GPT-2's ``[in, out]``). ``inputs`` and
+    ``outputs``: affine ops on that side, in forward order. ``new_bias``: the bias is not in the
+    checkpoint (a config flag adds it) and starts at zero."""
+
+    kind: Literal["norm", "norm_1p", "linear"]
     weight: str
     bias: str | None
     conv1d: bool = False
-    ops: list[_Op] = field(default_factory=list)
     new_bias: bool = False
+    inputs: list[Op] = field(default_factory=list)
+    outputs: list[Op] = field(default_factory=list)
+
+
+def _compose(ops: list[Op], n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Ops in forward order → one ``a ↦ s·a + c`` (None where every op leaves it alone)."""
+    s, c = None, None
+    for scale, shift in ops:
+        if scale is not None:
+            _dim(scale, n)
+            s = scale.float() if s is None else scale.float() * s
+            c = None if c is None else scale.float() * c
+        if shift is not None:
+            _dim(shift, n)
+            c = shift.float() if c is None else c + shift.float()
+    return s, c
+
+
+def _dim(t: torch.Tensor, n: int) -> None:
+    if t.numel() != n:
+        raise MapsMismatchError(
+            f"map of dim {t.numel()} does not fit a module of dim {n}: maps from another model?"
+        )
+
+
+def compute(e: Edit, read: Callable[[str], torch.Tensor], where: str = "") -> dict[str, torch.Tensor]:
+    """The new tensors of one module (DESIGN.md §4): float32 math, cast back to the checkpoint's
+    dtype once, NaN/Inf refused. A weight whose ops are all shifts on its input side is only read
+    (for ``b + W c``), never rewritten."""
+    w0 = read(e.weight)
+    dtype, w = w0.dtype, w0.float()
+    out_dim = (w.shape[1] if e.conv1d else w.shape[0]) if e.kind == "linear" else w.shape[0]
+    b = None
+    if e.bias:
+        b = torch.zeros(out_dim) if e.new_bias else read(e.bias).float()
+    weight_changes = any(scale is not None for scale, _ in e.inputs + e.outputs)
+    try:
+        if e.kind == "linear":
+            if e.conv1d:
+                w = w.t()  # compute on [out, in]
+            s, c = _compose(e.inputs, w.shape[1])
+            if c is not None:  # W(s·a + c) + b = (W·diag(s))·a + (b + W c)
+                b = (b if b is not None else torch.zeros(w.shape[0])) + torch.mv(w, c)
+            if s is not None:
+                w = w * s[None, :]
+            s, c = _compose(e.outputs, w.shape[0])
+            if s is not None:  # s(Wa + b) + c
+                w = w * s[:, None]
+                b = None if b is None else b * s
+            if c is not None:
+                b = (b if b is not None else torch.zeros(w.shape[0])) + c
+            if e.conv1d:
+                w = w.t().contiguous()
+        else:
+            s, c = _compose(e.outputs, w.shape[0])
+            if e.kind == "norm_1p":  # x̂·(1+g) → (1+g') = s(1+g); untouched where s == 1
+                w = w if s is None else torch.where(s == 1, w, s * (1.0 + w) - 1.0)
+            else:  # x̂·γ + β → s(x̂·γ + β) + c
+                w = w if s is None else w * s
+                b = None if b is None or s is None else b * s
+                if c is not None:
+                    b = (b if b is not None else read(e.bias).float()) + c
+    except MapsMismatchError as exc:
+        raise MapsMismatchError(f"{where or e.weight}: {exc}") from None
+    out = {e.weight: w.to(dtype)} if weight_changes else {}
+    if e.bias:
+        out[e.bias] = b.to(dtype)
+    for name, t in out.items():
+        if not _finite(t):
+            raise NotFoldableError(
+                f"folding into {name} produced NaN/Inf: the maps at {where or e.weight} are not finite or "
+                f"overflow {dtype}. Refit, lower the strength, or bake in float32."
+            )
+    return out
 
 
 @dataclass
 class FoldPlan:
-    arch: Architecture
+    """Every edit of one bake. ``edits`` are keyed by (component, module); a language model has the
+    one component ``""``. ``new_tensors``: biases a config flag adds (name → (weight it sits beside,
+    info))."""
+
     strength: float
     sites: list[SitePlan]
-    config_patch: dict[str, Any]
-    edits: dict[str, _ModuleEdit]  # module path → edit
-    new_tensors: dict[str, tuple[str, TensorInfo]]  # new bias name → (weight it sits beside, info)
-    targets: frozenset[str]
+    edits: dict[tuple[str, str], Edit]
+    config_patch: dict[str, Any] = field(default_factory=dict)
+    new_tensors: dict[str, tuple[str, TensorInfo]] = field(default_factory=dict)
+    targets: frozenset[str] = frozenset()
 
     @property
     def runtimes(self) -> frozenset[str]:
@@ -75,72 +216,34 @@ class FoldPlan:
             out &= s.runtimes
         return out
 
-    def edited_tensors(self) -> dict[str, str]:
-        """checkpoint tensor name → module path, for every tensor the plan rewrites or adds."""
+    @property
+    def active(self) -> list[SitePlan]:
+        return [s for s in self.sites if s.exactness is not Exactness.IDENTITY]
+
+    def components(self) -> list[str]:
+        return sorted({c for c, _ in self.edits})
+
+    def edited_tensors(self, component: str = "") -> dict[str, str]:
+        """tensor name → module, for every tensor of ``component`` the plan rewrites or adds."""
         out = {}
-        for module, e in self.edits.items():
-            out[e.weight] = module
-            if e.bias:
-                out[e.bias] = module
+        for (c, module), e in self.edits.items():
+            if c == component:
+                out[e.weight] = module
+                if e.bias:
+                    out[e.bias] = module
         return out
 
-    def compute(self, module: str, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """New tensors of one module. ``read(name)`` returns an original checkpoint tensor."""
-        e = self.edits[module]
-        w0 = read(e.weight)
-        dtype = w0.dtype
-        w = w0.float()
-        # a weight whose ops are all input-side shifts is only read (for b' = b + W c), never rewritten
-        weight_changes = not (
-            e.kind == "linear" and all(op.side == "input" and op.scale is None for op in e.ops)
+    def weight_edits(self, component: str = "") -> WeightEdits:
+        edits = {m: e for (c, m), e in self.edits.items() if c == component}
+        where = f"{component}/" if component else ""
+        return WeightEdits(
+            lambda module, read: compute(edits[module], read, where + module),
+            self.edited_tensors(component),
+            dict(self.new_tensors) if component == "" else {},
         )
-        b = None
-        if e.bias:
-            b = torch.zeros(w.shape[1] if e.conv1d else w.shape[0]) if e.new_bias else read(e.bias).float()
-        if e.kind == "linear":
-            if e.conv1d:
-                w = w.t()  # Conv1D stores [in, out]; compute on [out, in]
-            if b is None:
-                b = torch.zeros(w.shape[0])
-            for op in e.ops:
-                if op.side == "input":
-                    _dim(op, w.shape[1], module)
-                    if op.shift is not None:
-                        b = b + torch.mv(w, op.shift.float())  # b' = b + W c
-                    if op.scale is not None:
-                        w = w * op.scale[None, :]
-                else:
-                    _dim(op, w.shape[0], module)
-                    if op.scale is not None:
-                        w = w * op.scale[:, None]
-                        b = b * op.scale
-                    if op.shift is not None:
-                        b = b + op.shift
-            if e.conv1d:
-                w = w.t().contiguous()
-        else:
-            (op,) = e.ops
-            _dim(op, w.shape[0], module)
-            s = op.scale if op.scale is not None else torch.ones_like(w)
-            if e.kind == "rmsnorm":
-                w = w * s
-            elif e.kind == "rmsnorm_1p":  # Gemma: x̂·(1+g) → (1+g') = s(1+g); untouched where s == 1
-                w = torch.where(s == 1, w, s * (1.0 + w) - 1.0)
-            elif e.kind == "layernorm":
-                w = w * s
-                b = b * s
-                if op.shift is not None:
-                    b = b + op.shift
-        out = {e.weight: w.to(dtype)} if weight_changes else {}
-        if e.bias:
-            out[e.bias] = b.to(dtype)
-        for name, t in out.items():
-            if not _finite(t):
-                raise NotFoldableError(
-                    f"folding into {name} produced NaN/Inf: the maps at {module} are not finite or overflow "
-                    f"{dtype}. Refit, lower the strength, or bake in float32."
-                )
-        return out
+
+    def rows(self) -> list[dict]:
+        return [s.to_dict() for s in self.sites]
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -149,14 +252,6 @@ def _finite(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(t.sum(dtype=torch.float32))):
         return True
     return bool(torch.isfinite(t).all())
-
-
-def _dim(op: _Op, n: int, module: str) -> None:
-    for t in (op.scale, op.shift):
-        if t is not None and t.numel() != n:
-            raise MapsMismatchError(
-                f"map of dim {t.numel()} does not fit {module} (dim {n}): maps from another model?"
-            )
 
 
 def _nonzero(t: torch.Tensor) -> bool:
@@ -176,39 +271,46 @@ def _config_get(config: dict, dotted: str) -> Any:
     return value
 
 
+NORM_EDIT = {"rmsnorm": "norm", "rmsnorm_1p": "norm_1p", "layernorm": "norm"}  # site fold → Edit kind
+
+
+def refuse_shifts(refused: list[str], where: str) -> NotFoldableError:
+    return NotFoldableError(
+        "these maps have shifts that cannot be folded exactly:\n" + "\n".join(refused) + "\nRemedies: "
+        "`--shift-policy drop` bakes their scales only (actmerge reports the deviation); choose sites that "
+        f"fold (see `actmerge sites {where}`); fit scale-only maps (`fit_shift: false` in the recipe); "
+        "or drop a --target that cannot load the biases."
+    )
+
+
 def plan(
     arch: Architecture,
     config: dict,
     maps: MapSet,
     strength: float,
     tensors: dict[str, TensorInfo],
-    *,
-    targets: frozenset[str] | set[str] = frozenset(),
-    shift_policy: ShiftPolicy = "error",
-    allow_flags: bool = True,
+    options: FoldOptions = FoldOptions(),
 ) -> FoldPlan:
-    """Plan the fold of ``maps`` at ``strength`` into a checkpoint with tensors ``tensors``."""
-    targets = frozenset(targets)
-    unknown = targets - set(RUNTIMES)
-    if unknown:
-        raise NotFoldableError(
-            f"unknown target runtime(s) {sorted(unknown)}; choose from {', '.join(RUNTIMES)}."
-        )
-    name_of = _tensor_namer(arch, tensors)
-    edits: dict[str, _ModuleEdit] = {}
+    """Plan the fold of ``maps`` at ``strength`` into a language-model checkpoint with ``tensors``."""
+    namer = TensorNamer(tensors, arch.tensor_prefixes)
+
+    def name_of(param: str) -> str:
+        found = namer(param)
+        if found is None:
+            raise MapsMismatchError(f"tensor {param} is not in the checkpoint: maps from another model?")
+        return found
+
+    edits: dict[tuple[str, str], Edit] = {}
     site_plans: list[SitePlan] = []
     config_patch: dict[str, Any] = {}
     refused: list[str] = []
 
-    def edit(module: str, kind: str, conv1d: bool = False, want_bias: bool = False) -> _ModuleEdit:
-        if module not in edits:
-            wname = name_of(f"{module}.weight", required=True)
-            bname = name_of(f"{module}.bias")
-            edits[module] = _ModuleEdit(kind, wname, bname, conv1d)
-        e = edits[module]
+    def edit(module: str, kind: str, conv1d: bool = False, want_bias: bool = False) -> Edit:
+        if ("", module) not in edits:
+            edits[("", module)] = Edit(kind, name_of(f"{module}.weight"), namer(f"{module}.bias"), conv1d)
+        e = edits[("", module)]
         if want_bias and e.bias is None:
-            e.bias = _bias_name(e.weight)
-            e.new_bias = True
+            e.bias, e.new_bias = _bias_name(e.weight), True
         return e
 
     for key, amap in maps.items():
@@ -218,71 +320,61 @@ def plan(
             raise MapsMismatchError(f"maps do not match this {arch.name} model: {exc}") from exc
         scale, shift = amap.at(strength)
         has_scale, has_shift = _not_one(scale), _nonzero(shift)
-        rule = site.rule
-        sp = SitePlan(site, "identity" if not (has_scale or has_shift) else "exact")
+        sp = SitePlan(key, f"{site.name}[{site.layer}]", Exactness.EXACT, site=site)
         site_plans.append(sp)
         if not (has_scale or has_shift):
+            sp.exactness = Exactness.IDENTITY
             continue
-        bias_roles = _bias_roles(rule)
-        shift_ok, why, flags, runtimes = True, "", {}, ALL
+        rule = site.rule
+        flags, runtimes = {}, ALL
         if has_shift:
-            shift_ok, why, flags, runtimes = shift_home(
-                arch, config, site.name, targets=targets, allow_flags=allow_flags
+            ok, why, flags, runtimes = shift_home(
+                arch, config, site.name, targets=options.targets, allow_flags=options.allow_config_change
             )
-        if has_shift and not shift_ok:
-            if shift_policy == "error":
-                refused.append(f"  {key} ({site.name}): {why}")
-                continue
-            shift, has_shift, flags, runtimes = torch.zeros_like(shift), False, {}, ALL
-            sp.exactness, sp.note = "scale only (shift dropped)", why
-            if not has_scale:
-                continue
+            if not ok:
+                if options.shift_policy == "error":
+                    refused.append(f"  {key} ({site.name}): {why}")
+                    continue
+                has_shift, flags, runtimes = False, {}, ALL
+                sp.exactness, sp.note = Exactness.SCALE_ONLY, why
+                if not has_scale:
+                    continue
         sp.flags, sp.runtimes = flags, runtimes
         if flags:
-            sp.exactness = "exact+flags"
+            sp.exactness = Exactness.EXACT_FLAGS
             config_patch.update(flags)
-        # scale and shift homes
-        if rule.fold in ("rmsnorm", "rmsnorm_1p", "layernorm"):
-            e = edit(site.module, rule.fold)
-            e.ops.append(
-                _Op(
-                    "output",
-                    scale if has_scale else None,
-                    shift if (has_shift and rule.fold == "layernorm") else None,
-                )
-            )
-            sp.scale_into = [e.weight] + ([e.bias] if rule.fold == "layernorm" and e.bias else [])
-            if rule.fold == "layernorm" and has_shift:
+        s_op, c_op = (scale if has_scale else None), (shift if has_shift else None)
+        if rule.fold in NORM_EDIT:
+            own_shift = c_op if rule.fold == "layernorm" else None
+            e = edit(site.module, NORM_EDIT[rule.fold])
+            e.outputs.append((s_op, own_shift))
+            if has_scale:
+                sp.scale_into = [e.weight] + ([e.bias] if rule.fold == "layernorm" and e.bias else [])
+            if own_shift is not None:
                 sp.shift_into = [e.bias]
             elif has_shift:
-                for role in bias_roles:
+                for role in rule.consumers:  # b' = b + W c in every linear that reads the norm
                     lin = arch.linears[role]
                     ce = edit(arch.layer_module(site.layer, lin.module), "linear", lin.conv1d, want_bias=True)
-                    ce.ops.append(_Op("input", None, shift))
+                    ce.inputs.insert(0, (None, shift))  # upstream of any map at that linear's own input
                     sp.shift_into.append(ce.bias)
         else:
             lin = arch.linears[rule.linear]
             e = edit(site.module, "linear", lin.conv1d, want_bias=has_shift)
-            side = "input" if rule.fold == "linear_in" else "output"
-            e.ops.append(_Op(side, scale if has_scale else None, shift if has_shift else None))
-            sp.scale_into = [e.weight] + ([e.bias] if side == "output" and e.bias and has_scale else [])
+            (e.inputs if rule.fold == "linear_in" else e.outputs).append((s_op, c_op))
+            if has_scale:
+                sp.scale_into = [e.weight] + ([e.bias] if rule.fold == "linear_out" and e.bias else [])
             if has_shift:
                 sp.shift_into = [e.bias]
     if refused:
-        raise NotFoldableError(
-            "these maps have shifts that cannot be folded exactly:\n" + "\n".join(refused) + "\nRemedies: "
-            "`--shift-policy drop` bakes their scales only (actmerge reports the deviation); choose sites that "
-            "fold (see `actmerge sites MODEL`); fit scale-only maps (`fit_shift: false` in the recipe); "
-            "or drop a --target that cannot load the biases."
-        )
-    for e in edits.values():  # input-side ops before output-side ops: forward order within a module
-        e.ops.sort(key=lambda op: op.side != "input")
+        raise refuse_shifts(refused, "MODEL")
     new_tensors = _companion_biases(arch, config, config_patch, edits, tensors, name_of)
     _guard_tied(arch, config, edits)
-    return FoldPlan(arch, strength, site_plans, config_patch, edits, new_tensors, targets)
+    return FoldPlan(strength, site_plans, edits, config_patch, new_tensors, options.targets)
 
 
 def _bias_roles(rule) -> list[str]:
+    """The linear roles whose bias takes a shift at this site."""
     if rule.fold in ("rmsnorm", "rmsnorm_1p"):
         return list(rule.consumers)
     return [rule.linear] if rule.linear else []
@@ -357,22 +449,6 @@ def _bias_name(weight: str) -> str:
     return weight[: -len("weight")] + "bias"
 
 
-def _tensor_namer(arch: Architecture, tensors: dict[str, TensorInfo]):
-    """Map a ``named_parameters()`` name to the checkpoint's tensor name (prefix aliases)."""
-
-    def name_of(param: str, required: bool = False) -> str | None:
-        if param in tensors:
-            return param
-        for ours, theirs in arch.tensor_prefixes:
-            if param.startswith(ours) and theirs + param[len(ours) :] in tensors:
-                return theirs + param[len(ours) :]
-        if required:
-            raise MapsMismatchError(f"tensor {param} is not in the checkpoint: maps from another model?")
-        return None
-
-    return name_of
-
-
 def _companion_biases(arch, config, patch, edits, tensors, name_of) -> dict[str, tuple[str, TensorInfo]]:
     """Every bias that a newly set flag makes the model expect: edited ones, and zeros elsewhere."""
     out: dict[str, tuple[str, TensorInfo]] = {}
@@ -382,7 +458,7 @@ def _companion_biases(arch, config, patch, edits, tensors, name_of) -> dict[str,
         for lin in arch.linears.values():
             if lin.bias not in patch:
                 continue
-            wname = name_of(f"{arch.layer_module(layer, lin.module)}.weight", required=True)
+            wname = name_of(f"{arch.layer_module(layer, lin.module)}.weight")
             bname = _bias_name(wname)
             if bname in tensors:
                 continue
@@ -395,7 +471,7 @@ def _companion_biases(arch, config, patch, edits, tensors, name_of) -> dict[str,
     return out
 
 
-def _guard_tied(arch: Architecture, config: dict, edits: dict[str, _ModuleEdit]) -> None:
+def _guard_tied(arch: Architecture, config: dict, edits: dict[tuple[str, str], Edit]) -> None:
     if not (
         _config_get(config, "tie_word_embeddings") or _config_get(config, "text_config.tie_word_embeddings")
     ):
@@ -408,27 +484,3 @@ def _guard_tied(arch: Architecture, config: dict, edits: dict[str, _ModuleEdit])
                 "(tie_word_embeddings): actmerge never edits a tied tensor silently. Untie the checkpoint "
                 "first (save separate tensors and set tie_word_embeddings=false) or choose another site."
             )
-
-
-def describe(p: FoldPlan) -> list[dict[str, str]]:
-    """Rows for the dry-run table and the model card."""
-    rows = []
-    for sp in p.sites:
-        rows.append(
-            {
-                "site": f"{sp.site.name}[{sp.site.layer}]",
-                "key": sp.site.key,
-                "class": sp.exactness,
-                "scale →": ", ".join(_short(n) for n in sp.scale_into) or "-",
-                "shift →": ", ".join(_short(n) for n in sp.shift_into) or "-",
-                "config": ", ".join(f"{k}={v}" for k, v in sp.flags.items()) or "-",
-                "runtimes": ", ".join(r for r in RUNTIMES if r in sp.runtimes),
-                "note": sp.note,
-            }
-        )
-    return rows
-
-
-def _short(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[-3:]) if len(parts) > 3 else name

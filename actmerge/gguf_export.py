@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -31,8 +30,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import INDEX, PROVENANCE_DIR, Shard, read_shard, tensor_index
-from .errors import ActmergeError
+from .errors import ExportError
+from .io.output import PROVENANCE_DIR, atomic_dir, atomic_file
+from .io.safetensors import TensorNamer, read_shard, tensor_index, write_shard
+from .io.tree import INDEX
 from .models import ModelSource, cache_dir
 from .sites import Architecture, architecture_for, num_layers
 
@@ -42,12 +43,6 @@ LLAMA_CPP_PYTHON = "0.3.36"
 SCRIPT = "convert_hf_to_gguf.py"
 _VENDORED = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")  # under vendor/llama.cpp/
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-
-
-class ExportError(ActmergeError):
-    """A checkpoint cannot be exported to (or run in) llama.cpp as asked."""
-
-    exit_code = 7
 
 
 # --- the converter ---------------------------------------------------------------------------
@@ -68,9 +63,7 @@ def converter_dir(log=print) -> Path:
     if (root / SCRIPT).is_file() and (root / "gguf-py").is_dir():
         return root
     log(f"fetching llama.cpp's converter from the llama-cpp-python {LLAMA_CPP_PYTHON} sdist (once) …")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with atomic_dir(root, force=True, owned=True, log=log) as tmp:
         proc = subprocess.run(
             [
                 sys.executable,
@@ -82,35 +75,30 @@ def converter_dir(log=print) -> Path:
                 ":all:",
                 f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
                 "-d",
-                str(tmp / "sdist"),
+                str(tmp / ".sdist"),
             ],
             capture_output=True,
             text=True,
         )
-        sdists = sorted((tmp / "sdist").glob("*.tar.gz"))
+        sdists = sorted((tmp / ".sdist").glob("*.tar.gz"))
         if proc.returncode != 0 or not sdists:
             raise ExportError(
                 f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON} sdist to get llama.cpp's "
                 f"converter:\n{proc.stderr[-2000:]}\nCheck network access to PyPI, or set ACTMERGE_LLAMA_CPP "
                 "to a llama.cpp checkout."
             )
-        out = tmp / "llama.cpp"
         with tarfile.open(sdists[0]) as tar:
             for member in tar.getmembers():
                 parts = Path(member.name).parts
                 if len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp") or parts[3] not in _VENDORED:
                     continue
                 member.name = str(Path(*parts[3:]))
-                tar.extract(member, out, filter="data")
-        if not (out / SCRIPT).is_file():
+                tar.extract(member, tmp, filter="data")
+        shutil.rmtree(tmp / ".sdist")
+        if not (tmp / SCRIPT).is_file():
             raise ExportError(
                 f"the llama-cpp-python {LLAMA_CPP_PYTHON} sdist has no vendor/llama.cpp/{SCRIPT}."
             )
-        if root.exists():  # a concurrent fetch won
-            return root
-        out.rename(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -119,17 +107,14 @@ def converter_dir(log=print) -> Path:
 
 def rejected_biases(arch: Architecture, config: dict, tensors) -> list[str]:
     """Bias tensors present in the checkpoint that llama.cpp does not load for this architecture."""
+    name_of = TensorNamer(tensors, arch.tensor_prefixes)
     out = []
     for layer in range(num_layers(arch, config)):
         for lin in arch.linears.values():
-            if "llama.cpp" in lin.runtimes:
-                continue
-            name = f"{arch.layer_module(layer, lin.module)}.bias"
-            for ours, theirs in ((name, name), *arch.tensor_prefixes):
-                cand = theirs + name[len(ours) :] if name.startswith(ours) else None
-                if cand in tensors:
-                    out.append(cand)
-                    break
+            if "llama.cpp" not in lin.runtimes and (
+                found := name_of(f"{arch.layer_module(layer, lin.module)}.bias")
+            ):
+                out.append(found)
     return out
 
 
@@ -161,7 +146,7 @@ def prepare(checkpoint: Path, dest: Path) -> list[str]:
         if p.name.startswith(".") or p.name == PROVENANCE_DIR:
             continue
         if p.name in by_file and drop & set(read_shard(p).tensors()):
-            _write_without(read_shard(p), drop, dest / p.name)
+            write_shard(read_shard(p), {}, dest / p.name, drop=drop)
         elif p.name == INDEX and drop:
             data = json.loads(p.read_text())
             data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k not in drop}
@@ -169,32 +154,6 @@ def prepare(checkpoint: Path, dest: Path) -> list[str]:
         else:
             (dest / p.name).symlink_to(p.resolve())
     return strip
-
-
-def _write_without(shard: Shard, drop: set[str], dest: Path) -> None:
-    """Copy a safetensors shard without the tensors in ``drop`` (byte ranges, nothing decoded)."""
-    kept = sorted(
-        ((n, m) for n, m in shard.tensors().items() if n not in drop), key=lambda x: x[1]["data_offsets"][0]
-    )
-    header: dict = {"__metadata__": shard.header["__metadata__"]} if "__metadata__" in shard.header else {}
-    end = 0
-    for name, meta in kept:
-        size = meta["data_offsets"][1] - meta["data_offsets"][0]
-        header[name] = {"dtype": meta["dtype"], "shape": meta["shape"], "data_offsets": [end, end + size]}
-        end += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(shard.path, "rb") as src, open(dest, "wb") as dst:
-        dst.write(struct.pack("<Q", len(raw)) + raw)
-        for _name, meta in kept:
-            src.seek(shard.data_start + meta["data_offsets"][0])
-            left = meta["data_offsets"][1] - meta["data_offsets"][0]
-            while left > 0:  # in blocks: an embedding can be GBs
-                block = src.read(min(left, 16 << 20))
-                if not block:
-                    raise ExportError(f"{shard.path} is truncated: re-bake or re-download the checkpoint.")
-                dst.write(block)
-                left -= len(block)
 
 
 @dataclass(frozen=True)
@@ -215,8 +174,9 @@ def export_gguf(
         raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}.")
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint directory (no config.json).")
-    if out.exists() and not force:
-        raise ExportError(f"{out} exists: choose another -o or pass --force.")
+    from .io.output import check_output
+
+    check_output(out, force=force, is_dir=False)
     if importlib.util.find_spec("sentencepiece") is None:  # the converter imports it for every Llama/Gemma
         raise ExportError("llama.cpp's converter needs sentencepiece: `pip install sentencepiece`.")
     root = converter_dir(log=log)
@@ -244,5 +204,6 @@ def export_gguf(
                 f"llama.cpp's converter ({root / SCRIPT}) failed on {checkpoint}:\n"
                 f"{(proc.stderr or proc.stdout)[-3000:]}"
             )
-        os.replace(tmp_out, out)
+        with atomic_file(out, force=force) as final:
+            os.replace(tmp_out, final)
     return ExportResult(out, outtype, stripped, time.perf_counter() - t0)

@@ -14,8 +14,9 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import filter_repo_objects
 
 from . import __version__
-from .checkpoint import PROVENANCE_DIR
 from .errors import PublishError
+from .io.output import PROVENANCE_DIR
+from .io.provenance import changed_since_verify
 
 # Never uploaded: hidden files and folders (.git, .cache, editor files), temp files of interrupted
 # writes, bytecode. Matched like huggingface_hub does (fnmatch on the relative path, `*` crosses `/`),
@@ -67,7 +68,8 @@ def check_publishable(folder: str | Path, *, verify_required: bool = True, force
             "checkpoint against the hooked base model), or pass --no-verify to publish it unverified."
         )
     try:
-        passed = json.loads(report.read_text()).get("passed")
+        data = json.loads(report.read_text())
+        passed = data.get("passed")
     except (ValueError, AttributeError) as exc:
         raise PublishError(
             f"{report} is not a readable verification report ({exc}): run `actmerge verify {folder}` again."
@@ -77,6 +79,13 @@ def check_publishable(folder: str | Path, *, verify_required: bool = True, force
             f"{folder} failed verification ({report} says passed: {passed}): the weights do not reproduce "
             f"the steered model. Re-bake it, or run `actmerge verify {folder}` again; --no-verify publishes "
             "it anyway."
+        )
+    changed = changed_since_verify(folder, data)
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
+        raise PublishError(
+            f"weights changed since verification ({shown}): run `actmerge verify {folder}` again, "
+            "or pass --no-verify to publish it unverified."
         )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .gguf_export import ExportError
+from .errors import ExportError
 from .models import ModelSource
 
 # config keys written over a Mistral config.json by `bake --as-llama` (the fold plan adds the bias flags)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .gguf_export import LLAMA_CPP_PYTHON, ExportError, export_gguf
+from .errors import ExportError
+from .gguf_export import LLAMA_CPP_PYTHON, export_gguf
 
 # below this, a max |Δlogit| between two runtimes is float noise whatever the base round trip gave
 FLOOR = 1e-3

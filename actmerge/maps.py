@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import MapsMismatchError
 
@@ -86,9 +85,22 @@ class MapSet:
     def items(self):
         return self.maps.items()
 
-    def save(self, path: str | Path) -> Path:
+    def to_bytes(self) -> bytes:
+        """The maps file's bytes (what ``save`` writes)."""
+        from safetensors.torch import save
+
+        return save(*self._tensors_and_meta())
+
+    def save(self, path: str | Path, *, force: bool = True) -> Path:
+        """Write the maps file atomically (temp file beside it, then rename)."""
+        from .io.output import atomic_file
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, force=force) as tmp:
+            tmp.write_bytes(self.to_bytes())
+        return path
+
+    def _tensors_and_meta(self) -> tuple[dict, dict]:
         tensors = {}
         for key, m in self.maps.items():
             tensors[f"{key}:omega"] = m.omega.detach().float().contiguous().cpu()
@@ -101,10 +113,7 @@ class MapSet:
             "order": json.dumps(list(self.maps)),
         }
         meta.update({k: str(v) for k, v in self.extra.items()})
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return tensors, meta
 
     @classmethod
     def load(cls, path: str | Path) -> MapSet:
@@ -123,7 +132,14 @@ class MapSet:
                 f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}."
             )
         keys = [n[: -len(":omega")] for n in names if n.endswith(":omega")]
-        order = json.loads(meta["order"]) if "order" in meta else keys
+        try:
+            order = json.loads(meta["order"]) if "order" in meta else keys
+            if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+                raise ValueError("not a list of keys")
+        except ValueError as exc:
+            raise MapsMismatchError(
+                f"{path}: the 'order' metadata is malformed ({exc}); re-create the file with `actmerge fit`."
+            ) from None
         order = [k for k in order if k in keys] + [k for k in keys if k not in order]
         maps = {}
         for key in order:

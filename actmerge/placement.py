@@ -9,6 +9,7 @@ on whichever device a layer runs on; collection pools there and brings the poole
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,3 +153,45 @@ def offloaded(model: torch.nn.Module) -> dict[str, int]:
     for dev in (getattr(model, "hf_device_map", None) or {}).values():
         counts[str(dev)] = counts.get(str(dev), 0) + 1
     return counts
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model is loaded, as one value passed from the CLI to ``models.load_model`` (fit, bake,
+    verify, eval). ``device``: None = cuda when present, else cpu; ``device_map`` / ``max_memory`` /
+    ``offload_folder``: accelerate's dispatch for models larger than memory. Checked on construction,
+    so a bad value fails before any slow work."""
+
+    device: str | None = None
+    device_map: str | dict | None = None
+    max_memory: str | dict | None = None
+    offload_folder: str | Path | None = None
+
+    def __post_init__(self):
+        from_pretrained_kwargs(
+            pick_device(self.device), self.device_map, self.max_memory, self.offload_folder
+        )
+
+    @property
+    def dispatched(self) -> bool:
+        return any(v is not None for v in (self.device_map, self.max_memory, self.offload_folder))
+
+    def kwargs(self) -> dict:
+        """``from_pretrained`` arguments (``{}``: load whole, then move to ``resolved_device``)."""
+        return from_pretrained_kwargs(
+            self.resolved_device, self.device_map, self.max_memory, self.offload_folder
+        )
+
+    @property
+    def resolved_device(self) -> str:
+        return pick_device(self.device)
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "device_map": self.device_map if not isinstance(self.device_map, dict) else "custom",
+            "max_memory": self.max_memory
+            if isinstance(self.max_memory, str | None)
+            else str(self.max_memory),
+            "offload_folder": None if self.offload_folder is None else str(self.offload_folder),
+        }

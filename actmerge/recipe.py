@@ -83,8 +83,14 @@ class Recipe(_Strict):
     fit_shift: bool = Field(True, description="false: fit scale-only maps (β = 0), which fold with no biases")
     strength: float = 1.0
     seed: int = 0
-    # set by load_recipe(): the directory that relative paths are resolved against
+    # set by load_recipe(): the directory that relative paths are resolved against, and the file
     _base_dir: Path = PrivateAttr(default=Path("."))
+    _file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_file(self) -> Path | None:
+        """The YAML this recipe was read from (None when built in code)."""
+        return self._file
 
     @field_validator("sites")
     @classmethod
@@ -128,6 +134,7 @@ def load_recipe(path: str | Path, cls: type[Recipe] = Recipe, what: str = "recip
         lines = [f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise RecipeError(f"{path} is not a valid {what}:\n" + "\n".join(lines)) from None
     recipe._base_dir = path.resolve().parent
+    recipe._file = path.resolve()
     if not recipe.sites and not recipe.modules:
         raise RecipeError(f"{path}: give at least one site under `sites:` (or raw `modules:`).")
     for p in (recipe.source, recipe.target):

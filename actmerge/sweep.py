@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import ActmergeError
+from .errors import ActmergeError, RecipeError
 from .evaluate import concept_presence, continuations, get_scorer, perplexity, similarity
 from .hooks import steer
+from .io.provenance import read_bake_info
 from .maps import MapSet
 from .placement import input_device
+from .recipe import Recipe, read_sentences
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,8 @@ def run_sweep(
         log(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items()))
     for path in baked:
         path = Path(path)
-        info_path = path / "actmerge" / "bake.json"
-        lam = json.loads(info_path.read_text()).get("strength") if info_path.is_file() else None
+        info = read_bake_info(path)
+        lam = info.strength if info else None
         bm = AutoModelForCausalLM.from_pretrained(str(path), dtype=next(model.parameters()).dtype).eval()
         bm.to(input_device(model))  # a base spread by a device map: the baked model on its main device
         row = evaluate_model(
@@ -306,3 +308,47 @@ def markdown_table(report: Report) -> str:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3g}"
+
+
+NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "neutral.txt"
+
+
+def eval_config(
+    recipe: Recipe | None,
+    *,
+    prompts: list[str] | None = None,
+    neutral: list[str] | None = None,
+    metrics: list[str] | None = None,
+    scorer: str | None = None,
+    keywords: list[str] | None = None,
+    max_new_tokens: int | None = None,
+    sample: bool = False,
+    seed: int | None = None,
+    limit: int | None = None,
+) -> EvalConfig:
+    """Evaluation settings: the recipe's, overridden by explicit arguments."""
+
+    def from_recipe(attr):
+        if recipe is None or getattr(recipe, attr) is None:
+            return None
+        return read_sentences(recipe.path(getattr(recipe, attr)))
+
+    prompts = prompts or from_recipe("eval_prompts")
+    if not prompts:
+        raise RecipeError("no evaluation prompts: set `eval_prompts:` in the recipe or pass --prompts FILE.")
+    metrics = metrics or (list(recipe.metrics) if recipe else ["toxicity", "perplexity"])
+    neutral = neutral or from_recipe("neutral_text") or []
+    if "perplexity" in metrics and not neutral:
+        neutral = read_sentences(NEUTRAL_TEXT)
+    keywords = keywords or from_recipe("keywords") or []
+    default_tokens = 32 if sample else (recipe.eval_max_new_tokens if recipe else 24)
+    return EvalConfig(
+        prompts=prompts[:limit] if limit else prompts,
+        neutral=neutral,
+        metrics=tuple(metrics),
+        scorer=scorer or (recipe.scorer if recipe else "profanity"),
+        keywords=tuple(keywords),
+        max_new_tokens=max_new_tokens or default_tokens,
+        sample=sample,
+        seed=seed if seed is not None else (recipe.seed if recipe else 0),
+    )

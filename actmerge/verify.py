@@ -17,6 +17,7 @@ from .errors import VerificationError
 from .hooks import steer
 from .maps import MapSet
 from .placement import input_device
+from .tolerance import LOGITS, for_dtypes
 
 DEFAULT_PROMPTS = [
     "The weather in the mountains changed quickly that afternoon, and",
@@ -27,15 +28,13 @@ DEFAULT_PROMPTS = [
     "Honestly, the referee in last night's game was",
 ]
 NEW_TOKENS = 16
-# max |Δlogit| by checkpoint dtype (fp32: ~1e-6 relative on real models whose logits reach ~30)
-TOLERANCE = {"F32": 1e-3, "F16": 0.25, "BF16": 0.5}
 
 # Runs in a fresh interpreter: plain transformers, no actmerge. Prints JSON with logits file path.
 _FRESH = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-path, prompts_path, out_path, new_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-prompts = json.load(open(prompts_path))
+path, args_path, out_path = sys.argv[1], sys.argv[2], sys.argv[3]
+args = json.load(open(args_path)); prompts, new_tokens = args["prompts"], args["new_tokens"]
 tok = AutoTokenizer.from_pretrained(path); tok.padding_side = "left"
 if tok.pad_token is None: tok.pad_token = tok.eos_token
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -63,32 +62,84 @@ class VerifyReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def run_fresh(checkpoint: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> dict:
-    """Logits and greedy tokens of ``checkpoint`` from a subprocess with plain transformers."""
+def run_isolated(argv: list[str], payload: dict, what: str) -> dict:
+    """Run ``python ARGV… ARGS.json OUT.pt`` in a fresh interpreter (offline, in a temp dir) and load
+    what it saved: the baked model is loaded by plain transformers / diffusers there, never by
+    actmerge. Shared by the language-model and the pipeline verification."""
     with tempfile.TemporaryDirectory() as d:
-        pfile, ofile = Path(d) / "prompts.json", Path(d) / "out.pt"
-        pfile.write_text(json.dumps(prompts))
+        apath, opath = Path(d) / "args.json", Path(d) / "out.pt"
+        apath.write_text(json.dumps(payload))
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                _FRESH,
-                str(Path(checkpoint).resolve()),
-                str(pfile),
-                str(ofile),
-                str(new_tokens),
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=d,
+            [sys.executable, *argv, str(apath), str(opath)], capture_output=True, text=True, env=env, cwd=d
         )
         if proc.returncode != 0:
-            raise VerificationError(
-                f"plain transformers could not load/run {checkpoint}:\n{proc.stderr[-3000:]}"
-            )
-        return torch.load(ofile)
+            raise VerificationError(f"{what}:\n{proc.stderr[-3000:]}")
+        return torch.load(opath)
+
+
+def run_fresh(checkpoint: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> dict:
+    """Logits and greedy tokens of ``checkpoint`` from a subprocess with plain transformers."""
+    path = str(Path(checkpoint).resolve())
+    return run_isolated(
+        ["-c", _FRESH, path],
+        {"prompts": prompts, "new_tokens": new_tokens},
+        f"plain transformers could not load/run {checkpoint}",
+    )
+
+
+def verify_checkpoint(
+    checkpoint: Path,
+    loaded,
+    maps: MapSet,
+    strength: float,
+    *,
+    tolerance: float | None = None,
+    prompts: list[str] | None = None,
+    runtime: str = "transformers",
+    outtype: str = "f32",
+    progress: bool = True,
+    log=print,
+):
+    """Hooked base (``loaded``: a ``fitting.Loaded``) vs ``checkpoint``; writes ``actmerge/verify.json``
+    (or ``verify-llama.cpp.json``) with a digest of the weights it verified."""
+    from .io.provenance import write_verify_report
+    from .io.safetensors import tensor_index
+    from .models import ModelSource
+
+    prompts = prompts or DEFAULT_PROMPTS
+    step = log if progress else (lambda _msg: None)
+    if runtime not in ("transformers", "llama.cpp"):
+        raise VerificationError(f"--runtime {runtime!r}: choose transformers or llama.cpp.")
+    step(f"verify 1/3: loading the base model {loaded.source.name}")
+    model, tok = loaded.get()
+    if runtime == "llama.cpp":
+        from .llamacpp import verify_llamacpp
+
+        step("verify 2/3: GGUF round trips of the base and the baked checkpoint (llama.cpp)")
+        report = verify_llamacpp(
+            checkpoint,
+            model,
+            loaded.source.path,
+            tok,
+            maps,
+            strength,
+            prompts,
+            outtype=outtype,
+            tolerance=tolerance,
+            log=log,
+        )
+        write_verify_report(checkpoint, report.to_json(), runtime="llama.cpp")
+        return report
+    if tolerance is None:
+        infos, _ = tensor_index(ModelSource("", checkpoint).safetensors_files())
+        tolerance = for_dtypes(LOGITS, (i.dtype for i in infos.values()))
+    step(f"verify 2/3: hooked base on {len(prompts)} prompts")
+    ref = hooked_outputs(model, tok, prompts, maps, strength)
+    step("verify 3/3: the baked checkpoint in a fresh process (plain transformers)")
+    report = compare(ref, run_fresh(checkpoint, prompts), tolerance)
+    write_verify_report(checkpoint, report.to_json())
+    return report
 
 
 @torch.no_grad()

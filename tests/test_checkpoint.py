@@ -7,7 +7,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from actmerge import checkpoint, pipeline
+from actmerge import pipeline
+from actmerge.io import safetensors as st
+from actmerge.io import weights
+from actmerge.io.tree import INDEX
 from actmerge.errors import OutputExistsError
 from actmerge.hooks import steer
 from actmerge.models import ModelSource
@@ -36,7 +39,7 @@ def test_multi_shard_index_and_bytes(sharded, tmp_path):
     )  # shifts → new q,k,v,o + gate,up,down biases
     (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "o", **QUIET)
     out = res.out
-    index = json.loads((out / checkpoint.INDEX).read_text())
+    index = json.loads((out / INDEX).read_text())
     # every tensor in the index is in the named shard, and every shard tensor is in the index
     seen = {}
     for f in files:
@@ -48,12 +51,12 @@ def test_multi_shard_index_and_bytes(sharded, tmp_path):
     assert index["metadata"]["total_size"] == sum(
         (m["data_offsets"][1] - m["data_offsets"][0])
         for f in files
-        for m in checkpoint.read_shard(out / f.name).tensors().values()
+        for m in st.read_shard(out / f.name).tensors().values()
     )
     # untouched tensors are byte-identical
     edited = set(res.plan.edited_tensors())
     for f in files:
-        a, b = checkpoint.read_shard(f), checkpoint.read_shard(out / f.name)
+        a, b = st.read_shard(f), st.read_shard(out / f.name)
         raw_a, raw_b = f.read_bytes(), (out / f.name).read_bytes()
         for name, meta in a.tensors().items():
             if name in edited:
@@ -78,6 +81,7 @@ def test_multi_shard_index_and_bytes(sharded, tmp_path):
     assert (out / "actmerge" / "maps.safetensors").is_file() and (out / "README.md").is_file()
     bake = json.loads((out / "actmerge" / "bake.json").read_text())
     assert bake["strength"] == 1.0 and bake["config_patch"] == {"attention_bias": True, "mlp_bias": True}
+    assert bake["kind"] == "llm" and {r["exactness"] for r in bake["fold"]} == {"exact+flags"}
 
 
 def test_refuses_existing_output_and_source_overlap(sharded, tmp_path):
@@ -88,7 +92,10 @@ def test_refuses_existing_output_and_source_overlap(sharded, tmp_path):
         pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "exists", **QUIET)
     with pytest.raises(OutputExistsError, match="overlaps"):
         pipeline.bake(pipeline.Loaded(src), maps=maps, out=sharded / "inside", **QUIET)
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "exists", force=True, **QUIET)
+    with pytest.raises(OutputExistsError, match="not an actmerge output"):  # --force never deletes user files
+        pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "exists", force=True, **QUIET)
+    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "baked", **QUIET)
+    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "baked", force=True, **QUIET)
     assert (res.out / "config.json").is_file()
 
 
@@ -96,7 +103,7 @@ def test_interrupt_mid_write_leaves_nothing(sharded, tmp_path, monkeypatch):
     src = ModelSource("pico", sharded)
     maps = random_maps(src.config, ["attn_ctx"], seed=2)
     calls = {"n": 0}
-    real = checkpoint._write_shard
+    real = weights.write_shard
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -104,7 +111,7 @@ def test_interrupt_mid_write_leaves_nothing(sharded, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(checkpoint, "_write_shard", flaky)
+    monkeypatch.setattr(weights, "write_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
         pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "o", **QUIET)
     assert list(tmp_path.iterdir()) == []  # no output, no temp dir
@@ -115,7 +122,7 @@ def test_streaming_keeps_one_input_shard_open(sharded, tmp_path, monkeypatch):
     src = ModelSource("pico", sharded)
     maps = random_maps(src.config, ["attn_in", "attn_ctx", "mlp_hidden", "mlp_out"], seed=5)
     state = {"open": 0, "max": 0, "tensors": 0}
-    real = checkpoint.safe_open
+    real = st.safe_open
 
     class Counting:
         def __init__(self, *a, **k):
@@ -135,7 +142,7 @@ def test_streaming_keeps_one_input_shard_open(sharded, tmp_path, monkeypatch):
             state["tensors"] += 1
             return self.h.get_tensor(name)
 
-    monkeypatch.setattr(checkpoint, "safe_open", Counting)
+    monkeypatch.setattr(st, "safe_open", Counting)
     (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "o", **QUIET)
     assert state["max"] == 1 and state["open"] == 0
     edited_existing = [n for n in res.plan.edited_tensors() if n not in res.plan.new_tensors]
@@ -149,11 +156,11 @@ def test_write_shard_patches_only_edited_ranges(tmp_path, append):
     torch.manual_seed(0)
     tensors = {f"t{i}": torch.randn(3 + i, 5) for i in range(5)}
     save_file(tensors, str(tmp_path / "s.safetensors"), metadata={"format": "pt"})
-    shard = checkpoint.read_shard(tmp_path / "s.safetensors")
+    shard = st.read_shard(tmp_path / "s.safetensors")
     values = {"t1": torch.full((4, 5), 7.0), "t3": torch.zeros(6, 5)}  # two edits, not adjacent
     if append:
         values["new.bias"] = torch.arange(4.0)
-    checkpoint._write_shard(shard, values, tmp_path / "o.safetensors")
+    st.write_shard(shard, values, tmp_path / "o.safetensors")
     got = load_file(str(tmp_path / "o.safetensors"))
     assert set(got) == set(tensors) | set(values)
     for name, t in {**tensors, **values}.items():

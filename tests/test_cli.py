@@ -116,4 +116,9 @@ def test_fit_lineas_recipe_and_compose(setup, tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "o2" / "actmerge" / "recipe-2.yaml").is_file()
+    # each recipe ships with its sentence files, reproducible from the checkpoint alone
+    from actmerge.recipe import load_recipe
+
+    shipped = load_recipe(tmp_path / "o2" / "actmerge" / "recipe-2" / "recipe.yaml")
+    assert shipped.read_source() == load_recipe(root / "lineas.yaml").read_source()
+    assert "--recipe model/actmerge/recipe-2/recipe.yaml" in (tmp_path / "o2" / "README.md").read_text()

@@ -71,11 +71,11 @@ def test_model_resolution_errors(tmp_path):
 
 
 def test_tied_tensor_guard():
-    from actmerge.fold import _guard_tied, _ModuleEdit
+    from actmerge.fold import Edit, _guard_tied
     from actmerge.sites import architecture_for
 
     arch = architecture_for("llama")
-    edits = {"lm_head": _ModuleEdit("linear", "lm_head.weight", None)}
+    edits = {("", "lm_head"): Edit("linear", "lm_head.weight", None)}
     with pytest.raises(Exception, match="tied"):
         _guard_tied(arch, {"tie_word_embeddings": True}, edits)
     _guard_tied(arch, {"tie_word_embeddings": False}, edits)  # untied: editing is fine

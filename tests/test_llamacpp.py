@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from actmerge import control_vector, gguf_export, llamacpp, pipeline
 from actmerge.cli import app
 from actmerge.errors import NotFoldableError
-from actmerge.gguf_export import ExportError
+from actmerge.errors import ExportError
 from actmerge.maps import AffineMap, MapSet
 from actmerge.models import ModelSource
 

@@ -1,20 +1,19 @@
-"""Text-to-image diffusion: bake steering maps into diffusers pipelines (DESIGN.md §8).
+"""Text-to-image diffusion: steering maps baked into diffusers pipelines (DESIGN.md §8).
 
-``bake_pipeline`` (fit or load maps, fold, write), ``verify_pipeline`` (hooked base vs the baked
-pipeline in plain diffusers), ``fit_pipeline`` (ml-act first-step statistics). diffusers is
-imported only when a pipeline is loaded.
+What is specific to pipelines lives here: the component and pipeline rows (``table``), site
+resolution (``sites``), first-step collection (``collect``), the placement of maps into components
+(``plan``, which returns the shared ``fold.FoldPlan``) and the pipeline verification (``verify``).
+The verbs (``actmerge.pipeline.fit|bake|verify|sites``) take a pipeline like a language model;
+writing goes through ``actmerge.io``. diffusers is imported only when a pipeline is loaded.
 """
 
-from .bake import PipelineBakeResult, bake_pipeline
 from .collect import fit_pipeline
 from .source import PipelineSource, is_pipeline, resolve_pipeline
 from .verify import PipelineVerifyReport, verify_pipeline
 
 __all__ = [
-    "PipelineBakeResult",
     "PipelineSource",
     "PipelineVerifyReport",
-    "bake_pipeline",
     "fit_pipeline",
     "is_pipeline",
     "resolve_pipeline",

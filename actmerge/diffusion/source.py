@@ -8,20 +8,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..checkpoint import tensor_index
 from ..errors import ModelResolutionError
-from ..fold import TensorInfo
+from ..io.safetensors import TensorInfo, tensor_index
+from ..io.tree import WeightSet, read_config
+from ..models import hub_fetch
 
 MODEL_INDEX = "model_index.json"
-
-
-@dataclass(frozen=True)
-class WeightSet:
-    """One complete set of a component's weights: a single file, or the shards an index names.
-    A component may hold several (e.g. a float32 set and an ``.fp16`` variant); each is rewritten."""
-
-    files: tuple[Path, ...]
-    index: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -32,7 +24,7 @@ class PipelineSource:
 
     @cached_property
     def model_index(self) -> dict:
-        return json.loads((self.path / MODEL_INDEX).read_text())
+        return read_config(self.path / MODEL_INDEX)
 
     @property
     def pipeline_class(self) -> str:
@@ -165,19 +157,10 @@ def resolve_pipeline(spec: str | Path, revision: str | None = None) -> PipelineS
 
 def _download(repo_id: str, revision: str | None) -> Path:
     """The pipeline's files from the Hub (diffusers' own selection: safetensors, no variants)."""
-    from diffusers import DiffusionPipeline
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
-        return Path(DiffusionPipeline.download(repo_id, revision=revision, use_safetensors=True))
-    except RepositoryNotFoundError as exc:
-        raise ModelResolutionError(
-            f"Hub repo {repo_id!r} not found (or gated: run `hf auth login`)."
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise ModelResolutionError(
-            f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
-            "(HF_HUB_OFFLINE set or no network). Download it once, or give a local directory."
-        ) from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelResolutionError(f"could not download pipeline {repo_id!r}: {exc}") from exc
+    def fetch() -> str:
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.download(repo_id, revision=revision, use_safetensors=True)
+
+    return hub_fetch(repo_id, fetch, what="pipeline")

@@ -2,7 +2,7 @@
 per pipeline class (where a text encoder's output goes). Data only; DESIGN.md §8.
 
 Fold kinds (all exact, per element, DESIGN.md §4):
-  norm        output of a LayerNorm / GroupNorm with affine ``x̂·γ+β``: γ' = s⊙γ, β' = s⊙β + c.
+  layernorm   output of a LayerNorm / GroupNorm with affine ``x̂·γ+β``: γ' = s⊙γ, β' = s⊙β + c.
               On a 4-D feature map ``[B, C, H, W]`` the map is per channel (axis 1): GroupNorm's affine
               is per channel, so a per-channel map folds exactly; a per-pixel (C×H×W) map cannot.
   rmsnorm     output of an RMSNorm ``x̂·g`` (T5): g' = s⊙g; the shift goes into the biases of
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Side = Literal["input", "output"]
-Fold = Literal["norm", "rmsnorm", "linear_in", "linear_out"]
+Fold = Literal["layernorm", "rmsnorm", "linear_in", "linear_out"]
 Role = Literal["text_encoder", "denoiser"]
 
 # a UNet's stages in forward order: blocks are numbered down → mid → up
@@ -74,12 +74,14 @@ class Pipeline:
 # --- text encoders ---------------------------------------------------------------------------
 
 _CLIP_SITES = {
-    "text_attn_in": Rule("layer_norm1", "output", "norm", "layer", about="pre-attention LayerNorm output"),
+    "text_attn_in": Rule(
+        "layer_norm1", "output", "layernorm", "layer", about="pre-attention LayerNorm output"
+    ),
     "text_attn_ctx": Rule(
         "self_attn.out_proj", "input", "linear_in", "layer", ("self_attn.out_proj",), about="out_proj input"
     ),
     "text_attn_out": Rule("self_attn.out_proj", "output", "linear_out", "layer", about="out_proj output"),
-    "text_mlp_in": Rule("layer_norm2", "output", "norm", "layer", about="pre-MLP LayerNorm output"),
+    "text_mlp_in": Rule("layer_norm2", "output", "layernorm", "layer", about="pre-MLP LayerNorm output"),
     "text_mlp_hidden": Rule(
         "mlp.fc2", "input", "linear_in", "layer", ("mlp.fc2",), about="MLP neurons (fc2 input)"
     ),
@@ -87,7 +89,7 @@ _CLIP_SITES = {
     "text_final": Rule(
         "final_layer_norm",
         "output",
-        "norm",
+        "layernorm",
         text_output=True,
         about="final LayerNorm: the prompt embedding of SD 1.x/2.x (SDXL reads the penultimate layer "
         "and only pools this one)",
@@ -141,7 +143,7 @@ _T5_SITES = {
 _UNET_STAGE = r"(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)"
 
 _UNET_SITES = {
-    "unet_attn_in": Rule("norm1", "output", "norm", "tblock", about="self-attention LayerNorm output"),
+    "unet_attn_in": Rule("norm1", "output", "layernorm", "tblock", about="self-attention LayerNorm output"),
     "unet_attn_ctx": Rule(
         "attn1.to_out.0",
         "input",
@@ -154,7 +156,7 @@ _UNET_SITES = {
         "attn1.to_out.0", "output", "linear_out", "tblock", about="self-attention to_out output"
     ),
     "unet_cross_in": Rule(
-        "norm2", "output", "norm", "tblock", about="cross-attention LayerNorm output (queries)"
+        "norm2", "output", "layernorm", "tblock", about="cross-attention LayerNorm output (queries)"
     ),
     "unet_cross_ctx": Rule(
         "attn2.to_out.0",
@@ -167,7 +169,7 @@ _UNET_SITES = {
     "unet_cross_out": Rule(
         "attn2.to_out.0", "output", "linear_out", "tblock", about="cross-attention to_out output"
     ),
-    "unet_ff_in": Rule("norm3", "output", "norm", "tblock", about="feed-forward LayerNorm output"),
+    "unet_ff_in": Rule("norm3", "output", "layernorm", "tblock", about="feed-forward LayerNorm output"),
     "unet_ff_hidden": Rule(
         "ff.net.2",
         "input",
@@ -180,7 +182,7 @@ _UNET_SITES = {
     "unet_resnet_norm1": Rule(
         "norm1",
         "output",
-        "norm",
+        "layernorm",
         "resnet",
         spatial=True,
         about="ResnetBlock2D first GroupNorm output (per channel)",
@@ -188,7 +190,7 @@ _UNET_SITES = {
     "unet_resnet_norm2": Rule(
         "norm2",
         "output",
-        "norm",
+        "layernorm",
         "resnet",
         spatial=True,
         about="ResnetBlock2D second GroupNorm output (per channel)",
@@ -196,7 +198,7 @@ _UNET_SITES = {
     "unet_proj_norm": Rule(
         "norm",
         "output",
-        "norm",
+        "layernorm",
         "attention",
         spatial=True,
         about="Transformer2DModel GroupNorm before proj_in (per channel)",

@@ -12,18 +12,15 @@ reference, the denoiser comparison includes them.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from ..checkpoint import PROVENANCE_DIR
 from ..errors import VerificationError
+from ..io.output import PROVENANCE_DIR
+from ..io.provenance import read_bake_info, write_verify_report
 from ..maps import MapSet
+from ..tolerance import PIPELINE_RELATIVE, for_dtypes
+from ..verify import run_isolated
 from . import _probe
 from .collect import denoiser_name, load_pipeline
 from .hooks import steer
@@ -39,8 +36,6 @@ PROMPTS = [
 ]
 STEPS = 2
 SEED = 0
-# max relative error by the dtype of the baked weights (the comparison runs in float32)
-TOLERANCE = {"F32": 1e-4, "F16": 1e-2, "BF16": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -93,22 +88,11 @@ def compare(ref: dict, got: dict, tolerance: float, **kw) -> PipelineVerifyRepor
 
 def run_fresh(checkpoint: Path, args: dict) -> dict:
     """``_probe.py`` on the baked pipeline in a fresh interpreter (plain diffusers)."""
-    with tempfile.TemporaryDirectory() as d:
-        apath, opath = Path(d) / "args.json", Path(d) / "out.pt"
-        apath.write_text(json.dumps(args))
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        proc = subprocess.run(
-            [sys.executable, "-P", _probe.__file__, str(checkpoint.resolve()), str(apath), str(opath)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=d,
-        )
-        if proc.returncode != 0:
-            raise VerificationError(
-                f"plain diffusers could not load/run {checkpoint}:\n{proc.stderr[-3000:]}"
-            )
-        return torch.load(opath)
+    return run_isolated(
+        ["-P", _probe.__file__, str(checkpoint.resolve())],
+        args,
+        f"plain diffusers could not load/run {checkpoint}",
+    )
 
 
 def hooked(pipe, source: PipelineSource, maps: MapSet, strength: float, args: dict) -> dict:
@@ -153,23 +137,23 @@ def verify_pipeline(
     ``fresh=False`` reloads the baked pipeline with plain diffusers in this process instead of a
     fresh interpreter (faster; the hooks never touch that pipeline either way)."""
     checkpoint = Path(checkpoint)
-    info_path = checkpoint / PROVENANCE_DIR / "bake.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_bake_info(checkpoint)
     if base is None:
-        local = info.get("base_path")
-        base = local if local and Path(local).is_dir() else (info.get("base_model") or _need("--base"))
+        local = info.base_path if info else None
+        base = local if local and Path(local).is_dir() else (info.base_model if info else _need("--base"))
     if maps is None:
         maps = checkpoint / PROVENANCE_DIR / "maps.safetensors"
         if not maps.is_file():
             _need("--maps")
     if strength is None:
-        strength = info["strength"] if "strength" in info else _need("--strength")
+        strength = info.strength if info else _need("--strength")
     source = base if isinstance(base, PipelineSource) else resolve_pipeline(base)
     mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
     baked = resolve_pipeline(checkpoint)
+    edited = info.edited_components if info else list(baked.components)
     if tolerance is None:
-        dtypes = {i.dtype for c in info.get("edited_components", []) for i in baked.tensors(c).values()}
-        tolerance = max((TOLERANCE.get(d, 5e-2) for d in dtypes), default=TOLERANCE["F32"])
+        dtypes = {i.dtype for c in edited for i in baked.tensors(c).values()}
+        tolerance = for_dtypes(PIPELINE_RELATIVE, dtypes)
     args = {
         "prompts": prompts or PROMPTS,
         "texts": text_components(source),
@@ -193,8 +177,7 @@ def verify_pipeline(
         steps=steps,
         moved_shifts=moved_shifts(source, mapset),
     )
-    (checkpoint / PROVENANCE_DIR).mkdir(exist_ok=True)
-    (checkpoint / PROVENANCE_DIR / "verify.json").write_text(report.to_json() + "\n")
+    write_verify_report(checkpoint, report.to_json())
     return report
 
 

@@ -1,0 +1,375 @@
+"""The bake steps shared by language models and diffusers pipelines, between the fold plan and the
+files: strengths, the maps a checkpoint really holds, provenance (bake.json, maps, recipes with their
+sentence files, model card) and the write itself."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import __version__, card
+from .errors import MapsMismatchError, RecipeError
+from .fitting import Loaded
+from .fold import Exactness, FoldOptions, FoldPlan
+from .fold import plan as make_plan
+from .io.provenance import BakeInfo, provenance_files
+from .io.safetensors import tensor_index
+from .io.tree import write_checkpoint, write_pipeline
+from .maps import MapSet, compose
+from .recipe import Recipe
+from .sites import architecture_for
+from .sweep import Report, eval_config, markdown_table
+from .verify import DEFAULT_PROMPTS, VerifyReport, compare, hooked_outputs
+
+MAX_STRENGTH = 4.0  # beyond this, --allow-extrapolation
+
+
+def check_strengths(
+    strengths: list[float], *, allow_extrapolation: bool = False, warn: Callable[[str], None] = print
+) -> list[float]:
+    """Finite, non-negative, at most ``MAX_STRENGTH`` (unless extrapolation is allowed), duplicates
+    removed (order kept); λ > 1 gets a warning."""
+    out: list[float] = []
+    for lam in strengths:
+        lam = float(lam)
+        if not math.isfinite(lam):
+            raise RecipeError(f"strength {lam} is not a finite number: give e.g. 0.5 or 1.0.")
+        if lam < 0:
+            raise RecipeError(
+                f"strength {lam:g} < 0: use 0 (identity) to 1 (full transport), or >1 to extrapolate."
+            )
+        if lam > MAX_STRENGTH and not allow_extrapolation:
+            raise RecipeError(
+                f"strength {lam:g} is far beyond the fitted transport (λ = 1): norm gains and weights would "
+                f"grow {lam:g}-fold. Use λ ≤ {MAX_STRENGTH:g}, or pass --allow-extrapolation if you mean it."
+            )
+        if lam not in out:
+            out.append(lam)
+    if any(lam > 1 for lam in out):
+        warn(f"warning: strength {max(out):g} > 1 extrapolates the transport beyond the target distribution.")
+    return out
+
+
+def out_for(out: Path, lam: float, strengths: list[float]) -> Path:
+    """Where the bake at ``lam`` goes: ``out``, or ``out/lambda-λ`` when several strengths are baked."""
+    return out if len(strengths) == 1 else out / f"lambda-{lam:g}"
+
+
+def compose_all(mapsets: list[MapSet], strengths: list[float]) -> MapSet:
+    """Apply each map set at its strength, in order; the result is meant for strength 1."""
+    if len(mapsets) != len(strengths) or len(mapsets) < 2:
+        raise RecipeError(
+            f"compose needs ≥ 2 maps and one strength each (got {len(mapsets)}, {len(strengths)})."
+        )
+    out = compose(mapsets[0], mapsets[1], (strengths[0], strengths[1]))
+    for ms, lam in zip(mapsets[2:], strengths[2:], strict=True):
+        out = compose(out, ms, (1.0, lam))
+    out.extra = {
+        "recipe": "+".join(m.extra.get("recipe", "?") for m in mapsets),
+        "strengths": ",".join(f"{x:g}" for x in strengths),
+    }
+    return out
+
+
+def held_maps(maps: MapSet, fold_plan: FoldPlan) -> MapSet:
+    """The maps the checkpoint really holds: shifts that the plan dropped are zero."""
+    dropped = {sp.key for sp in fold_plan.sites if sp.exactness is Exactness.SCALE_ONLY}
+    out = {k: (m.scale_only() if k in dropped else m) for k, m in maps.items()}
+    return MapSet(out, maps.base_model, maps.method, maps.recipe_hash, dict(maps.extra))
+
+
+def recipe_bundle(recipes: list[Recipe]) -> dict[str, bytes]:
+    """Each recipe as shipped inside the checkpoint's ``actmerge/`` folder with its sentence files, so
+    the bake can be reproduced from the checkpoint alone. A recipe whose files sit beside it (relative
+    paths, no ``..``) is shipped verbatim, comments included, with the files at the same relative
+    paths; otherwise its paths are rewritten to ``data/…`` copies. Several recipes: ``recipe-N/``."""
+    files: dict[str, bytes] = {}
+    for i, recipe in enumerate(recipes):
+        prefix = "" if len(recipes) == 1 else f"recipe-{i + 1}/"
+        paths = {
+            f: getattr(recipe, f) for f in type(recipe).model_fields if isinstance(getattr(recipe, f), Path)
+        }
+        verbatim = recipe.source_file is not None and all(
+            not p.is_absolute() and ".." not in p.parts and p.parts[0] != "actmerge" for p in paths.values()
+        )
+        if verbatim:
+            files[f"{prefix}recipe.yaml"] = recipe.source_file.read_bytes()
+            for p in paths.values():
+                files[prefix + p.as_posix()] = recipe.path(p).read_bytes()
+            continue
+        doc = recipe.model_dump(mode="json", exclude_defaults=True)
+        for name, p in paths.items():
+            rel = f"data/{name}-{recipe.path(p).name}"
+            files[prefix + rel] = recipe.path(p).read_bytes()
+            doc[name] = rel
+        files[f"{prefix}recipe.yaml"] = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode()
+    return files
+
+
+def reproduce_command(info: BakeInfo, *, has_maps_only: bool) -> str:
+    """The shell command that rebuilds this bake from the published checkpoint (downloaded to
+    ``model/``): the recipes as shipped there, quoted paths."""
+    base = shlex.quote(card.hub_base_model(info.base_model) or info.base_model)
+    if has_maps_only:
+        how = "--maps model/actmerge/maps.safetensors"
+    else:
+        how = " ".join(f"--recipe {shlex.quote('model/actmerge/' + f)}" for f in info.recipe_files)
+    lam = ",".join(f"{x:g}" for x in info.strengths) if len(info.recipe_files) > 1 else f"{info.strength:g}"
+    return f"actmerge bake {base} {how} --strength {lam} -o out/"
+
+
+def bake_info(
+    kind: str,
+    *,
+    base_model: str,
+    base_path: Path,
+    revision: str | None,
+    fold_plan: FoldPlan,
+    maps: MapSet,
+    recipes: list[Recipe],
+    recipe_files: list[str],
+    placement: dict | None = None,
+    pipeline_class: str | None = None,
+) -> BakeInfo:
+    strengths = [float(x) for x in maps.extra.get("strengths", "").split(",") if x]
+    return BakeInfo(
+        kind=kind,
+        base_model=base_model,
+        base_path=str(base_path),
+        revision=revision,
+        strength=fold_plan.strength,
+        method=maps.method or "unknown",
+        actmerge_version=__version__,
+        recipe=maps.extra.get("recipe", "custom"),
+        recipe_hash=maps.recipe_hash,
+        recipe_files=recipe_files,
+        strengths=strengths,
+        config_patch=dict(fold_plan.config_patch),
+        targets=sorted(fold_plan.targets),
+        runtimes=sorted(fold_plan.runtimes),
+        pipeline_class=pipeline_class,
+        edited_components=[c for c in fold_plan.components() if c] if kind == "pipeline" else [],
+        placement=placement or {},
+        fold=fold_plan.rows(),
+    )
+
+
+def write(
+    info: BakeInfo,
+    fold_plan: FoldPlan,
+    maps: MapSet,
+    out: Path,
+    *,
+    recipes: list[Recipe],
+    source,
+    license: str | None,
+    evaluation: str = "",
+    chat: bool = False,
+    force: bool = False,
+    progress=None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Write the baked checkpoint or pipeline with its provenance and card; returns files left out
+    (stale weight formats of edited pipeline components)."""
+    bundle = recipe_bundle(recipes)
+    description = "\n\n".join(r.description.strip() for r in recipes if r.description)
+    readme = card.render(
+        info,
+        description=description,
+        evaluation=evaluation,
+        license=license,
+        reproduce=reproduce_command(info, has_maps_only=not recipes),
+        chat=chat,
+    )
+    extra = {**provenance_files(info, maps.to_bytes(), bundle), "README.md": readme.encode()}
+    if info.kind == "pipeline":
+        edits = {c: fold_plan.weight_edits(c) for c in fold_plan.components()}
+        weights = {c: source.weight_sets(c) for c in edits}
+        _check_variants(source, fold_plan, weights)
+        return write_pipeline(source.path, weights, edits, out, extra=extra, force=force, log=log)
+    write_checkpoint(
+        source.path,
+        source.safetensors_files(),
+        fold_plan.weight_edits(),
+        out,
+        config_patch=fold_plan.config_patch,
+        extra=extra,
+        force=force,
+        progress=progress,
+        log=log,
+    )
+    return []
+
+
+def _check_variants(source, fold_plan: FoldPlan, weights: dict) -> None:
+    """Every weight set of an edited component (e.g. an ``.fp16`` variant) must hold the edited tensors."""
+    from .errors import MapsMismatchError
+    from .io.safetensors import tensor_index
+
+    for component, sets in weights.items():
+        edited = fold_plan.edited_tensors(component)
+        for ws in sets:
+            infos, _ = tensor_index(ws.files)
+            missing = [t for t in edited if t not in infos]
+            if missing:
+                raise MapsMismatchError(
+                    f"{component}/{ws.files[0].name}: tensors {missing[:3]} are missing from this weight set (a "
+                    "variant with other tensor names?); remove the variant or bake it separately."
+                )
+
+
+def plan(source, maps: MapSet, strength: float, options: FoldOptions = FoldOptions()) -> FoldPlan:
+    """The fold plan of ``maps`` at ``strength`` for a language model or a pipeline."""
+    from .diffusion.source import PipelineSource
+
+    if isinstance(source, PipelineSource):
+        from .diffusion.plan import plan as pipeline_plan
+
+        return pipeline_plan(source, maps, strength, options)
+    infos, _ = tensor_index(source.safetensors_files())
+    return make_plan(architecture_for(source.config), source.config, maps, strength, infos, options)
+
+
+@dataclass
+class BakeResult:
+    out: Path | None
+    strength: float
+    plan: FoldPlan
+    seconds: float
+    deviation: VerifyReport | None = None  # hooked full maps vs what was baked (shift dropped)
+    evaluation: str = ""  # markdown table when evaluated after baking
+    verification: object = None  # the verify report when verified after writing
+    pushed: object = None  # hub.PushResult when published
+    notes: list[str] = field(default_factory=list)
+
+
+def bake_one(
+    kind,
+    source,
+    loaded,
+    mapset,
+    lam,
+    strengths,
+    out,
+    options,
+    recipes,
+    dry_run,
+    force,
+    progress,
+    log,
+    evaluate_after,
+    as_llama,
+    pipe,
+) -> BakeResult:
+    t0 = time.perf_counter()
+    fold_plan = plan(source, mapset, lam, options)
+    if not fold_plan.active and lam != 0:
+        raise MapsMismatchError(
+            f"0 of {len(fold_plan.sites)} maps are active at λ = {lam:g}: the bake would be an unsteered copy. "
+            "Check the recipe's sites/layers, or the maps file."
+        )
+    if as_llama:
+        from .llama_layout import LLAMA_LAYOUT_PATCH
+
+        fold_plan.config_patch = {**LLAMA_LAYOUT_PATCH, **fold_plan.config_patch}
+    held = held_maps(mapset, fold_plan)
+    res = BakeResult(None, lam, fold_plan, 0.0)
+    dropped = [sp for sp in fold_plan.sites if sp.exactness is Exactness.SCALE_ONLY]
+    if dropped:
+        note = f"shift dropped at {len(dropped)} sites (no bias to take it): scales baked only"
+        if kind == "llm":
+            res.deviation = shift_drop_deviation(loaded, mapset, held, lam)
+            note += (
+                f"; max |Δlogit| vs the full maps = {res.deviation.max_abs_logit_diff:.3g}, "
+                f"top-1 agreement {res.deviation.argmax_agreement:.1%}"
+            )
+        res.notes.append(note)
+    if not dry_run:
+        dest = out_for(Path(out), lam, strengths)
+        evaluation = ""
+        if evaluate_after:
+            report = _evaluate_plan(loaded, held, lam, recipes[0], progress, log)
+            evaluation = res.evaluation = markdown_table(report)
+        info = bake_info(
+            kind,
+            base_model=source.name,
+            base_path=source.path,
+            revision=source.revision,
+            fold_plan=fold_plan,
+            maps=held,
+            recipes=recipes,
+            recipe_files=[f for f in recipe_bundle(recipes) if f.endswith("recipe.yaml")],
+            placement=loaded.placement.to_dict() if loaded is not None else {},
+            pipeline_class=getattr(source, "pipeline_class", None),
+        )
+        from .card import base_license
+
+        config = source.config if kind == "llm" else {}
+        skipped = write(
+            info,
+            fold_plan,
+            held,
+            dest,
+            recipes=recipes,
+            source=source,
+            license=base_license(source.path, config),
+            evaluation=evaluation,
+            chat=kind == "llm" and _has_chat_template(source.path),
+            force=force,
+            progress=_bar if progress else None,
+            log=log,
+        )
+        if skipped:
+            res.notes.append(f"left out stale weight files of edited components: {', '.join(skipped)}")
+        res.out = dest
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _has_chat_template(path: Path) -> bool:
+    import json
+
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    cfg = path / "tokenizer_config.json"
+    return cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
+
+
+def _bar(it, total, desc):
+    from rich.progress import track
+
+    return track(it, total=total, description=desc, transient=True)
+
+
+def _evaluate_plan(loaded: Loaded, held: MapSet, lam: float, recipe: Recipe, progress, log) -> Report:
+    """Base vs the maps at ``lam`` hooked (what the checkpoint computes), on the recipe's eval prompts,
+    evaluated before the write so the table goes into the card inside the atomic output."""
+    from .sweep import run_sweep
+
+    m, tok = loaded.get()
+    return run_sweep(
+        m,
+        tok,
+        eval_config(recipe),
+        maps=held,
+        strengths=[lam],
+        baked=[],
+        include_base=True,
+        model_name=loaded.source.name,
+        progress=progress,
+        log=log,
+    )
+
+
+def shift_drop_deviation(loaded: Loaded, full: MapSet, held: MapSet, strength: float) -> VerifyReport:
+    """How far the baked (scale-only where dropped) model is from the hooked full maps."""
+    model, tok = loaded.get()
+    ref = hooked_outputs(model, tok, DEFAULT_PROMPTS, full, strength)
+    got = hooked_outputs(model, tok, DEFAULT_PROMPTS, held, strength)
+    return compare(ref, got, float("inf"))

@@ -1,0 +1,127 @@
+"""What every CLI command shares: option types, placement and strength parsing, and the error,
+interrupt and signal handling that turns library errors into one-line messages and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import ActmergeError, PlacementError
+from .render import err
+
+Model = Annotated[
+    str,
+    typer.Argument(
+        help="Hub id, local HF directory, .gguf file, diffusers pipeline, or the built-in 'gemma-3-270m'."
+    ),
+]
+Recipes = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--recipe", "-r", help="Recipe YAML (see recipes/). Repeat to compose: one --strength each."
+    ),
+]
+MapsOpt = Annotated[Path | None, typer.Option("--maps", "-m", help="Maps file from `actmerge fit`.")]
+Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of MODEL.")]
+Device = Annotated[
+    str | None,
+    typer.Option(help="Torch device, e.g. cpu, cuda, cuda:1 (default: cuda when present, else cpu)."),
+]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option("--device-map", help="Spread a model larger than memory: auto, balanced, sequential …"),
+]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory", help="Budget per device, e.g. cpu=2GiB or 0=20GiB,cpu=30GiB (rest on disk)."
+    ),
+]
+OffloadFolder = Annotated[
+    Path | None, typer.Option("--offload-folder", help="Directory for offloaded weights.")
+]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace an existing output (only one actmerge wrote; see README Guarantees)."
+    ),
+]
+AllowExtrapolation = Annotated[
+    bool,
+    typer.Option("--allow-extrapolation", help="Allow strengths above 4 (far beyond the fitted transport)."),
+]
+
+
+class _Signal(BaseException):
+    """SIGTERM / SIGHUP, raised in the main thread so that every clean-up runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signal(signum, _frame):
+    raise _Signal(signum)
+
+
+def handled(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = {s: signal.signal(s, _raise_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            return fn(*args, **kwargs)
+        except ActmergeError as exc:
+            if os.environ.get("ACTMERGE_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {exc}{_written(exc)}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except (KeyboardInterrupt, _Signal) as exc:
+            code = 128 + exc.signum if isinstance(exc, _Signal) else 130
+            what = "terminated" if isinstance(exc, _Signal) else "interrupted"
+            written = _written(exc)
+            done = (
+                "; partial output was removed" + written
+                if written
+                else ": nothing was written (partial output is removed)"
+            )
+            err.print(f"[red]{what}[/]{done}.", highlight=False)
+            raise typer.Exit(code) from None
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    return wrapper
+
+
+def _written(exc: BaseException) -> str:
+    done = getattr(exc, "actmerge_written", [])
+    return f" (already complete and kept: {', '.join(done)})" if done else ""
+
+
+def log(msg: str) -> None:
+    err.print(msg, highlight=False)
+
+
+def strengths_of(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r}: give a number or a comma-separated list, e.g. 1.0 or 0.5,1.0"
+        ) from None
+
+
+def placement_of(device=None, device_map=None, max_memory=None, offload_folder=None):
+    from .placement import Placement
+
+    try:
+        return Placement(device, device_map, max_memory, offload_folder)
+    except PlacementError as exc:
+        raise typer.BadParameter(str(exc)) from None

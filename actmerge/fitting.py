@@ -1,0 +1,237 @@
+"""The fit verb: collect activations on a recipe's two sentence sets and fit one map per site
+(Linear-AcT family, or LinEAS end to end), for a language model or a diffusers pipeline. Also where a
+model argument becomes a loaded model, and the one decision "language model or pipeline"."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .collect import FitReport
+from .collect import fit as fit_maps
+from .errors import PlacementError
+from .fold import FoldOptions, shift_home
+from .io.provenance import read_bake_info
+from .maps import MapSet
+from .models import ModelSource, load_model, resolve
+from .placement import Placement, offloaded
+from .recipe import Recipe, load_recipe
+from .sites import Site, architecture_for, resolve_sites, site_for_key
+
+Kind = Literal["llm", "pipeline"]
+
+
+@dataclass
+class Loaded:
+    """A resolved language model with its (lazily) loaded transformers model and tokenizer."""
+
+    source: ModelSource
+    placement: Placement = field(default_factory=Placement)
+    _model: object = None
+    _tok: object = None
+
+    def get(self):
+        if self._model is None:
+            self._model, self._tok = load_model(self.source, placement=self.placement)
+        return self._model, self._tok
+
+
+def model_kind(model, revision: str | None = None) -> Kind:
+    """The one place that decides whether ``model`` is a language model or a diffusers pipeline: a
+    directory with ``model_index.json`` (or a baked one), a Hub repo whose root has one, or a
+    ``PipelineSource`` is a pipeline; everything else is a language model."""
+    from .diffusion.source import PipelineSource, is_pipeline
+
+    if isinstance(model, PipelineSource):
+        return "pipeline"
+    if isinstance(model, Loaded | ModelSource):
+        return "llm"
+    info = read_bake_info(model) if Path(str(model)).is_dir() else None
+    if info is not None:
+        return info.kind
+    return "pipeline" if is_pipeline(str(model), revision) else "llm"
+
+
+def load(
+    model: str | Loaded, *, revision: str | None = None, placement: Placement | None = None, log=print
+) -> Loaded:
+    """A model argument as a lazily loaded model (a ``Loaded`` passes through)."""
+    if isinstance(model, Loaded):
+        return model
+    return Loaded(resolve(model, revision, log=log), placement or Placement())
+
+
+def _pipeline_source(model, revision):
+    from .diffusion.source import PipelineSource, resolve_pipeline
+
+    return model if isinstance(model, PipelineSource) else resolve_pipeline(model, revision)
+
+
+def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
+    arch = architecture_for(config)
+    sites: list[Site] = []
+    for spec in recipe.sites:
+        sites += resolve_sites(arch, config, spec.names, spec.layers)
+    sites += [site_for_key(arch, config, key) for key in recipe.modules]
+    uniq = {s.key: s for s in sites}
+    return sorted(uniq.values(), key=lambda s: s.order)
+
+
+@dataclass
+class FitResult:
+    maps: MapSet
+    report: FitReport | None
+    recipe: Recipe
+    seconds: float
+
+
+def _load_recipe(recipe, kind: Kind) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if kind == "pipeline":
+        from .diffusion.recipe import load_diffusion_recipe
+
+        return load_diffusion_recipe(recipe)
+    return load_recipe(recipe)
+
+
+def fit(
+    model,
+    recipe: str | Path | Recipe,
+    *,
+    revision: str | None = None,
+    placement: Placement | None = None,
+    options: FoldOptions | None = None,
+    progress: bool = True,
+    log=print,
+    pipe=None,
+) -> FitResult:
+    """Collect activations on the recipe's sentences and fit one map per site (LinEAS: end to end,
+    freezing the shifts the fold plan cannot bake under ``options``)."""
+    kind = model_kind(model, revision)
+    recipe = _load_recipe(recipe, kind)
+    options = options or FoldOptions.merged(recipe)
+    if kind == "pipeline":
+        from .diffusion.collect import fit_pipeline
+
+        placement = placement or Placement()
+        if placement.dispatched:
+            raise PlacementError(
+                "--device-map/--max-memory/--offload-folder are for LLMs; pipelines load whole."
+            )
+        res = fit_pipeline(
+            _pipeline_source(model, revision), recipe, pipe=pipe, device=placement.device, log=log
+        )
+        return FitResult(res.maps, None, recipe, res.seconds)
+    loaded = load(model, revision=revision, placement=placement, log=log)
+    config = loaded.source.config
+    sites = recipe_sites(recipe, config)
+    source, target = recipe.read_source(), recipe.read_target()
+    source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
+    m, tok = loaded.get()
+    t0 = time.perf_counter()
+    if recipe.method == "lineas":
+        if "disk" in offloaded(m):
+            raise PlacementError(
+                "LinEAS back-propagates through every layer, so disk-offloaded weights would all be held "
+                "for the backward pass: raise --max-memory until nothing goes to disk, or fit with "
+                "linear_act / mean_act (forward passes only), which work with disk offload."
+            )
+        maps, report = _fit_lineas(
+            m,
+            tok,
+            recipe,
+            sites,
+            source,
+            target,
+            frozen_shifts(recipe, config, sites, options),
+            progress,
+            log,
+        )
+        detail = "LinEAS (end to end)"
+    else:
+        maps, report = fit_maps(
+            m,
+            tok,
+            sites,
+            source,
+            target,
+            method=recipe.method,
+            incremental=recipe.incremental,
+            batch_size=recipe.batch_size,
+            max_tokens=recipe.max_tokens,
+            pooling=recipe.pooling,
+            skip_special=recipe.skip_special_tokens,
+            fit_shift=recipe.fit_shift,
+            seed=recipe.seed,
+            progress=progress,
+        )
+        detail = f"degenerate neurons (shift-only fallback): {report.degenerate}"
+    seconds = time.perf_counter() - t0
+    mapset = MapSet(
+        maps,
+        base_model=loaded.source.name,
+        method=recipe.method,
+        recipe_hash=recipe.content_hash(),
+        extra={
+            "recipe": recipe.name,
+            "n_source": str(len(source)),
+            "n_target": str(len(target)),
+            "degenerate_neurons": str(getattr(report, "degenerate", 0)),
+        },
+    )
+    log(
+        f"fitted {len(maps)} maps ({sum(a.dim for a in maps.values())} neurons) on {len(source)} source / "
+        f"{len(target)} target sentences in {seconds:.1f}s; {detail}"
+    )
+    return FitResult(mapset, report, recipe, seconds)
+
+
+def frozen_shifts(recipe: Recipe, config: dict, sites: list[Site], options: FoldOptions) -> dict[str, str]:
+    """Fold-aware fitting: site key → why its shift must stay 0 for this architecture/runtime set."""
+    arch = architecture_for(config)
+    if not recipe.fit_shift:
+        return {s.key: "the recipe fits scale-only maps (fit_shift: false)" for s in sites}
+    if not recipe.fold_aware:
+        return {}
+    out = {}
+    for s in sites:
+        ok, why, _, _ = shift_home(
+            arch, config, s.name, targets=options.targets, allow_flags=options.allow_config_change
+        )
+        if not ok:
+            out[s.key] = why
+    return out
+
+
+def _fit_lineas(model, tok, recipe, sites, source, target, frozen, progress, log):
+    from .lineas import LineasConfig, fit_lineas
+
+    o = recipe.lineas
+    cfg = LineasConfig(
+        steps=o.steps,
+        lr=o.lr,
+        lr_min=o.lr_min,
+        batch=o.batch,
+        l1=o.l1,
+        group=o.group,
+        loss_norm=o.loss_norm,
+        param=o.param,
+        seed=recipe.seed,
+    )
+    return fit_lineas(
+        model,
+        tok,
+        sites,
+        source,
+        target,
+        frozen_shift=frozen,
+        cfg=cfg,
+        max_tokens=recipe.max_tokens,
+        pooling=recipe.pooling,
+        skip_special=recipe.skip_special_tokens,
+        progress=progress,
+        log=log,
+    )

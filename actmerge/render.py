@@ -1,0 +1,169 @@
+"""How results look in a terminal: every table and verdict the CLI prints, readable at 80 columns
+(module paths are shortened and wrap at dots, never mid-word). Data in, rich output out; nothing
+here computes anything."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .card import fold_cells
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _dots(text: str) -> str:
+    """Allow wrapping after dots (a zero-width space), so long module paths break between parts."""
+    return text.replace(".", ".\u200b")
+
+
+def _table(title: str, columns: list[str], rows: list[tuple], *, right: tuple[str, ...] = ()) -> Table:
+    table = Table(title=title, title_justify="left", expand=False)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*(_dots(str(c)) for c in row))
+    return table
+
+
+def fold_plan(rows: list[dict], strength: float) -> None:
+    """The dry-run / bake table: one row per active map (40 at most, all in actmerge/bake.json)."""
+    active = [r for r in rows if r["exactness"] != "identity"]
+    shown = active if len(active) <= 40 else active[:20] + active[-20:]
+    cells = [fold_cells(r) for r in shown]
+    notes = [r["note"] for r in shown]
+    cols = ["site", "class", "scale →", "shift →", "config"]
+    data = [(*c, n) for c, n in zip(cells, notes, strict=True)] if any(notes) else cells
+    if any(notes):
+        cols.append("note")
+    out.print(_table(f"fold plan at λ = {strength:g} ({len(active)} of {len(rows)} maps active)", cols, data))
+    if len(shown) < len(active):
+        out.print(f"({len(active) - len(shown)} rows not shown; all in actmerge/bake.json)")
+
+
+def bake_result(res) -> None:
+    fold_plan(res.plan.rows(), res.strength)
+    patch = res.plan.config_patch
+    out.print(
+        f"config changes: {', '.join(f'{k}={v}' for k, v in patch.items()) or 'none'}; "
+        f"loads in: {', '.join(sorted(res.plan.runtimes))}"
+    )
+    for note in res.notes:
+        out.print(f"[yellow]note:[/] {note}")
+    if res.evaluation:
+        out.print(res.evaluation)
+    if res.out:
+        out.print(f"[green]wrote[/] {res.out} (bake {res.seconds:.1f}s)")
+    if res.verification is not None:
+        verification(res.verification)
+    if res.pushed is not None:
+        out.print(f"[green]pushed[/] {res.out} → {res.pushed.url}")
+
+
+def verification(rep) -> None:
+    """Any verify report: language model (transformers or llama.cpp) or pipeline."""
+    if hasattr(rep, "groups"):
+        return _pipeline_verification(rep)
+    if hasattr(rep, "baked"):
+        return _llamacpp_verification(rep)
+    status = "[green]PASS[/]" if rep.passed else "[red]FAIL[/]"
+    out.print(
+        f"{status} max |Δlogit| = {rep.max_abs_logit_diff:.3g} (tolerance {rep.tolerance:g}; logits reach "
+        f"{rep.max_abs_logit:.3g}); top-1 agreement {rep.argmax_agreement:.2%}; greedy tokens "
+        f"{rep.greedy_agreement:.2%} over {rep.n_prompts} prompts"
+    )
+
+
+def _pipeline_verification(rep) -> None:
+    rows = [
+        (name, g.n_tensors, f"{g.max_abs:.3g}", f"{g.max_ref:.3g}", f"{g.max_rel:.3g}")
+        for name, g in rep.groups.items()
+    ]
+    title = f"hooked base vs baked pipeline in plain diffusers ({rep.n_prompts} prompts, {rep.steps} steps)"
+    cols = ["output", "tensors", "max |Δ|", "max |ref|", "max rel."]
+    out.print(_table(title, cols, rows, right=tuple(cols[1:])))
+    if rep.moved_shifts:
+        out.print(f"{len(rep.moved_shifts)} text-encoder shift(s) live in the denoiser: compared end to end")
+    status = "[green]PASS[/]" if rep.passed else "[red]FAIL[/]"
+    out.print(f"{status} max relative error {rep.max_rel:.3g} (tolerance {rep.tolerance:g})")
+
+
+def _llamacpp_verification(rep) -> None:
+    rows = []
+    for name, rt in (("base", rep.base), ("baked", rep.baked)):
+        tokenizer = "-" if rt.tokenizer_agreement is None else f"{rt.tokenizer_agreement:.0%}"
+        rows.append(
+            (
+                name,
+                f"{rt.max_abs_logit_diff:.3g}",
+                f"{rt.max_abs_logit:.3g}",
+                f"{rt.argmax_agreement:.2%}",
+                f"{rt.greedy_agreement:.2%}",
+                tokenizer,
+            )
+        )
+    cols = ["model", "max |Δlogit|", "logits reach", "top-1", "greedy", "tokenizer"]
+    title = f"transformers vs llama.cpp (GGUF {rep.outtype}, {rep.baked.n_prompts} prompts)"
+    out.print(_table(title, cols, rows, right=tuple(cols[1:])))
+    out.print("base: the unbaked base in transformers vs its GGUF; baked: hooked base vs baked GGUF")
+    status = "[green]PASS[/]" if rep.passed else "[red]FAIL[/]"
+    verdict = "≤" if rep.passed else ">"
+    out.print(
+        f"{status} baked max |Δlogit| {rep.baked.max_abs_logit_diff:.3g} {verdict} tolerance {rep.tolerance:.3g}"
+    )
+    if rep.stripped:
+        out.print(f"left out {len(rep.stripped)} all-zero biases llama.cpp does not load")
+
+
+def _short_module(path: str) -> str:
+    """``model.layers.{i}.self_attn.o_proj`` → ``….{i}.self_attn.o_proj`` (the part that differs)."""
+    parts = path.split(".")
+    return "…." + ".".join(parts[-3:]) if len(parts) > 4 else path
+
+
+def sites(title: str, rows: list[dict]) -> None:
+    if not rows:
+        out.print(f"{title}: no sites")
+        return
+    if "arch" in rows[0]:  # the vocabulary: one table per architecture
+        for arch in dict.fromkeys(r["arch"] for r in rows):
+            mine = [r for r in rows if r["arch"] == arch]
+            data = [(r["site"], _short_module(r["module"]), r["side"], r["fold"]) for r in mine]
+            out.print(_table(arch, ["site", "module", "side", "fold"], data))
+        out.print(
+            "Pass a MODEL to see which shifts fold for its config (exact / exact+flags / not foldable)."
+        )
+        return
+    if "component" in rows[0]:  # a pipeline
+        data = [
+            (r["component"], r["site"], _short_module(r["module"]), r["blocks"], r["shift"]) for r in rows
+        ]
+        out.print(_table(title, ["component", "site", "module", "blocks", "shift"], data))
+        out.print(
+            "Scales fold exactly at every listed site; recipes name sites as `site` or `component/site`."
+        )
+        return
+    data = [
+        (r["site"], _short_module(r["module"]), r["side"], r["shift"], r["runtimes (shift)"]) for r in rows
+    ]
+    out.print(_table(title, ["site", "module", "side", "shift", "runtimes"], data))
+    why = [f"{r['site']}: {r['why']}" for r in rows if r["why"]]
+    for line in why:
+        out.print(f"[dim]{line}[/]", highlight=False)
+    out.print("Scales fold exactly at every site (no config change).")
+
+
+def eval_report(report) -> None:
+    from .sweep import COLUMNS, markdown_table
+
+    names = [k for k in COLUMNS if any(k in r.metrics for r in report.rows)]
+    data = [
+        (r.label, *(f"{r.metrics[n]:.3g}" if n in r.metrics else "-" for n in names), f"{r.seconds:.0f}s")
+        for r in report.rows
+    ]
+    out.print(_table(f"{report.model}: evaluation", ["row", *names, "time"], data, right=(*names, "time")))
+    out.print(markdown_table(report).splitlines()[-1])
+    for row in report.rows:
+        for s in row.samples[:2]:
+            out.print(f"[dim]{row.label}[/] {s['prompt']!r} → {s['text'].strip()!r}", highlight=False)
