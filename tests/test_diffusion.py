@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from actmerge.cli import app
-from actmerge.diffusion import _probe, bake_pipeline, resolve_pipeline, verify_pipeline
+from actmerge import pipeline
+from actmerge.diffusion import _probe, resolve_pipeline, verify_pipeline
 from actmerge.diffusion.collect import collect, denoiser_name, load_pipeline
 from actmerge.diffusion.hooks import steer
 from actmerge.diffusion.recipe import DiffusionRecipe
@@ -96,7 +97,7 @@ def test_sd_baked_equals_hooked(sd, tmp_path):
     sites = _sites(source, SD_SITES)
     assert {s.name for s in sites} == set(SD_SITES)
     maps = random_maps(source, sites, seed=1)
-    (res,) = bake_pipeline(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None)
+    (res,) = pipeline.bake(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False)
     assert all(sp.exactness == "exact" for sp in res.plan.sites)
     report = verify_pipeline(res.out, base=source, pipe=pipe)
     print("SD", {k: (f"{g.max_abs:.2e}", f"{g.max_rel:.2e}") for k, g in report.groups.items()})
@@ -122,7 +123,7 @@ def test_sd_baked_equals_hooked(sd, tmp_path):
 def test_lambda_zero_is_bit_identical(sd, tmp_path):
     source, _ = sd
     maps = random_maps(source, _sites(source, SD_SITES), seed=2)
-    (res,) = bake_pipeline(source, maps=maps, strengths=[0.0], out=tmp_path / "zero", log=lambda *_: None)
+    (res,) = pipeline.bake(source, maps=maps, strengths=[0.0], out=tmp_path / "zero", log=lambda *_: None, progress=False)
     assert all(sp.exactness == "identity" for sp in res.plan.sites)
     src, out = _files(source.path), _files(res.out)
     assert all(out[rel] == data for rel, data in src.items())
@@ -135,7 +136,7 @@ def test_pixart_t5_shift_folds_into_caption_projection(pixart, tmp_path):
     dit = _sites(source, PIXART_SITES)
     maps = random_maps(source, dit + t5_final, seed=3)  # dit_text_in first: ops compose in forward order
     maps.maps.update(random_maps(source, t5_inner, seed=4, shifts=False).maps)  # T5 has no biases
-    (res,) = bake_pipeline(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None)
+    (res,) = pipeline.bake(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False)
     final_row = next(sp for sp in res.plan.sites if sp.site.name == "text_final")
     assert final_row.shift_into == ["transformer/caption_projection.linear_1.bias"]
     report = verify_pipeline(res.out, base=source, pipe=pipe, fresh=False)  # SD and the CLI test fresh=True
@@ -153,9 +154,9 @@ def test_t5_shift_without_bias_is_refused(pixart, tmp_path):
     source, _ = pixart
     maps = random_maps(source, resolve(source, "text_attn_in", None), seed=5)
     with pytest.raises(NotFoldableError, match="no bias"):
-        bake_pipeline(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None)
+        pipeline.bake(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False)
     assert not (tmp_path / "out").exists()
-    (res,) = bake_pipeline(
+    (res,) = pipeline.bake(
         source, maps=maps, strengths=[1.0], dry_run=True, shift_policy="drop", log=lambda *_: None
     )
     assert {sp.exactness for sp in res.plan.sites} == {"scale only (shift dropped)"}
@@ -218,7 +219,7 @@ def test_cli_bake_verify_sites(sd, tmp_path):
     out = tmp_path / "out"
     r = runner.invoke(app, ["bake", str(source.path), "--recipe", str(tmp_path / "r.yaml"), "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert "pipeline fold plan" in r.output and (out / "actmerge" / "recipe.yaml").is_file()
+    assert "fold plan at λ" in r.output and (out / "actmerge" / "recipe.yaml").is_file()
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "cli-test" in card
     r = runner.invoke(app, ["verify", str(out)])
@@ -232,7 +233,7 @@ def test_cli_bake_verify_sites(sd, tmp_path):
     r = runner.invoke(app, ["fit", str(source.path), "--recipe", str(tmp_path / "r.yaml"), "-o", str(maps)])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["bake", str(source.path), "--maps", str(maps), "-s", "0.5,1", "--dry-run"])
-    assert r.exit_code == 0 and r.output.count("pipeline fold plan at λ") == 2, r.output
+    assert r.exit_code == 0 and r.output.count("fold plan at λ") == 2, r.output
     r = runner.invoke(app, ["bake", str(source.path), "--maps", str(maps), "--target", "vllm", "--dry-run"])
     assert r.exit_code == 2 and "--target" in r.output
 
