@@ -56,6 +56,12 @@ def check_strengths(
     return out
 
 
+def output_size(source) -> int:
+    """Bytes a bake of ``source`` writes (its files; new biases are negligible)."""
+    root = Path(source.path)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def out_for(out: Path, lam: float, strengths: list[float]) -> Path:
     """Where the bake at ``lam`` goes: ``out``, or ``out/lambda-λ`` when several strengths are baked."""
     return out if len(strengths) == 1 else out / f"lambda-{lam:g}"
@@ -249,24 +255,46 @@ class BakeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def bake_one(
-    kind,
-    source,
-    loaded,
-    mapset,
-    lam,
-    strengths,
-    out,
-    options,
-    recipes,
-    dry_run,
-    force,
-    progress,
-    log,
-    evaluate_after,
-    as_llama,
-    pipe,
-) -> BakeResult:
+@dataclass
+class BakeJob:
+    """What every strength of one bake shares: the model (``loaded`` for a language model), the maps,
+    where and how to write."""
+
+    kind: str
+    source: object  # ModelSource / LlamaLayout / PipelineSource
+    loaded: Loaded | None
+    maps: object  # MapSet
+    strengths: list[float]
+    out: Path | None
+    options: FoldOptions
+    recipes: list
+    dry_run: bool = False
+    force: bool = False
+    progress: bool = True
+    log: Callable[[str], None] = print
+    evaluate_after: bool = False
+    as_llama: bool = False
+
+
+def bake_one(job: BakeJob, lam: float) -> BakeResult:
+    """Plan, (evaluate,) and write the bake of ``job`` at strength ``lam``."""
+    kind, source, loaded, mapset, strengths, out = (
+        job.kind,
+        job.source,
+        job.loaded,
+        job.maps,
+        job.strengths,
+        job.out,
+    )
+    options, recipes, dry_run, force, progress, log = (
+        job.options,
+        job.recipes,
+        job.dry_run,
+        job.force,
+        job.progress,
+        job.log,
+    )
+    evaluate_after, as_llama = job.evaluate_after, job.as_llama
     t0 = time.perf_counter()
     fold_plan = plan(source, mapset, lam, options)
     if not fold_plan.active and lam != 0:

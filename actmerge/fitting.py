@@ -14,10 +14,11 @@ from .collect import fit as fit_maps
 from .errors import PlacementError
 from .fold import FoldOptions, shift_home
 from .io.provenance import read_bake_info
+from .io.safetensors import tensor_index
 from .maps import MapSet
 from .models import ModelSource, load_model, resolve
 from .placement import Placement, offloaded
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, check_sentence_counts, load_recipe
 from .sites import Site, architecture_for, resolve_sites, site_for_key
 
 Kind = Literal["llm", "pipeline"]
@@ -69,6 +70,20 @@ def _pipeline_source(model, revision):
     return model if isinstance(model, PipelineSource) else resolve_pipeline(model, revision)
 
 
+def preflight_recipe(recipe: Recipe, log=print) -> None:
+    """Before any model load: the sentence files decode and hold enough sentences."""
+    n_src = len(recipe.read_source()[: recipe.max_sentences])
+    n_tgt = len(recipe.read_target()[: recipe.max_sentences])
+    check_sentence_counts(n_src, n_tgt, recipe.min_sentences, log)
+
+
+def preflight_checkpoint(source) -> None:
+    """Before any model load: every safetensors header of the checkpoint is readable and complete
+    (a truncated or garbage file is a clear error here, not a traceback from deep inside a loader)."""
+    if hasattr(source, "safetensors_files"):
+        tensor_index(source.safetensors_files())
+
+
 def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
     arch = architecture_for(config)
     sites: list[Site] = []
@@ -113,6 +128,7 @@ def fit(
     kind = model_kind(model, revision)
     recipe = _load_recipe(recipe, kind)
     options = options or FoldOptions.merged(recipe)
+    preflight_recipe(recipe, log)
     if kind == "pipeline":
         from .diffusion.collect import fit_pipeline
 
@@ -130,6 +146,7 @@ def fit(
     sites = recipe_sites(recipe, config)
     source, target = recipe.read_source(), recipe.read_target()
     source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
+    preflight_checkpoint(loaded.source)
     m, tok = loaded.get()
     t0 = time.perf_counter()
     if recipe.method == "lineas":

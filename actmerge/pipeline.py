@@ -20,10 +20,12 @@ from .fitting import (  # noqa: F401
     frozen_shifts,
     load,
     model_kind,
+    preflight_checkpoint,
+    preflight_recipe,
     recipe_sites,
 )
 from .fold import FoldOptions
-from .io.output import check_output
+from .io.output import check_free_space, check_output
 from .io.provenance import MAPS_FILE, read_bake_info
 from .maps import MapSet
 from .models import resolve
@@ -117,11 +119,16 @@ def bake(
         hub.validate_repo_id(push_to_hub)
         hub.require_token()  # before the (slow) fit, not after it
         verify = True  # a push publishes verified checkpoints only
+    for r in recipe_objs:  # before any model load: sentence files readable and large enough
+        preflight_recipe(r, log)
+    if kind == "llm":
+        preflight_checkpoint(source)
     if not dry_run:
         if out is None:
             raise RecipeError("give an output directory with -o/--out (or --dry-run to only print the plan).")
         for lam in strengths:  # fail before the (slow) fit if an output cannot be written
             check_output(baking.out_for(Path(out), lam, strengths), source.path, force=force)
+        check_free_space(Path(out), baking.output_size(source) * len(strengths))
     fit_kw = dict(
         revision=revision, placement=placement, options=options, progress=progress, log=log, pipe=pipe
     )
@@ -135,29 +142,26 @@ def bake(
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
         if not mapset.maps:
             raise MapsMismatchError("the maps file holds no maps.")
+    job = baking.BakeJob(
+        kind,
+        source,
+        loaded,
+        mapset,
+        strengths,
+        Path(out) if out is not None else None,
+        options,
+        recipe_objs,
+        dry_run,
+        force,
+        progress,
+        log,
+        evaluate_after,
+        as_llama,
+    )
     results: list[BakeResult] = []
     try:
         for lam in strengths:
-            results.append(
-                baking.bake_one(
-                    kind,
-                    source,
-                    loaded,
-                    mapset,
-                    lam,
-                    strengths,
-                    out,
-                    options,
-                    recipe_objs,
-                    dry_run,
-                    force,
-                    progress,
-                    log,
-                    evaluate_after,
-                    as_llama,
-                    pipe,
-                )
-            )
+            results.append(baking.bake_one(job, lam))
     except BaseException as exc:  # say exactly which strengths were written before the failure
         exc.actmerge_written = [str(r.out) for r in results if r.out is not None]
         raise

@@ -83,6 +83,7 @@ class Recipe(_Strict):
     fit_shift: bool = Field(True, description="false: fit scale-only maps (β = 0), which fold with no biases")
     strength: float = 1.0
     seed: int = 0
+    min_sentences: int = Field(16, ge=2, description="refuse a fit with fewer sentences on either side")
     # set by load_recipe(): the directory that relative paths are resolved against, and the file
     _base_dir: Path = PrivateAttr(default=Path("."))
     _file: Path | None = PrivateAttr(default=None)
@@ -123,7 +124,7 @@ def load_recipe(path: str | Path, cls: type[Recipe] = Recipe, what: str = "recip
     if not path.is_file():
         raise RecipeError(f"{what} {path} does not exist; see recipes/ for examples.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, what))
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -148,7 +149,7 @@ def read_sentences(path: Path, text_field: str = "text") -> list[str]:
         raise RecipeError(
             f"sentence file {path} does not exist (paths in a recipe are relative to the recipe)."
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "sentence file").splitlines()
     if path.suffix == ".jsonl":
         out = []
         for i, line in enumerate(lines, 1):
@@ -169,3 +170,35 @@ def read_sentences(path: Path, text_field: str = "text") -> list[str]:
     if not out:
         raise RecipeError(f"sentence file {path} is empty.")
     return out
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text file as UTF-8, with a clear error naming the file and the byte offset otherwise."""
+    raw = Path(path).read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise RecipeError(f"{what} {path} is a binary file, not text: give a UTF-8 text file.")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{what} {path} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}): "
+            "re-save it as UTF-8."
+        ) from None
+
+
+def check_sentence_counts(source: int, target: int, minimum: int, log) -> int:
+    """Refuse fewer than ``minimum`` sentences on a side; warn when one side is over 4× the other
+    (the estimators pair samples, so the larger side is subsampled). Returns the count used per side."""
+    for side, n in (("source", source), ("target", target)):
+        if n < minimum:
+            raise RecipeError(
+                f"the recipe's {side} file has {n} sentences; at least {minimum} are needed for a stable fit "
+                "(add sentences, or lower `min_sentences:` in the recipe if you know what you are doing)."
+            )
+    used = min(source, target)
+    if max(source, target) > 4 * used:
+        log(
+            f"warning: {source} source vs {target} target sentences: the fit pairs samples, so only {used} of "
+            "each side are used. Balance the two files for a better fit."
+        )
+    return used

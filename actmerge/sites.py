@@ -415,15 +415,30 @@ def parse_layers(spec: str | list[int] | None, n: int) -> list[int]:
         text = str(spec).replace(" ", "")
         layers = []
         for part in text.split(","):
-            if ":" in part:  # python slice, e.g. "-4:" = the last four layers
-                a, b = part.split(":", 1)
-                layers.extend(range(n)[slice(int(a) if a else None, int(b) if b else None)])
+            if m := re.fullmatch(r"(-?\d*):(-?\d*)", part):  # python slice, e.g. "-4:" = the last four
+                ends = [int(x) if x else None for x in (m[1], m[2])]
+                if any(e is not None and not -n <= e <= n for e in ends):
+                    raise SiteError(
+                        f"layer slice {part!r} reaches beyond the model's {n} layers (-{n}..{n})."
+                    )
+                picked = range(n)[slice(*ends)]
+                if not picked:
+                    raise SiteError(f"layer slice {part!r} selects no layer of {n}: check its order.")
+                layers.extend(picked)
             elif m := re.fullmatch(r"(\d+)-(\d+)", part):  # inclusive range "2-5"
+                if int(m[1]) > int(m[2]):
+                    raise SiteError(f"layer range {part!r} is reversed: write it low-high, e.g. '2-5'.")
                 layers.extend(range(int(m[1]), int(m[2]) + 1))
             elif re.fullmatch(r"-?\d+", part):
+                if int(part) < -n:
+                    raise SiteError(
+                        f"layer {part} is out of range: the model has {n} layers (-{n}..{n - 1})."
+                    )
                 layers.append(int(part) + n if int(part) < 0 else int(part))
             else:
                 raise SiteError(f"cannot read layer selection {spec!r}: use 'all', '2-5', '0,3,7' or '-4:'.")
+    if not layers:
+        raise SiteError(f"layer selection {spec!r} selects no layer.")
     bad = [x for x in layers if not 0 <= x < n]
     if bad:
         raise SiteError(f"layer(s) {bad} out of range: the model has {n} layers (0..{n - 1}).")

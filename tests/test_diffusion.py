@@ -97,7 +97,9 @@ def test_sd_baked_equals_hooked(sd, tmp_path):
     sites = _sites(source, SD_SITES)
     assert {s.name for s in sites} == set(SD_SITES)
     maps = random_maps(source, sites, seed=1)
-    (res,) = pipeline.bake(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False)
+    (res,) = pipeline.bake(
+        source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False
+    )
     assert all(sp.exactness == "exact" for sp in res.plan.sites)
     report = verify_pipeline(res.out, base=source, pipe=pipe)
     print("SD", {k: (f"{g.max_abs:.2e}", f"{g.max_rel:.2e}") for k, g in report.groups.items()})
@@ -123,7 +125,9 @@ def test_sd_baked_equals_hooked(sd, tmp_path):
 def test_lambda_zero_is_bit_identical(sd, tmp_path):
     source, _ = sd
     maps = random_maps(source, _sites(source, SD_SITES), seed=2)
-    (res,) = pipeline.bake(source, maps=maps, strengths=[0.0], out=tmp_path / "zero", log=lambda *_: None, progress=False)
+    (res,) = pipeline.bake(
+        source, maps=maps, strengths=[0.0], out=tmp_path / "zero", log=lambda *_: None, progress=False
+    )
     assert all(sp.exactness == "identity" for sp in res.plan.sites)
     src, out = _files(source.path), _files(res.out)
     assert all(out[rel] == data for rel, data in src.items())
@@ -136,7 +140,9 @@ def test_pixart_t5_shift_folds_into_caption_projection(pixart, tmp_path):
     dit = _sites(source, PIXART_SITES)
     maps = random_maps(source, dit + t5_final, seed=3)  # dit_text_in first: ops compose in forward order
     maps.maps.update(random_maps(source, t5_inner, seed=4, shifts=False).maps)  # T5 has no biases
-    (res,) = pipeline.bake(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False)
+    (res,) = pipeline.bake(
+        source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False
+    )
     final_row = next(sp for sp in res.plan.sites if sp.site.name == "text_final")
     assert final_row.shift_into == ["transformer/caption_projection.linear_1.bias"]
     report = verify_pipeline(res.out, base=source, pipe=pipe, fresh=False)  # SD and the CLI test fresh=True
@@ -154,7 +160,9 @@ def test_t5_shift_without_bias_is_refused(pixart, tmp_path):
     source, _ = pixart
     maps = random_maps(source, resolve(source, "text_attn_in", None), seed=5)
     with pytest.raises(NotFoldableError, match="no bias"):
-        pipeline.bake(source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False)
+        pipeline.bake(
+            source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False
+        )
     assert not (tmp_path / "out").exists()
     (res,) = pipeline.bake(
         source, maps=maps, strengths=[1.0], dry_run=True, shift_policy="drop", log=lambda *_: None
@@ -166,7 +174,13 @@ def _recipe(tmp_path, sites, **diffusion) -> DiffusionRecipe:
     (tmp_path / "src.txt").write_text("\n".join(f"a red house number {i}" for i in range(6)))
     (tmp_path / "tgt.txt").write_text("\n".join(f"a red house number {i}, watercolor" for i in range(6)))
     r = DiffusionRecipe(
-        name="t", sites=sites, source="src.txt", target="tgt.txt", batch_size=3, diffusion=diffusion
+        name="t",
+        sites=sites,
+        source="src.txt",
+        target="tgt.txt",
+        batch_size=3,
+        min_sentences=2,
+        diffusion=diffusion,
     )
     r._base_dir = tmp_path
     return r
@@ -205,6 +219,7 @@ sites:
 source: src.txt
 target: tgt.txt
 batch_size: 4
+min_sentences: 8
 diffusion:
   steps: 10
   pixel_samples: 16

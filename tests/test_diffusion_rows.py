@@ -185,7 +185,9 @@ def test_every_site_baked_equals_hooked(row, tmp_path):
                 shifts = bool(shift_home(source, site)[0])  # T5's inner sites have no bias: scale only
                 maps.update(random_maps(source, [site], seed=len(maps), shifts=shifts).maps)
     mapset = MapSet(maps)
-    (res,) = pipeline.bake(source, maps=mapset, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False)
+    (res,) = pipeline.bake(
+        source, maps=mapset, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False
+    )
     assert all(sp.exactness == "exact" for sp in res.plan.sites)
     baked = {c: _load(tmp_path / "out" / c, m) for c, m in models.items()}
     # a T5 shift folded into the DiT is absent from the baked T5's output: text outputs are compared
@@ -223,7 +225,9 @@ def test_sd3_t5_shift_is_refused_with_the_reason(tmp_path):
     source = resolve_pipeline(tmp_path / "pipe")
     site = resolve(source, "text_encoder_3/text_final", None)
     with pytest.raises(NotFoldableError, match="concatenates the CLIP and T5"):
-        pipeline.bake(source, maps=random_maps(source, site), dry_run=True, log=lambda *_: None, progress=False)
+        pipeline.bake(
+            source, maps=random_maps(source, site), dry_run=True, log=lambda *_: None, progress=False
+        )
     # scale-only maps there fold (into the RMSNorm gain)
     (res,) = pipeline.bake(
         source, maps=random_maps(source, site, shifts=False), dry_run=True, log=lambda *_: None

@@ -140,7 +140,7 @@ def test_bake_eval_writes_nothing_after_the_rename(tmp_path, monkeypatch):
     (root / "t.txt").write_text("\n".join(f"you are kind {i}" for i in range(8)))
     (root / "p.txt").write_text("hello there\nwhat a day\n")
     (root / "r.yaml").write_text(
-        "name: t\nsites: [attn_ctx]\nsource: s.txt\ntarget: t.txt\neval_prompts: p.txt\neval_max_new_tokens: 4\n"
+        "name: t\nsites: [attn_ctx]\nsource: s.txt\ntarget: t.txt\neval_prompts: p.txt\neval_max_new_tokens: 4\nmin_sentences: 8\n"
     )
     snapshots = {}
     real = output._swap_in

@@ -28,6 +28,7 @@ sites:
 source: src.txt
 target: tgt.txt
 batch_size: 8
+min_sentences: 12
 """
 
 

@@ -213,6 +213,24 @@ _RESIDUAL = (
 _DIT_BLOCK = r"transformer_blocks\.\d+"
 
 
+def _dual_stream(image_about: str) -> dict[str, Rule]:
+    """SD3 / FLUX joint blocks: image- and text-stream attention inputs, plus the common DiT sites."""
+    return {
+        "dit_attn_in": Rule(
+            "norm1", "output", "linear_in", "block", tuple(f"attn.{p}" for p in _QKV), about=image_about
+        ),
+        "dit_context_attn_in": Rule(
+            "norm1_context",
+            "output",
+            "linear_in",
+            "block",
+            tuple(f"attn.{p}" for p in _ADDED_QKV),
+            about="text-stream attention input → biased add_q/k/v_proj",
+        ),
+        **_dit_common("attn"),
+    }
+
+
 def _dit_common(attn: str) -> dict[str, Rule]:
     return {
         "dit_attn_ctx": Rule(
@@ -321,23 +339,7 @@ COMPONENTS: tuple[Component, ...] = (
         "denoiser",
         {"block": _DIT_BLOCK},
         {
-            "dit_attn_in": Rule(
-                "norm1",
-                "output",
-                "linear_in",
-                "block",
-                tuple(f"attn.{p}" for p in _QKV),
-                about="image-stream attention input (AdaLayerNormZero output) → biased q, k, v",
-            ),
-            "dit_context_attn_in": Rule(
-                "norm1_context",
-                "output",
-                "linear_in",
-                "block",
-                tuple(f"attn.{p}" for p in _ADDED_QKV),
-                about="text-stream attention input → biased add_q/k/v_proj",
-            ),
-            **_dit_common("attn"),
+            **_dual_stream("image-stream attention input (AdaLayerNormZero output) → biased q, k, v"),
             "dit_context_ff_in": Rule(
                 "ff_context",
                 "input",
@@ -362,23 +364,7 @@ COMPONENTS: tuple[Component, ...] = (
         "denoiser",
         {"block": _DIT_BLOCK, "single": r"single_transformer_blocks\.\d+"},
         {
-            "dit_attn_in": Rule(
-                "norm1",
-                "output",
-                "linear_in",
-                "block",
-                tuple(f"attn.{p}" for p in _QKV),
-                about="image-stream attention input → biased q, k, v",
-            ),
-            "dit_context_attn_in": Rule(
-                "norm1_context",
-                "output",
-                "linear_in",
-                "block",
-                tuple(f"attn.{p}" for p in _ADDED_QKV),
-                about="text-stream attention input → biased add_q/k/v_proj",
-            ),
-            **_dit_common("attn"),
+            **_dual_stream("image-stream attention input → biased q, k, v"),
             "dit_single_in": Rule(
                 "norm",
                 "output",

@@ -75,12 +75,29 @@ def check_output(
     _check_parent_writable(out)
 
 
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
 def _check_parent_writable(out: Path) -> None:
     parent = Path(out).absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _writable(parent):
         raise OutputError(f"cannot write to {parent}: permission denied. Choose another -o location.")
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse before any slow work when the output's file system cannot hold ``needed`` bytes."""
+    parent = Path(out).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OutputError(
+            f"not enough free space for {out}: the bake writes ~{needed / 2**30:.2f} GiB and {parent} has "
+            f"{free / 2**30:.2f} GiB free. Free space or choose another -o location."
+        )
 
 
 def _pid_alive(pid: int) -> bool:
