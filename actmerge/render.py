@@ -14,16 +14,26 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _dots(text: str) -> str:
-    """Allow wrapping after dots (a zero-width space), so long module paths break between parts."""
-    return text.replace(".", ".\u200b")
+    """Allow wrapping after dots and underscores-free separators (a zero-width space), so long module
+    paths break between parts rather than mid-word."""
+    return text.replace(".", ".\u200b").replace(", ", ",\u200b ")
 
 
 def _table(title: str, columns: list[str], rows: list[tuple], *, right: tuple[str, ...] = ()) -> Table:
+    import re
+
     table = Table(title=title, title_justify="left", expand=False)
-    for col in columns:
-        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
-    for row in rows:
-        table.add_row(*(_dots(str(c)) for c in row))
+    cells = [[_dots(str(c)) for c in row] for row in rows]
+    for i, col in enumerate(columns):  # wide enough for the longest unbreakable word of the column
+        words = [w for row in cells for w in re.split(r"[\s\u200b]+", row[i])] + [col]
+        table.add_column(
+            col,
+            justify="right" if col in right else "left",
+            overflow="fold",
+            min_width=min(28, max(map(len, words))),
+        )
+    for row in cells:
+        table.add_row(*row)
     return table
 
 
@@ -117,9 +127,13 @@ def _llamacpp_verification(rep) -> None:
 
 
 def _short_module(path: str) -> str:
-    """``model.layers.{i}.self_attn.o_proj`` → ``….{i}.self_attn.o_proj`` (the part that differs)."""
-    parts = path.split(".")
-    return "…." + ".".join(parts[-3:]) if len(parts) > 4 else path
+    """``model.layers.{i}.self_attn.o_proj`` → ``self_attn.o_proj`` (the layer prefix is in the title)."""
+    return path.split("{i}.", 1)[1] if "{i}." in path else path
+
+
+def _prefix(rows: list[dict]) -> str:
+    paths = [r["module"] for r in rows if "{i}." in r["module"]]
+    return f" (modules under {paths[0].split('{i}.')[0]}{{i}})" if paths else ""
 
 
 def sites(title: str, rows: list[dict]) -> None:
@@ -130,7 +144,7 @@ def sites(title: str, rows: list[dict]) -> None:
         for arch in dict.fromkeys(r["arch"] for r in rows):
             mine = [r for r in rows if r["arch"] == arch]
             data = [(r["site"], _short_module(r["module"]), r["side"], r["fold"]) for r in mine]
-            out.print(_table(arch, ["site", "module", "side", "fold"], data))
+            out.print(_table(arch + _prefix(mine), ["site", "module", "side", "fold"], data))
         out.print(
             "Pass a MODEL to see which shifts fold for its config (exact / exact+flags / not foldable)."
         )
@@ -144,10 +158,13 @@ def sites(title: str, rows: list[dict]) -> None:
             "Scales fold exactly at every listed site; recipes name sites as `site` or `component/site`."
         )
         return
-    data = [
-        (r["site"], _short_module(r["module"]), r["side"], r["shift"], r["runtimes (shift)"]) for r in rows
-    ]
-    out.print(_table(title, ["site", "module", "side", "shift", "runtimes"], data))
+    data = []
+    for r in rows:  # the runtimes that load a shift go under it: four columns fit 80 characters
+        shift = r["shift"].replace(" (", "\n(")
+        if r["runtimes (shift)"] != "-":
+            shift += f"\nloads in: {r['runtimes (shift)']}"
+        data.append((r["site"], _short_module(r["module"]), r["side"], shift))
+    out.print(_table(title + _prefix(rows), ["site", "module", "side", "shift"], data))
     why = [f"{r['site']}: {r['why']}" for r in rows if r["why"]]
     for line in why:
         out.print(f"[dim]{line}[/]", highlight=False)
