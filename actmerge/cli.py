@@ -26,7 +26,6 @@ from .cli_support import (
     placement_of,
     strengths_of,
 )
-from .errors import ActmergeError
 from .render import out
 
 app = typer.Typer(
@@ -262,84 +261,6 @@ def verify(
         raise typer.Exit(5)
 
 
-@app.command("export-gguf")
-@handled
-def export_gguf(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (e.g. from `actmerge bake`).")],
-    output: Annotated[Path, typer.Option("-o", "--out", help="GGUF file to write.")],
-    outtype: Annotated[str, typer.Option(help="f32, f16, bf16 or q8_0.")] = "f32",
-    force: Force = False,
-):
-    """Convert a checkpoint to GGUF with llama.cpp's own converter (from the pinned llama-cpp-python
-    sdist, or $ACTMERGE_LLAMA_CPP). All-zero biases llama.cpp does not load are left out."""
-    from .gguf_export import export_gguf as run
-
-    res = run(checkpoint, output, outtype=outtype, force=force, log=log)
-    out.print(f"[green]wrote[/] {res.out} ({res.outtype}, {res.seconds:.1f}s)")
-
-
-@app.command("export-control-vector")
-@handled
-def export_control_vector(
-    maps: Annotated[
-        Path, typer.Argument(help="Maps file (a checkpoint's actmerge/maps.safetensors: as baked).")
-    ],
-    output: Annotated[Path, typer.Option("-o", "--out", help="Control-vector GGUF to write.")],
-    model: Annotated[
-        str | None, typer.Option("--model", help="Model of the maps (default: their base_model).")
-    ] = None,
-    strength: Annotated[float, typer.Option("--strength", "-s", help="λ: the vector holds λ·β.")] = 1.0,
-    partial: Annotated[
-        bool, typer.Option("--partial", help="Export what can be a vector; report the rest.")
-    ] = False,
-    force: Force = False,
-):
-    """The shifts of maps at layer-end sites (Gemma mlp_post, Llama-like mlp_out) as a llama.cpp control
-    vector; bake the same maps with --shift-policy drop and run `llama-cli --control-vector cv.gguf`."""
-    from .control_vector import control_vector, write_control_vector
-    from .io.output import check_output
-    from .maps import MapSet
-    from .models import resolve
-    from .sites import architecture_for, num_layers
-
-    check_output(output, force=force, is_dir=False)
-    mapset = MapSet.load(maps)
-    name = model or mapset.base_model
-    if not name:
-        raise ActmergeError("the maps file names no base model: pass --model MODEL.")
-    config = resolve(name, log=log).config
-    cv = control_vector(mapset, config, strength, partial=partial)
-    n = num_layers(architecture_for(config), config)
-    write_control_vector(cv, output, model_hint=config.get("model_type", ""), n_layers=n, force=force)
-    layers = ", ".join(map(str, sorted(cv.directions)))
-    out.print(f"[green]wrote[/] {output}: {len(cv.directions)} directions (layers {layers})")
-    if cv.elsewhere:
-        out.print(f"{len(cv.elsewhere)} map(s) with shifts elsewhere are not in the vector (bake them)")
-
-
-@app.command()
-@handled
-def compose(
-    maps: Annotated[list[Path], typer.Argument(help="Maps files, applied in this order.")],
-    output: Annotated[Path, typer.Option("-o", "--out", help="Composed maps file to write.")],
-    strength: Annotated[str, typer.Option("--strength", "-s", help="One λ per maps file, e.g. 1.0,0.5.")],
-    allow_extrapolation: AllowExtrapolation = False,
-    force: Force = False,
-):
-    """Compose maps files (each at its own strength) into one maps file, to bake at strength 1."""
-    from .baking import check_strengths, compose_all
-    from .io.output import check_output
-    from .maps import MapSet
-
-    check_output(output, force=force, is_dir=False)
-    lams = [float(x) for x in strengths_of(strength)]
-    for lam in lams:  # validated one by one: duplicates are meaningful here (one per file)
-        check_strengths([lam], allow_extrapolation=allow_extrapolation, warn=log)
-    composed = compose_all([MapSet.load(p) for p in maps], lams)
-    composed.save(output, force=force)
-    out.print(f"wrote {len(composed)} composed maps to {output}; bake it with --strength 1")
-
-
 @app.command("eval")
 @handled
 def eval_(
@@ -424,5 +345,9 @@ def sites(
     render.sites(*pipeline.sites(model, targets=target or (), revision=revision, log=log))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
+from . import cli_tools  # noqa: E402,F401  (export-gguf, export-control-vector, compose)
+
+if __name__ == "__main__":  # pragma: no cover  (`python -m actmerge.cli`: the module-level app)
+    from actmerge.cli import app as _app
+
+    _app()

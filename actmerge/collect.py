@@ -15,7 +15,7 @@ from rich.progress import track
 from .errors import ActivationError
 from .estimators import ESTIMATORS, FitInfo
 from .hooks import Pooler, affine_fn, attach, record
-from .maps import AffineMap, MapSet
+from .maps import AffineMap
 from .placement import input_device
 from .sites import Site
 
@@ -262,7 +262,3 @@ def _fit_incremental(
         missing = [s.key for s in sites if s.key not in maps]
         raise ActivationError(f"sites never reached in the forward pass: {missing[:5]}")
     return ordered, FitReport(infos, support)
-
-
-def to_mapset(maps: dict[str, AffineMap], **meta) -> MapSet:
-    return MapSet(dict(maps), **meta)

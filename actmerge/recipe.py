@@ -12,8 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import RecipeError
 
-METHODS = ("linear_act", "mean_act", "gaussian_act", "lineas")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -27,6 +27,7 @@ from .. import __version__
 from ..errors import ActivationError, NotFoldableError
 from ..estimators import ESTIMATORS
 from ..maps import AffineMap, MapSet
+from ..placement import pick_device
 from .hooks import attach
 from .plan import shift_home
 from .recipe import DiffusionRecipe
@@ -42,10 +43,6 @@ class _FirstStepDone(Exception):
     """Raised by the denoiser hook after its first call: nothing else of the pipeline needs to run."""
 
 
-def default_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_pipeline(source: PipelineSource, device: str | None = None, dtype=torch.float32):
     """The pipeline in float32 on ``device`` (default: cuda when present, else cpu)."""
     from diffusers import DiffusionPipeline
@@ -54,7 +51,7 @@ def load_pipeline(source: PipelineSource, device: str | None = None, dtype=torch
         warnings.simplefilter("ignore", FutureWarning)
         pipe = DiffusionPipeline.from_pretrained(str(source.path), torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(default_device(device))
+    return pipe.to(pick_device(device))
 
 
 def denoiser_name(source: PipelineSource) -> str:

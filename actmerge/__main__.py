@@ -1,0 +1,5 @@
+"""`python -m actmerge`: the CLI."""
+
+from .cli import app
+
+app()
