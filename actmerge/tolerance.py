@@ -16,6 +16,8 @@ PIPELINE_RELATIVE = {"F64": 1e-4, "F32": 1e-4, "F16": 1e-2, "BF16": 5e-2}
 # max |Δlogit| between hooked and baked pico test models (fp32, logits ~1): tighter than real models
 PICO_LOGITS = 1e-4
 PICO_RELATIVE = 1e-4
+# max |Δlogit| hooked (transformers) vs a pico GGUF in llama.cpp: ggml's table-driven GELU and f32 kernels
+LLAMACPP_PICO = 1e-3
 
 
 def for_dtypes(table: dict[str, float], dtypes: Iterable[str]) -> float:

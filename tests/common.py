@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from actmerge.fold import capabilities
 from actmerge.maps import AffineMap, MapSet
 from actmerge.sites import ARCHITECTURES, PICO_VOCAB, PicoConfig, architecture_for, resolve_sites
+from actmerge.tolerance import PICO_LOGITS
 
 VOCAB = PICO_VOCAB
 # max |Δlogit| allowed between the hooked model and the baked checkpoint, by dtype
-TOLERANCE = {torch.float32: 1e-4}
+TOLERANCE = {torch.float32: PICO_LOGITS}  # the one tolerance table: actmerge/tolerance.py
 
 
 def pico_config(model_type: str):

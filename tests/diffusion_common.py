@@ -12,11 +12,12 @@ from actmerge.diffusion.plan import site_dim
 from actmerge.diffusion.sites import DSite
 from actmerge.diffusion.source import PipelineSource
 from actmerge.maps import AffineMap, MapSet
+from actmerge.tolerance import PICO_RELATIVE
 
 CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789,.'!?-")
 MAX_TOKENS = 96
 # max relative error between the hooked base and the reloaded baked pipeline (float32)
-REL_TOL = 1e-4
+REL_TOL = PICO_RELATIVE  # the one tolerance table: actmerge/tolerance.py
 
 
 def clip_tokenizer():

@@ -8,11 +8,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from actmerge import pipeline
+from actmerge.errors import OutputExistsError
+from actmerge.hooks import steer
 from actmerge.io import safetensors as st
 from actmerge.io import weights
 from actmerge.io.tree import INDEX
-from actmerge.errors import OutputExistsError
-from actmerge.hooks import steer
 from actmerge.models import ModelSource
 
 from .common import char_tokenizer, load, pico_config, random_ids, random_maps

@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from actmerge.cli import app
 from actmerge import pipeline
+from actmerge.cli import app
 from actmerge.diffusion import _probe, resolve_pipeline, verify_pipeline
 from actmerge.diffusion.collect import collect, denoiser_name, load_pipeline
 from actmerge.diffusion.hooks import steer

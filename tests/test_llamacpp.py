@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from actmerge import control_vector, gguf_export, llamacpp, pipeline
 from actmerge.cli import app
-from actmerge.errors import NotFoldableError
-from actmerge.errors import ExportError
+from actmerge.errors import ExportError, NotFoldableError
 from actmerge.maps import AffineMap, MapSet
 from actmerge.models import ModelSource
+from actmerge.tolerance import LLAMACPP_PICO
 
 from .common import VOCAB, load, make_pico, random_ids, random_maps
 
@@ -29,7 +29,7 @@ QUIET = dict(progress=False, log=lambda *_: None)
 NEW_TOKENS = 8
 # max |Δlogit| transformers vs llama.cpp (GGUF f32) on pico models (logits ~0.4), measured 2026-11-23:
 # llama 4e-6 (base 7e-5), gemma3_text 2.5e-4 (base 3.9e-4: ggml's GELU is table-driven)
-PICO_TOLERANCE = 1e-3
+PICO_TOLERANCE = LLAMACPP_PICO  # the one tolerance table: actmerge/tolerance.py
 
 needs_llamacpp = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
