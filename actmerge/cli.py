@@ -29,11 +29,30 @@ err = Console(stderr=True, soft_wrap=True)
 Model = Annotated[
     str, typer.Argument(help="Hub id, local HF directory, .gguf file, or the built-in 'gemma-3-270m'.")
 ]
-RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
+
+
+def _recipe_arg(value):
+    """--recipe: a YAML file, or a built-in recipe's name (``detox``, ``detox.yaml``); a file wins."""
+    from .recipes_catalog import find_recipe
+
+    if not value:
+        return value
+    try:
+        found = [find_recipe(v, log=_log).resolve() for v in (value if isinstance(value, list) else [value])]
+    except ActmergeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return found if isinstance(value, list) else found[0]
+
+
+_RECIPE_HELP = "Recipe YAML, or a built-in recipe's name (`actmerge recipes`; a local file wins)."
+RecipeOpt = Annotated[str | None, typer.Option("--recipe", "-r", help=_RECIPE_HELP, callback=_recipe_arg)]
 RecipesOpt = Annotated[
-    list[Path] | None,
+    list[str] | None,
     typer.Option(
-        "--recipe", "-r", help="Recipe YAML (see recipes/). Repeat to compose recipes: one --strength each."
+        "--recipe",
+        "-r",
+        help=_RECIPE_HELP + " Repeat to compose recipes: one --strength each.",
+        callback=_recipe_arg,
     ),
 ]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of MODEL.")]
@@ -129,7 +148,7 @@ def _strengths(text: str) -> list[float]:
 @handled
 def fit(
     model: Model,
-    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML.")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help=_RECIPE_HELP, callback=_recipe_arg)],
     output: Annotated[Path, typer.Option("-o", "--out", help="Maps file to write (.safetensors).")],
     revision: Revision = None,
     device: Device = None,
@@ -726,6 +745,11 @@ def sites(
             *(r[c] for c in ("site", "module", "side", "scale", "shift", "runtimes (shift)", "why"))
         )
     out.print(table)
+
+
+from .recipes_cli import recipes_app  # noqa: E402  (`actmerge recipes …`)
+
+app.add_typer(recipes_app, name="recipes")
 
 
 def main() -> None:  # pragma: no cover

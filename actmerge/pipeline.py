@@ -21,6 +21,7 @@ from .maps import MapSet, compose
 from .models import ModelSource, load_model, resolve
 from .placement import from_pretrained_kwargs, offloaded, pick_device
 from .recipe import Recipe, load_recipe, read_sentences
+from .recipes_catalog import find_recipe
 from .sites import Site, architecture_for, resolve_sites, site_for_key
 from .sweep import EvalConfig, Report, markdown_table, plot, run_sweep
 from .verify import DEFAULT_PROMPTS, TOLERANCE, VerifyReport, compare, hooked_outputs, run_fresh
@@ -121,7 +122,7 @@ def fit(
         offload_folder=offload_folder,
         log=log,
     )
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, log=log)
     config = loaded.source.config
     sites = recipe_sites(recipe, config)
     source = recipe.read_source()[: recipe.max_sentences]
@@ -300,6 +301,7 @@ def bake(
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
+    recipes = [find_recipe(r, log=log) for r in recipes]  # a file, or a built-in recipe's name
     loaded = load(
         model,
         revision=revision,
@@ -655,7 +657,7 @@ def evaluate(
         offload_folder=offload_folder,
         log=log,
     )
-    recipe_obj = load_recipe(recipe) if recipe is not None else None
+    recipe_obj = load_recipe(recipe, log=log) if recipe is not None else None
     cfg = config or eval_config(recipe_obj, **overrides)
     mapset, support = None, None
     if maps is not None:

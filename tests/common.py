@@ -19,7 +19,7 @@ VOCAB = 128
 TOLERANCE = {torch.float32: 1e-4}
 
 
-def pico_config(model_type: str):
+def pico_config(model_type: str, layers: int = 2):
     from transformers import (
         Gemma2Config,
         Gemma3Config,
@@ -35,7 +35,7 @@ def pico_config(model_type: str):
     common = dict(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=VOCAB,
@@ -80,7 +80,13 @@ def pico_config(model_type: str):
         )
     if model_type == "gpt2":
         return GPT2Config(
-            n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=1, eos_token_id=2
+            n_embd=32,
+            n_layer=layers,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     raise ValueError(model_type)
 
@@ -101,10 +107,11 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_pico(model_type: str, path: Path, seed: int = 0, dtype=torch.float32) -> Path:
-    """Save a random pico model (+ char tokenizer) to ``path``; norms and biases randomised too."""
+def make_pico(model_type: str, path: Path, seed: int = 0, dtype=torch.float32, layers: int = 2) -> Path:
+    """Save a random pico model (+ char tokenizer) to ``path``; norms and biases randomised too.
+    ``layers``: more than 2 where a shipped recipe names deeper layers (detox: 9-17)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(pico_config(model_type)).to(dtype)
+    model = AutoModelForCausalLM.from_config(pico_config(model_type, layers)).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_" in name:

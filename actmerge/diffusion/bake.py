@@ -14,6 +14,7 @@ from .. import __version__, card
 from ..checkpoint import PROVENANCE_DIR, check_output
 from ..errors import MapsMismatchError, RecipeError
 from ..maps import MapSet
+from ..recipes_catalog import find_recipe
 from .collect import fit_pipeline
 from .plan import PipelinePlan, ShiftPolicy, plan
 from .recipe import DiffusionRecipe, load_diffusion_recipe
@@ -58,6 +59,8 @@ def bake_pipeline(
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
     src = source if isinstance(source, PipelineSource) else resolve_pipeline(source, revision)
     recipe_obj = None
+    if isinstance(recipe, str | Path):  # a file, or a built-in recipe's name
+        recipe = find_recipe(recipe, log=log)
     if recipe is not None:
         recipe_obj = recipe if isinstance(recipe, DiffusionRecipe) else load_diffusion_recipe(recipe)
     strengths = strengths or [recipe_obj.strength if recipe_obj else 1.0]
