@@ -132,7 +132,7 @@ def handled(fn):
 
 
 def _log(msg: str) -> None:
-    err.print(msg, highlight=False)
+    err.print(msg, highlight=False, markup=False)  # plain text: "[actmerge] …" is not a style tag
 
 
 def _strengths(text: str) -> list[float]:

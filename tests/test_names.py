@@ -188,8 +188,8 @@ def test_headline_command_from_the_hub_cache(offline_cache, tmp_path, monkeypatc
         app, ["bake", "gemma-2-2b", "--recipe", "detox.yaml", "--strength", "1.0", "-o", "out", "--verify"]
     )
     assert r.exit_code == 0, r.output
-    assert "gemma-2-2b → google/gemma-2-2b" in r.output
-    assert "recipe detox.yaml: the built-in detox" in r.output
+    assert "[actmerge] gemma-2-2b → google/gemma-2-2b" in r.output
+    assert "[actmerge] recipe detox.yaml: the built-in detox" in r.output
     assert "PASS" in r.output
     bake = json.loads((tmp_path / "out" / "actmerge" / "bake.json").read_text())
     assert bake["base_model"] == "google/gemma-2-2b" and bake["strength"] == 1.0
