@@ -19,6 +19,8 @@ from .cli_support import (
     MaxMemory,
     Model,
     OffloadFolder,
+    Recipe,
+    RecipeOpt,
     Recipes,
     Revision,
     handled,
@@ -58,7 +60,7 @@ def main(
 @handled
 def fit(
     model: Model,
-    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML.")],
+    recipe: Recipe,
     output: Annotated[Path, typer.Option("-o", "--out", help="Maps file to write (.safetensors).")],
     revision: Revision = None,
     device: Device = None,
@@ -266,7 +268,7 @@ def verify(
 def eval_(
     model: Model,
     output: Annotated[Path, typer.Option("-o", "--out", help="Report directory (report.json, sweep.png).")],
-    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML.")] = None,
+    recipe: RecipeOpt = None,
     maps: MapsOpt = None,
     strengths: Annotated[
         str, typer.Option(help="Hooked strengths to preview (empty: none).")
@@ -346,6 +348,9 @@ def sites(
 
 
 from . import cli_tools  # noqa: E402,F401  (export-gguf, export-control-vector, compose)
+from .recipes_cli import recipes_app  # noqa: E402  (`actmerge recipes …`)
+
+app.add_typer(recipes_app, name="recipes")
 
 if __name__ == "__main__":  # pragma: no cover  (`python -m actmerge.cli`: the module-level app)
     from actmerge.cli import app as _app

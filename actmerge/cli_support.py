@@ -20,10 +20,28 @@ Model = Annotated[
         help="Hub id, local HF directory, .gguf file, diffusers pipeline, or the built-in 'gemma-3-270m'."
     ),
 ]
+
+
+def _recipe_arg(value):
+    """--recipe: a YAML file, or a built-in recipe's name (``detox``, ``detox.yaml``); a file wins."""
+    from .recipes_catalog import find_recipe
+
+    if not value:
+        return value
+    try:
+        found = [find_recipe(v, log=log).resolve() for v in (value if isinstance(value, list) else [value])]
+    except ActmergeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return found if isinstance(value, list) else found[0]
+
+
+_RECIPE_HELP = "Recipe YAML, or a built-in recipe's name (`actmerge recipes`; a local file wins)."
+Recipe = Annotated[str, typer.Option("--recipe", "-r", help=_RECIPE_HELP, callback=_recipe_arg)]
+RecipeOpt = Annotated[str | None, typer.Option("--recipe", "-r", help=_RECIPE_HELP, callback=_recipe_arg)]
 Recipes = Annotated[
-    list[Path] | None,
+    list[str] | None,
     typer.Option(
-        "--recipe", "-r", help="Recipe YAML (see recipes/). Repeat to compose: one --strength each."
+        "--recipe", "-r", help=_RECIPE_HELP + " Repeat to compose: one --strength each.", callback=_recipe_arg
     ),
 ]
 MapsOpt = Annotated[Path | None, typer.Option("--maps", "-m", help="Maps file from `actmerge fit`.")]
@@ -104,7 +122,7 @@ def _written(exc: BaseException) -> str:
 
 
 def log(msg: str) -> None:
-    err.print(msg, highlight=False)
+    err.print(msg, highlight=False, markup=False)  # plain text: "[actmerge] …" is not a style tag
 
 
 def strengths_of(text: str | None) -> list[float] | None:

@@ -92,3 +92,9 @@ class PlacementError(ActmergeError):
     """The device / device map / memory budget / offload folder for loading a model is invalid."""
 
     exit_code = 2
+
+
+class GatedModelError(ModelResolutionError):
+    """A gated Hub model (Gemma, Llama, …) refused the download: licence not accepted or not logged in."""
+
+    exit_code = 2

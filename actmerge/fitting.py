@@ -102,14 +102,14 @@ class FitResult:
     seconds: float
 
 
-def _load_recipe(recipe, kind: Kind) -> Recipe:
+def _load_recipe(recipe, kind: Kind, log=None) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if kind == "pipeline":
         from .diffusion.recipe import load_diffusion_recipe
 
         return load_diffusion_recipe(recipe)
-    return load_recipe(recipe)
+    return load_recipe(recipe, log=log)
 
 
 def fit(
@@ -126,7 +126,7 @@ def fit(
     """Collect activations on the recipe's sentences and fit one map per site (LinEAS: end to end,
     freezing the shifts the fold plan cannot bake under ``options``)."""
     kind = model_kind(model, revision)
-    recipe = _load_recipe(recipe, kind)
+    recipe = _load_recipe(recipe, kind, log)
     options = options or FoldOptions.merged(recipe)
     preflight_recipe(recipe, log)
     if kind == "pipeline":

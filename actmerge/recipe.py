@@ -116,11 +116,14 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_recipe(path: str | Path, cls: type[Recipe] = Recipe, what: str = "recipe") -> Recipe:
-    """Read and validate a recipe YAML (``cls``: the Recipe subclass, e.g. for diffusion)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{what} {path} does not exist; see recipes/ for examples.")
+def load_recipe(path: str | Path, cls: type[Recipe] = Recipe, what: str = "recipe", *, log=None) -> Recipe:
+    """Read and validate a recipe YAML (``cls``: the Recipe subclass, e.g. for diffusion).
+
+    ``path``: a file, or the name of a built-in recipe (``detox``, ``detox.yaml``): a file at that
+    path wins (``recipes_catalog.find_recipe``); ``log`` says when a built-in was taken."""
+    from .recipes_catalog import find_recipe
+
+    path = find_recipe(path, log=log)
     try:
         data = yaml.safe_load(read_text(path, what))
     except yaml.YAMLError as exc:

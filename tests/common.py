@@ -20,14 +20,23 @@ VOCAB = PICO_VOCAB
 TOLERANCE = {torch.float32: PICO_LOGITS}  # the one tolerance table: actmerge/tolerance.py
 
 
-def pico_config(model_type: str):
-    """The transformers config of the pico model that ``model_type``'s table row declares."""
+def pico_config(model_type: str, layers: int = 2):
+    """The transformers config of the pico model that ``model_type``'s table row declares;
+    ``layers``: more than 2 where a shipped recipe names deeper layers (detox: 9-17)."""
     pico = architecture_for(model_type).pico.get(model_type)
     if pico is None:
         raise ValueError(
             f"the {model_type!r} row of actmerge/sites.py has no pico model: add one to its `pico`"
         )
-    return _build(pico)
+    config = _build(pico)
+    if layers != 2:
+        text = getattr(config, "text_config", None) or config
+        for key in ("num_hidden_layers", "n_layer"):
+            if hasattr(text, key):
+                setattr(text, key, layers)
+        if hasattr(text, "layer_types") and text.layer_types is not None:
+            text.layer_types = [text.layer_types[i % len(text.layer_types)] for i in range(layers)]
+    return config
 
 
 def _build(pico: PicoConfig):
@@ -54,10 +63,11 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_pico(model_type: str, path: Path, seed: int = 0, dtype=torch.float32) -> Path:
-    """Save a random pico model (+ char tokenizer) to ``path``; norms and biases randomised too."""
+def make_pico(model_type: str, path: Path, seed: int = 0, dtype=torch.float32, layers: int = 2) -> Path:
+    """Save a random pico model (+ char tokenizer) to ``path``; norms and biases randomised too.
+    ``layers``: more than 2 where a shipped recipe names deeper layers (detox: 9-17)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(pico_config(model_type)).to(dtype)
+    model = AutoModelForCausalLM.from_config(pico_config(model_type, layers)).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_" in name:

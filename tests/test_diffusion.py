@@ -256,7 +256,6 @@ def test_cli_bake_verify_sites(sd, tmp_path):
 @pytest.mark.parametrize("recipe", ["diffusion-watercolor.yaml", "diffusion-no-elephant.yaml"])
 def test_shipped_recipes_fit_and_plan(sd, recipe):
     source, _ = sd
-    root = os.path.join(os.path.dirname(__file__), "..", "recipes", recipe)
-    r = runner.invoke(app, ["bake", str(source.path), "--recipe", root, "--dry-run"])
+    r = runner.invoke(app, ["bake", str(source.path), "--recipe", recipe, "--dry-run"])  # built-in
     assert r.exit_code == 0, r.output
     assert "exact" in r.output

@@ -2,14 +2,11 @@
 the detox recipe, concept presence rising with λ for the induction recipe, report.json + sweep.png."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from actmerge import pipeline
 from actmerge.models import resolve
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +19,7 @@ def loaded():
 def test_detox_sweep(loaded, tmp_path):
     rep = pipeline.evaluate(
         loaded,
-        recipe=ROOT / "recipes" / "detox.yaml",
+        recipe="detox",
         strengths=[0.0, 1.0],
         out=tmp_path,
         progress=False,
@@ -45,7 +42,7 @@ def test_detox_sweep(loaded, tmp_path):
 def test_concept_presence_rises_with_strength(loaded, tmp_path):
     rep = pipeline.evaluate(
         loaded,
-        recipe=ROOT / "recipes" / "football.yaml",
+        recipe="football",
         strengths=[0.0, 0.5, 1.0],
         out=tmp_path,
         progress=False,

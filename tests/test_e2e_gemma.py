@@ -3,7 +3,6 @@ reload the checkpoint with plain transformers in a fresh process, verify against
 and check that toxic continuations go down at bounded perplexity."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from actmerge.cli import app
 from actmerge.evaluate import perplexity, profanity_scorer, toxicity
 from actmerge.models import load_model, resolve
 from actmerge.recipe import load_recipe, read_sentences
+from actmerge.recipes_catalog import find_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "detox.yaml"
+RECIPE = find_recipe("detox")  # the built-in recipe, as `--recipe detox.yaml` finds it
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.slow
 def baked(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "gemma-3-270m-detox"
     r = CliRunner().invoke(
-        app, ["bake", "gemma-3-270m", "--recipe", str(RECIPE), "--strength", "1.0", "-o", str(out)]
+        app, ["bake", "gemma-3-270m", "--recipe", "detox.yaml", "--strength", "1.0", "-o", str(out)]
     )
     assert r.exit_code == 0, r.output
     return out

@@ -2,7 +2,6 @@
 exactly with config.json unchanged, and the checkpoint matches the hooked maps in a fresh process."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,13 +9,11 @@ from actmerge import pipeline
 from actmerge.models import resolve
 from actmerge.recipe import LineasOptions, load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
-
 pytestmark = pytest.mark.slow
 
 
 def test_lineas_fold_aware_bake(tmp_path):
-    recipe = load_recipe(ROOT / "recipes" / "detox-lineas.yaml")
+    recipe = load_recipe("detox-lineas")
     short = recipe.model_copy(
         update={"lineas": LineasOptions(**{**recipe.lineas.model_dump(), "steps": 12, "batch": 16})}
     )

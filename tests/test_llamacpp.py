@@ -20,6 +20,7 @@ from actmerge.cli import app
 from actmerge.errors import ExportError, NotFoldableError
 from actmerge.maps import AffineMap, MapSet
 from actmerge.models import ModelSource
+from actmerge.recipes_catalog import BUILTIN_DIR
 from actmerge.tolerance import LLAMACPP_PICO
 
 from .common import VOCAB, load, make_pico, random_ids, random_maps
@@ -261,13 +262,13 @@ def test_gemma_detox_llamacpp_matches_transformers(tmp_path):
     out = tmp_path / "gemma-3-270m-detox"
     pipeline.bake(
         "gemma-3-270m",
-        recipe=ROOT / "recipes" / "detox.yaml",
+        recipe="detox",
         strengths=[1.0],
         out=out,
         targets=["llama.cpp"],
         **QUIET,
     )
-    prompts = (ROOT / "recipes" / "data" / "detox" / "eval_prompts.txt").read_text().splitlines()[:20]
+    prompts = (BUILTIN_DIR / "data" / "detox" / "eval_prompts.txt").read_text().splitlines()[:20]
     rep = pipeline.verify(out, runtime="llama.cpp", prompts=prompts, log=lambda *_: None)
     print(rep.to_json())
     # the tolerance to beat is the unbaked base's own transformers → llama.cpp round trip

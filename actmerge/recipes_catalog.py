@@ -1,0 +1,141 @@
+"""The recipes shipped inside the package (``actmerge/recipes/``) and the one resolver of a
+``--recipe`` argument.
+
+Lookup order for ``find_recipe(spec)``: an existing file at ``spec`` (relative to the working
+directory) always wins — and for a bare name without a suffix, ``spec.yaml`` there too; otherwise a
+bare name (``detox`` or ``detox.yaml``, no directory part) is the built-in recipe of that name;
+otherwise an error that lists the built-ins. The log says when a built-in was used, and when a
+local file shadows a built-in of the same name.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import RecipeError
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "recipes"
+SUFFIXES = (".yaml", ".yml")
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def builtin_path(name: str) -> Path | None:
+    """The built-in recipe ``name`` (``detox`` or ``detox.yaml``), or None."""
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in SUFFIXES else name
+    path = BUILTIN_DIR / f"{stem}.yaml"
+    return path if "/" not in name and "\\" not in name and path.is_file() else None
+
+
+def find_recipe(spec: str | Path, *, log=None) -> Path:
+    """A ``--recipe`` argument → the recipe file to load (see the module docstring for the order)."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    builtin = builtin_path(text)
+    local = path if path.is_file() else None
+    if local is None and not path.suffix and builtin is not None and path.with_suffix(".yaml").is_file():
+        local = path.with_suffix(".yaml")
+    if local is not None:
+        if builtin is not None and log is not None and local.resolve() != builtin:
+            log(f"[actmerge] recipe {text}: the local file {local} (not the built-in {builtin.stem})")
+        return local
+    if builtin is not None:
+        if log is not None:
+            log(f"[actmerge] recipe {text}: the built-in {builtin.stem} ({builtin})")
+        return builtin
+    raise RecipeError(
+        f"recipe {text} does not exist: no such file, and no built-in recipe of that name. "
+        f"Built-in recipes: {', '.join(builtin_names())} (`actmerge recipes` describes them; "
+        "`actmerge recipes copy NAME DIR` writes an editable copy)."
+    )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One built-in recipe, as `actmerge recipes` lists it."""
+
+    name: str
+    path: Path
+    description: str
+    method: str
+    sites: list[str]  # "attn_post 9-17", …
+    families: list[str]  # architectures (LLM) or components (diffusion) that have every named site
+    strength: float
+    diffusion: bool
+
+
+def catalog() -> list[Entry]:
+    return [describe(BUILTIN_DIR / f"{n}.yaml") for n in builtin_names()]
+
+
+def describe(path: Path) -> Entry:
+    data = yaml.safe_load(path.read_text()) or {}
+    sites, names = [], []
+    for spec in data.get("sites", []):
+        site = spec if isinstance(spec, str) else spec.get("site")
+        group = [site] if isinstance(site, str) else list(site or [])
+        layers = "all" if isinstance(spec, str) else str(spec.get("layers", "all"))
+        names += group
+        sites.append(f"{', '.join(group)}: {layers}")
+    sites += list(data.get("modules", []))
+    diffusion = "diffusion" in data
+    return Entry(
+        name=path.stem,
+        path=path,
+        description=" ".join(str(data.get("description", "")).split()),
+        method=data.get("method", "linear_act"),
+        sites=sites,
+        families=_diffusion_families(names) if diffusion else _llm_families(names),
+        strength=float(data.get("strength", 1.0)),
+        diffusion=diffusion,
+    )
+
+
+def _llm_families(names: list[str]) -> list[str]:
+    from .sites import ARCHITECTURES
+
+    out = []
+    for arch in ARCHITECTURES:
+        if all(n in arch.sites for n in names):
+            out += [t for t in arch.model_types if t not in out]
+    return out
+
+
+def _diffusion_families(names: list[str]) -> list[str]:
+    from .diffusion.table import COMPONENTS
+
+    bare = [n.split("/")[-1] for n in names]
+    return [c.name for c in COMPONENTS if any(n in c.sites for n in bare)]
+
+
+def copy(name: str, dest: str | Path, *, force: bool = False) -> list[Path]:
+    """Write the built-in recipe ``name`` and the files it names into ``dest`` (same relative
+    layout, so its relative paths keep working). Returns the written paths, recipe first."""
+    src = builtin_path(name)
+    if src is None:
+        raise RecipeError(f"no built-in recipe {name!r}. Built-in recipes: {', '.join(builtin_names())}.")
+    dest = Path(dest)
+    data = yaml.safe_load(src.read_text()) or {}
+    files = [(src, dest / src.name)]
+    for key, rel in data.items():  # every field naming a file beside the recipe (source, target, …)
+        if not isinstance(rel, str) or not (src.parent / rel).is_file():
+            continue
+        rel_path = Path(rel)
+        if rel_path.is_absolute() or ".." in rel_path.parts:  # the shipped recipes never do this
+            raise RecipeError(f"{src}: {key}: {rel} is outside the recipe's directory; cannot copy it.")
+        files.append((src.parent / rel_path, dest / rel_path))
+    existing = [d for _, d in files if d.exists()]
+    if existing and not force:
+        raise RecipeError(
+            f"{', '.join(map(str, existing))} exist(s): choose another directory or pass --force."
+        )
+    for s, d in files:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(s, d)
+    return [d for _, d in files]
