@@ -130,7 +130,7 @@ def test_copy_loads_and_bakes(pico_gemma2, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "actmerge" / "recipe.yaml").read_text() == copied.read_text()
     fold = json.loads((tmp_path / "out" / "actmerge" / "bake.json").read_text())["fold"]
     expect = {f"attn_post[{i}]" for i in range(9, 18)} | {"mlp_post[3]", "mlp_post[4]"}
-    assert {row["site"] for row in fold} == expect  # the edited layer range, not the shipped 6-11
+    assert {row["label"] for row in fold} == expect  # the edited layer range, not the shipped 6-11
 
 
 def test_wheel_contains_the_recipes(tmp_path):
