@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import baking
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
+from .baking import held_maps as baked_maps  # noqa: F401
 from .errors import ActmergeError, MapsMismatchError, ModelResolutionError, RecipeError
 from .fitting import (  # noqa: F401
     FitResult,

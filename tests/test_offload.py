@@ -13,7 +13,7 @@ from actmerge.collect import collect, fit
 from actmerge.errors import PlacementError
 from actmerge.maps import MapSet
 from actmerge.models import ModelSource, load_model
-from actmerge.placement import from_pretrained_kwargs, input_device, parse_max_memory
+from actmerge.placement import Placement, from_pretrained_kwargs, input_device, parse_max_memory
 from actmerge.sites import architecture_for, resolve_sites
 
 from .common import make_pico
@@ -171,9 +171,7 @@ def test_lineas_refuses_disk_offload(pico, tmp_path):
         pipeline.fit(
             str(src.path),
             root / "lineas.yaml",
-            device="cpu",
-            max_memory={"cpu": cap},
-            offload_folder=tmp_path,
+            placement=Placement("cpu", max_memory={"cpu": cap}, offload_folder=tmp_path),
             progress=False,
             log=lambda _: None,
         )
