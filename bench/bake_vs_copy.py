@@ -48,8 +48,15 @@ def main() -> None:
             shutil.rmtree(dest)
 
             t0 = time.perf_counter()
-            plan = pipeline.plan(source, maps, args.strength)
-            pipeline.write_baked(source, maps, plan, scratch / f"bake{i}", progress=False)
+            (res,) = pipeline.bake(
+                loaded,
+                maps=maps,
+                strengths=[args.strength],
+                out=scratch / f"bake{i}",
+                progress=False,
+                log=lambda _: None,
+            )
+            plan = res.plan
             bakes.append(time.perf_counter() - t0)
             shutil.rmtree(scratch / f"bake{i}")
     c, b = statistics.median(copies), statistics.median(bakes)
