@@ -32,7 +32,7 @@ def control_vector(maps, config: dict, strength: float, *, partial: bool = False
     residual after the layer's last block: exactly what llama.cpp adds a control vector to. The scale of
     the same map still has to be baked (``bake --shift-policy drop``). Shifts elsewhere cannot be a
     control vector: an error unless ``partial`` (then reported in ``elsewhere``)."""
-    from .fold import shift_home
+    from .shifts import shift_home
     from .sites import site_for_key
 
     arch = architecture_for(config)

@@ -12,13 +12,14 @@ from typing import Literal
 from .collect import FitReport
 from .collect import fit as fit_maps
 from .errors import PlacementError
-from .fold import FoldOptions, shift_home
+from .fold import FoldOptions
 from .io.provenance import read_bake_info
 from .io.safetensors import tensor_index
 from .maps import MapSet
 from .models import ModelSource, load_model, resolve
 from .placement import Placement, offloaded
 from .recipe import Recipe, check_sentence_counts, load_recipe
+from .shifts import shift_home
 from .sites import Site, architecture_for, resolve_sites, site_for_key
 
 Kind = Literal["llm", "pipeline"]

@@ -20,6 +20,7 @@ from .errors import MapsMismatchError, NotFoldableError
 from .io.safetensors import TensorInfo, TensorNamer
 from .io.weights import WeightEdits
 from .maps import MapSet
+from .shifts import _config_get, capabilities, shift_home  # noqa: F401  (capabilities: library API)
 from .sites import ALL, RUNTIMES, Architecture, site_for_key
 
 ShiftPolicy = Literal["error", "drop"]
@@ -262,15 +263,6 @@ def _not_one(t: torch.Tensor) -> bool:
     return bool((t != 1).any())
 
 
-def _config_get(config: dict, dotted: str) -> Any:
-    value: Any = config
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value
-
-
 NORM_EDIT = {"rmsnorm": "norm", "rmsnorm_1p": "norm_1p", "layernorm": "norm"}  # site fold → Edit kind
 
 
@@ -371,78 +363,6 @@ def plan(
     new_tensors = _companion_biases(arch, config, config_patch, edits, tensors, name_of)
     _guard_tied(arch, config, edits)
     return FoldPlan(strength, site_plans, edits, config_patch, new_tensors, options.targets)
-
-
-def _bias_roles(rule) -> list[str]:
-    """The linear roles whose bias takes a shift at this site."""
-    if rule.fold in ("rmsnorm", "rmsnorm_1p"):
-        return list(rule.consumers)
-    return [rule.linear] if rule.linear else []
-
-
-def shift_home(
-    arch: Architecture,
-    config: dict,
-    site_name: str,
-    *,
-    targets: frozenset[str] = frozenset(),
-    allow_flags: bool = True,
-) -> tuple[bool, str, dict[str, Any], frozenset[str]]:
-    """Can a shift at this site fold? → (ok, why not, config flags needed, runtimes that load it)."""
-    rule = arch.sites[site_name]
-    if rule.fold == "layernorm":
-        return True, "", {}, ALL
-    roles = _bias_roles(rule)
-    if not roles:
-        return (
-            False,
-            f"{rule.module} is a norm whose output adds straight into the residual: no bias can take a shift",
-            {},
-            ALL,
-        )
-    flags: dict[str, Any] = {}
-    runtimes = ALL
-    for role in roles:
-        lin = arch.linears[role]
-        runtimes &= lin.runtimes
-        if lin.bias == "never":
-            return False, f"{lin.module} has no bias in {arch.name} and no config flag adds one", {}, ALL
-        if lin.bias != "always" and not _config_get(config, lin.bias):
-            if not allow_flags:
-                return (
-                    False,
-                    f"{lin.module} needs config flag {lin.bias}=true (config changes disallowed)",
-                    {},
-                    ALL,
-                )
-            flags[lin.bias] = True
-    if targets - runtimes:
-        return False, f"the added bias is not loaded by {', '.join(sorted(targets - runtimes))}", {}, ALL
-    return True, "", flags, runtimes
-
-
-def capabilities(
-    arch: Architecture, config: dict, targets: frozenset[str] = frozenset()
-) -> list[dict[str, str]]:
-    """Per site: where a scale and a shift fold for this config (for `actmerge sites MODEL`)."""
-    rows = []
-    for name, rule in arch.sites.items():
-        ok, why, flags, runtimes = shift_home(arch, config, name, targets=targets)
-        cls = ("exact+flags" if flags else "exact") if ok else "not foldable"
-        rows.append(
-            {
-                "site": name,
-                "module": f"{arch.layers.format(i='{i}')}.{rule.module}",
-                "side": rule.side,
-                "fold": rule.fold,
-                "scale": "exact",
-                "shift": cls + (f" ({', '.join(f'{k}=true' for k in flags)})" if flags else ""),
-                "runtimes (shift)": ", ".join(r for r in RUNTIMES if r in runtimes) if ok else "-",
-                "why": why,
-                "about": rule.about,
-            }
-        )
-    return rows
 
 
 def _bias_name(weight: str) -> str:
