@@ -41,8 +41,15 @@ def base_license(source: Path, config: dict) -> str | None:
 
 
 def _short(name: str) -> str:
+    """A tensor name as tables show it: the part after the layer index (the site names the layer),
+    with ``.weight`` implied: ``model.layers.6.mlp.down_proj.weight`` → ``mlp.down_proj``."""
     parts = name.split(".")
-    return ".".join(parts[-3:]) if len(parts) > 3 else name
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    if digits and digits[0] < len(parts) - 1:
+        parts = parts[digits[0] + 1 :]
+    if parts[-1] == "weight" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
 def fold_cells(row: dict) -> tuple[str, str, str, str, str]:
