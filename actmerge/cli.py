@@ -18,7 +18,7 @@ from .errors import ActmergeError
 app = typer.Typer(
     help="Bake activation steering (Linear-AcT, Mean-AcT or LinEAS maps) into model weights: fit maps on two prompt sets, "
     "fold them at a fixed strength into norms, weights and biases, and write a standalone checkpoint "
-    "that plain transformers / vLLM / llama.cpp load. Built-in model: gemma-3-270m.",
+    "that plain transformers / vLLM / llama.cpp load. Built-in models: gemma-3-270m, smollm2-135m.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -27,7 +27,10 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 Model = Annotated[
-    str, typer.Argument(help="Hub id, local HF directory, .gguf file, or the built-in 'gemma-3-270m'.")
+    str,
+    typer.Argument(
+        help="Hub id, local HF directory, .gguf file, or a built-in: 'gemma-3-270m', 'smollm2-135m'."
+    ),
 ]
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")]
 RecipesOpt = Annotated[
@@ -615,6 +618,14 @@ def eval_(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's).")] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Send each prompt as a user turn of the model's chat template and score the assistant's "
+            "reply (instruct models; a recipe with `chat: true` does this where the model has a template).",
+        ),
+    ] = False,
     clamped: Annotated[
         bool,
         typer.Option(
@@ -658,6 +669,7 @@ def eval_(
         max_new_tokens=max_new_tokens,
         limit=limit,
         seed=seed,
+        chat=chat,
     )
     _report_table(report)
     out.print(markdown_table(report).splitlines()[-1])

@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import __version__, card
+from . import __version__, card, chat
 from .checkpoint import PROVENANCE_DIR, tensor_index, write_checkpoint
 from .collect import FitReport
 from .collect import fit as fit_maps
@@ -82,7 +82,7 @@ def load(
 def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
     arch = architecture_for(config)
     sites: list[Site] = []
-    for spec in recipe.sites:
+    for spec in recipe.sites_for(arch):
         sites += resolve_sites(arch, config, spec.names, spec.layers)
     sites += [site_for_key(arch, config, key) for key in recipe.modules]
     uniq = {s.key: s for s in sites}
@@ -127,6 +127,9 @@ def fit(
     source = recipe.read_source()[: recipe.max_sentences]
     target = recipe.read_target()[: recipe.max_sentences]
     m, tok = loaded.get()
+    if recipe.chat and recipe.chat_fit == "assistant" and chat.has_template(tok):
+        # fit where a chat model speaks: each sentence as an assistant reply (pooled over the reply only)
+        source, target = chat.assistant_turns(tok, source), chat.assistant_turns(tok, target)
     t0 = time.perf_counter()
     if recipe.method == "lineas" and "disk" in offloaded(m):
         raise PlacementError(
@@ -320,13 +323,16 @@ def bake(
     recipe_obj = recipe_objs[0] if recipe_objs else None
     per_recipe: list[float] = []
     if len(recipe_objs) > 1:
-        per_recipe = strengths or [r.strength for r in recipe_objs]
+        arch = architecture_for(loaded.source.config)
+        per_recipe = strengths or [r.strength_for(arch) for r in recipe_objs]
         if len(per_recipe) != len(recipe_objs):
             raise RecipeError(
                 f"{len(recipe_objs)} recipes need {len(recipe_objs)} strengths (one each), got {per_recipe}."
             )
         strengths = [1.0]  # the composed maps already hold each recipe's strength
-    strengths = strengths or [recipe_obj.strength if recipe_obj else 1.0]
+    strengths = strengths or [
+        recipe_obj.strength_for(architecture_for(loaded.source.config)) if recipe_obj else 1.0
+    ]
     for lam in strengths:
         if lam < 0:
             raise RecipeError(
@@ -596,6 +602,7 @@ def eval_config(
     sample: bool = False,
     seed: int | None = None,
     limit: int | None = None,
+    chat: bool = False,
 ) -> EvalConfig:
     """Evaluation settings: the recipe's, overridden by explicit arguments."""
 
@@ -622,7 +629,18 @@ def eval_config(
         max_new_tokens=max_new_tokens or default_tokens,
         sample=sample,
         seed=seed if seed is not None else (recipe.seed if recipe else 0),
+        # --chat requires a template; a recipe's `chat: true` uses it where the model has one
+        chat="on" if chat else ("auto" if recipe is not None and recipe.chat else "off"),
     )
+
+
+def chat_prompts(cfg: EvalConfig, tok, log=print) -> EvalConfig:
+    """Format the evaluation prompts as user turns of the chat template when ``cfg.chat`` asks."""
+    if cfg.chat == "off" or (cfg.chat == "auto" and not chat.has_template(tok)):
+        if cfg.chat == "auto":
+            log("[actmerge] the model has no chat template: evaluating raw continuations")
+        return replace(cfg, chat="off")
+    return replace(cfg, prompts=chat.user_turns(tok, cfg.prompts), chat="on")
 
 
 def evaluate(
@@ -667,6 +685,7 @@ def evaluate(
         if clamped and recipe_obj.method == "linear_act":
             support = getattr(fitted.report, "support", None)
     m, tok = loaded.get()
+    cfg = chat_prompts(cfg, tok, log)
     report = run_sweep(
         m,
         tok,

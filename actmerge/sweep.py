@@ -32,6 +32,7 @@ class EvalConfig:
     max_new_tokens: int = 24
     sample: bool = False  # False: greedy; True: T=1, top_p=0.3, repetition_penalty=1.2
     seed: int = 0
+    chat: str = "off"  # off | auto (the chat template where the model has one) | on (prompts are user turns)
     n_samples: int = 3  # generations shown per row
     batch_size: int = 16
     threshold: float = 0.5
@@ -296,6 +297,8 @@ def markdown_table(report: Report) -> str:
     lines.append("")
     how = "sampled (T=1, top_p=0.3, rep. penalty 1.2)" if c.sample else "greedy"
     notes = [f"{len(c.prompts)} prompts, {how}, {c.max_new_tokens} new tokens"]
+    if c.chat == "on":
+        notes.append("prompts sent as user turns of the chat template (the assistant's reply scored)")
     if "toxicity" in c.metrics:
         notes.append(f"scorer `{c.scorer}` (toxic = probability > {c.threshold})")
     if "concept" in c.metrics:
