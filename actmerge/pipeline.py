@@ -495,6 +495,7 @@ def model_card(
         runtimes=sorted(fold_plan.runtimes),
         evaluation=evaluation,
         reproduce=f"actmerge bake {source.name} {how} --strength {strength} -o out/",
+        chat=card.has_chat_template(source.path),
     )
 
 
