@@ -24,7 +24,7 @@ from .io.tree import write_checkpoint, write_pipeline
 from .maps import MapSet, compose
 from .recipe import Recipe
 from .sites import architecture_for
-from .sweep import Report, eval_config, markdown_table
+from .sweep import Report, chat_prompts, eval_config, markdown_table
 from .verify import DEFAULT_PROMPTS, VerifyReport, compare, hooked_outputs
 
 MAX_STRENGTH = 4.0  # beyond this, --allow-extrapolation
@@ -348,7 +348,7 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
             source=source,
             license=base_license(source.path, config),
             evaluation=evaluation,
-            chat=kind == "llm" and _has_chat_template(source.path),
+            chat=kind == "llm" and card.has_chat_template(source.path),
             force=force,
             progress=_bar if progress else None,
             log=log,
@@ -358,15 +358,6 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
         res.out = dest
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _has_chat_template(path: Path) -> bool:
-    import json
-
-    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
-        return True
-    cfg = path / "tokenizer_config.json"
-    return cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
 
 
 def _bar(it, total, desc):
@@ -384,7 +375,7 @@ def _evaluate_plan(loaded: Loaded, held: MapSet, lam: float, recipe: Recipe, pro
     return run_sweep(
         m,
         tok,
-        eval_config(recipe),
+        chat_prompts(eval_config(recipe), tok, log),
         maps=held,
         strengths=[lam],
         baked=[],

@@ -11,7 +11,10 @@ from . import __version__
 
 REPO_PLACEHOLDER = "<this repo>"  # in the usage snippets; the repo id is not known when baking
 # Built-in aliases are not Hub ids: the Hub repo (front matter `base_model`) and license they stand for.
-BUILTIN_BASES = {"gemma-3-270m": ("google/gemma-3-270m", "gemma")}
+BUILTIN_BASES = {
+    "gemma-3-270m": ("google/gemma-3-270m", "gemma"),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
@@ -61,6 +64,14 @@ def fold_cells(row: dict) -> tuple[str, str, str, str, str]:
         ", ".join(_short(n) for n in row["shift_into"]) or "-",
         ", ".join(f"{k}={v}" for k, v in row["flags"].items()) or "-",
     )
+
+
+def has_chat_template(source: Path) -> bool:
+    """Does the checkpoint ship a chat template (an instruct model)?"""
+    if (source / "chat_template.jinja").is_file() or (source / "chat_template.json").is_file():
+        return True
+    cfg = source / "tokenizer_config.json"
+    return cfg.is_file() and '"chat_template"' in cfg.read_text(errors="replace")
 
 
 def render(
@@ -190,10 +201,13 @@ def _usage_llm(runtimes: list[str], chat: bool) -> list[str]:
     ]
     if chat:
         snippet += [
-            'messages = [{"role": "user", "content": "Hello!"}]',
-            'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
-            "out = model.generate(ids, max_new_tokens=64)",
-            "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+            "# an instruct model: talk to it through its chat template",
+            'messages = [{"role": "user", "content": "What should I cook tonight?"}]',
+            "inputs = tok.apply_chat_template(",
+            '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+            ")",
+            "out = model.generate(**inputs, max_new_tokens=64)",
+            'print(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))',
         ]
     return [
         "## Use",

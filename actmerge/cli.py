@@ -34,7 +34,7 @@ app = typer.Typer(
     help="Bake activation steering (Linear-AcT, Mean-AcT or LinEAS maps) into model weights: fit maps on "
     "two prompt sets, fold them at a fixed strength into norms, weights and biases, and write a "
     "standalone checkpoint that plain transformers / vLLM / llama.cpp (or diffusers) load. Built-in "
-    "model: gemma-3-270m.",
+    "models: gemma-3-270m, smollm2-135m.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -293,6 +293,14 @@ def eval_(
     max_new_tokens: Annotated[int | None, typer.Option(help="New tokens per continuation.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's).")] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Send each prompt as a user turn of the model's chat template and score the assistant's "
+            "reply (instruct models; a recipe with `chat: true` does this where the model has a template).",
+        ),
+    ] = False,
     clamped: Annotated[
         bool, typer.Option(help="Linear-AcT: rows for ml-act's clamped (not bakeable) variant.")
     ] = True,
@@ -327,6 +335,7 @@ def eval_(
         max_new_tokens=max_new_tokens,
         limit=limit,
         seed=seed,
+        chat=chat,
     )
     render.eval_report(report)
     out.print(f"wrote {output / 'report.json'} and {output / 'sweep.png'}")

@@ -17,7 +17,7 @@ from .render import err
 Model = Annotated[
     str,
     typer.Argument(
-        help="Hub id, local HF directory, .gguf file, diffusers pipeline, or the built-in 'gemma-3-270m'."
+        help="Hub id or short name, local HF directory, .gguf file, diffusers pipeline, or a built-in: gemma-3-270m, smollm2-135m."
     ),
 ]
 

@@ -35,22 +35,40 @@ def batches(
     skip_special: bool = True,
     device: str | torch.device = "cpu",
 ) -> Iterator[Batch]:
-    """Left-padded, truncated batches with the mask of tokens to pool."""
+    """Left-padded, truncated batches with the mask of tokens to pool.
+
+    Chat-templated sentences (``chat.Turn``, which carry the character span of their content) pool
+    only the tokens inside that span; the template's own tokens are the same for every sentence."""
     tok.padding_side = "left"
     for i in range(0, len(sentences), batch_size):
+        chunk = sentences[i : i + batch_size]
+        spans = [getattr(s, "span", None) for s in chunk]
+        templated = any(sp is not None for sp in spans)
         enc = tok(
-            sentences[i : i + batch_size],
+            [str(s) for s in chunk],
             return_tensors="pt",
             padding=True,
             truncation=True,
             max_length=max_tokens,
             return_special_tokens_mask=True,
+            return_offsets_mapping=templated,
+            add_special_tokens=not templated,  # a template writes its own BOS
         )
         special = enc.pop("special_tokens_mask")
+        offsets = enc.pop("offset_mapping", None)
         mask = enc["attention_mask"].clone()
         if skip_special:
             kept = mask * (1 - special)
             mask = torch.where(kept.sum(1, keepdim=True) > 0, kept, mask)  # never pool nothing
+        if templated:
+            inside = torch.zeros_like(mask)
+            for r, sp in enumerate(spans):
+                if sp is None:
+                    inside[r] = 1
+                else:
+                    inside[r] = (offsets[r, :, 1] > sp[0]) & (offsets[r, :, 0] < sp[1])
+            kept = mask * inside
+            mask = torch.where(kept.sum(1, keepdim=True) > 0, kept, mask)
         yield Batch({k: v.to(device) for k, v in enc.items()}, mask)
 
 

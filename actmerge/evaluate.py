@@ -98,7 +98,10 @@ def continuations(
     out: list[str] = []
     chunks = range(0, len(prompts), batch_size)
     for i in track(chunks, description="generating", transient=True) if progress else chunks:
-        enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+        batch = prompts[i : i + batch_size]
+        # chat-templated prompts carry their own BOS
+        templated = bool(tok.bos_token) and all(p.startswith(tok.bos_token) for p in batch)
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=not templated).to(device)
         kwargs: dict = dict(do_sample=False, top_k=None, top_p=None)
         if sample:
             torch.manual_seed(seed + i)

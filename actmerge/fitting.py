@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from . import chat
 from .collect import FitReport
 from .collect import fit as fit_maps
 from .errors import PlacementError
@@ -88,7 +89,7 @@ def preflight_checkpoint(source) -> None:
 def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
     arch = architecture_for(config)
     sites: list[Site] = []
-    for spec in recipe.sites:
+    for spec in recipe.sites_for(arch):
         sites += resolve_sites(arch, config, spec.names, spec.layers)
     sites += [site_for_key(arch, config, key) for key in recipe.modules]
     uniq = {s.key: s for s in sites}
@@ -149,6 +150,9 @@ def fit(
     source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
     preflight_checkpoint(loaded.source)
     m, tok = loaded.get()
+    if recipe.chat and recipe.chat_fit == "assistant" and chat.has_template(tok):
+        # fit where a chat model speaks: each sentence as an assistant reply (pooled over the reply only)
+        source, target = chat.assistant_turns(tok, source), chat.assistant_turns(tok, target)
     t0 = time.perf_counter()
     if recipe.method == "lineas":
         if "disk" in offloaded(m):

