@@ -152,6 +152,10 @@ def fit(
             pooling=recipe.pooling,
             skip_special=recipe.skip_special_tokens,
             fit_shift=recipe.fit_shift,
+            degenerate=recipe.degenerate_neurons,
+            sample=recipe.sample,
+            incremental_clamp=recipe.incremental_clamp,
+            incremental_order=recipe.incremental_order,
             seed=recipe.seed,
             progress=progress,
         )
@@ -172,7 +176,12 @@ def fit(
     )
     log(
         f"fitted {len(maps)} maps ({sum(a.dim for a in maps.values())} neurons) on {len(source)} source / "
-        f"{len(target)} target sentences in {seconds:.1f}s; degenerate neurons (shift-only fallback): {degenerate}"
+        f"{len(target)} target sentences in {seconds:.1f}s"
+        + (
+            ""
+            if recipe.method == "lineas"
+            else f"; degenerate neurons ({'shift-only' if recipe.degenerate_neurons == 'shift' else 'left untouched'}): {degenerate}"
+        )
     )
     return FitResult(mapset, report, recipe, seconds)
 
@@ -208,6 +217,7 @@ def _fit_lineas(model, tok, recipe, config, sites, source, target, targets, allo
         batch=o.batch,
         l1=o.l1,
         group=o.group,
+        group_mode=o.group_mode,
         loss_norm=o.loss_norm,
         param=o.param,
         seed=recipe.seed,
