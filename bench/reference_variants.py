@@ -11,7 +11,12 @@ tuning prompts and perplexity on the tuning neutral text, plus how far the maps 
 
 Measured 2026-11-26 (greedy; detox: 180 tuning prompts, 24 new tokens, alt-profanity-check > 0.5;
 football: 40 tuning prompts, 32 new tokens, keyword presence; ppl on neutral_tune.txt, base 16.79):
-  see the numbers quoted in each recipe's comment (recipes/*.yaml).
+  detox    shipped variant    2.2 % toxic  ppl 18.91   reference default  2.2 % toxic  ppl 18.79
+           (maps: max |Δω| 0.60, median Δ(ω−1) 3.9 % of |ω−1|)
+  football shipped variant   40.0 % concept ppl 20.82  reference default 37.5 % concept ppl 20.27
+           (maps: max |Δβ| 0.14)
+  The shipped rows reproduce the recipes' tuning numbers (bench/tune_sites.py, bench/tune_concept.py).
+  Run with OMP_NUM_THREADS=1 on a loaded machine (each row took 2-6 minutes on 2 shared cores).
 """
 
 from __future__ import annotations
