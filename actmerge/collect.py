@@ -7,14 +7,15 @@ Forward passes run through ``model.base_model`` so the (large) LM head is never 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from rich.progress import track
 
 from .errors import ActivationError
-from .estimators import ESTIMATORS, FitInfo
-from .hooks import Pooler, affine_fn, attach, record
+from .estimators import ESTIMATORS, FitInfo, equal_counts
+from .hooks import Pooler, affine_fn, attach, clamped_fn, record, split_key
 from .maps import AffineMap
 from .placement import input_device
 from .sites import Site
@@ -32,10 +33,11 @@ def batches(
     *,
     batch_size: int,
     max_tokens: int,
-    skip_special: bool = True,
+    skip_special: bool = False,
     device: str | torch.device = "cpu",
 ) -> Iterator[Batch]:
-    """Left-padded, truncated batches with the mask of tokens to pool.
+    """Left-padded, truncated batches with the mask of tokens to pool: every real token (padding
+    excluded, BOS kept: ml-act's ``pooling_ops.py``), or with ``skip_special`` every non-special one.
 
     Chat-templated sentences (``chat.Turn``, which carry the character span of their content) pool
     only the tokens inside that span; the template's own tokens are the same for every sentence."""
@@ -86,7 +88,7 @@ def collect(
     batch_size: int = 16,
     max_tokens: int = 128,
     pooling: str = "mean",
-    skip_special: bool = True,
+    skip_special: bool = False,
     desc: str = "collecting",
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -161,7 +163,8 @@ def _single(key: str, rows: list[torch.Tensor]) -> torch.Tensor:
 @dataclass
 class FitReport:
     per_site: dict[str, FitInfo]
-    # source support per site, (min, max) of the pooled source values: ml-act's clamp (hooks.steer)
+    # source support per site, (min, max) of the pooled source values the map was fitted on (the
+    # balanced subset by default, as ml-act's ``compute_quantiles``): ml-act's clamp (hooks.steer)
     support: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
@@ -181,13 +184,25 @@ def fit(
     batch_size: int = 16,
     max_tokens: int = 128,
     pooling: str = "mean",
-    skip_special: bool = True,
+    skip_special: bool = False,
     fit_shift: bool = True,
+    degenerate: str = "skip",
+    sample: str = "balanced",
+    incremental_clamp: bool | None = None,
+    incremental_order: str = "modules",
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[dict[str, AffineMap], FitReport]:
-    """Fit one map per site. Incremental mode (the paper's): sites in forward order, each fitted on
-    activations computed with every earlier map active at λ = 1, for source and target alike."""
+    """Fit one map per site (defaults: ml-act's computation, see estimators.py for the options).
+
+    Incremental mode (the paper's, ml-act ``learn_intervention_all_incremental``): sites one at a
+    time, each fitted on activations computed with every earlier map active at λ = 1, for source and
+    target alike. ``incremental_order="modules"`` (reference): the order of ``model.named_modules()``
+    (inside a layer: attention, MLP, then the norms — o_proj before input_layernorm);
+    ``"forward"``: the order the forward pass reaches the sites. ``incremental_clamp`` (None = the
+    reference's per method: clamped for linear_act, whose config uses ``quantiles_src: q_0_100``,
+    unclamped for gaussian_act/mean_act, ``q_all``): earlier maps move only values strictly inside
+    their source support."""
     estimator = ESTIMATORS[method]
     keys = [s.key for s in sites]
     if len(set(keys)) != len(keys):
@@ -199,84 +214,85 @@ def fit(
         skip_special=skip_special,
         progress=progress,
     )
-    maps: dict[str, AffineMap] = {}
-    infos: dict[str, FitInfo] = {}
+    est = dict(seed=seed, fit_shift=fit_shift, degenerate=degenerate, sample=sample)
     if not incremental:
         src = collect(model, tok, source, keys, desc="source sentences", **opts)
         tgt = collect(model, tok, target, keys, desc="target sentences", **opts)
+        maps: dict[str, AffineMap] = {}
+        infos: dict[str, FitInfo] = {}
+        support = {}
         for key in keys:
-            maps[key], infos[key] = estimator(src[key], tgt[key], seed=seed, fit_shift=fit_shift)
-        support = {k: (v.min(0).values, v.max(0).values) for k, v in src.items()}
+            maps[key], infos[key], support[key] = _fit_site(estimator, src[key], tgt[key], est)
         return maps, FitReport(infos, support)
-    return _fit_incremental(
-        model, tok, sites, source, target, estimator, seed=seed, fit_shift=fit_shift, **opts
-    )
+    clamp = (method == "linear_act") if incremental_clamp is None else incremental_clamp
+    order = _incremental_order(model, tok, keys, source, incremental_order, opts)
+    return _fit_incremental(model, tok, order, keys, source, target, estimator, est, clamp, opts)
 
 
-@torch.no_grad()
-def _fit_incremental(
-    model,
-    tok,
-    sites,
-    source,
-    target,
-    estimator,
-    *,
-    seed,
-    fit_shift,
-    batch_size,
-    max_tokens,
-    pooling,
-    skip_special,
-    progress,
-):
-    """One forward pass over source+target together: at each site (forward order) pool, fit the map
-    on this batch's source/target rows, then apply it before the activation flows on."""
-    from contextlib import ExitStack
+def _fit_site(estimator, src: torch.Tensor, tgt: torch.Tensor, est: dict):
+    """Fit one site; the support is taken from the source rows the map is fitted on."""
+    if est["sample"] == "balanced":
+        src, tgt = equal_counts(src, tgt, est["seed"])
+    amap, info = estimator(src, tgt, **est)
+    return amap, info, (src.min(0).values, src.max(0).values)
 
-    n_src = len(source)
-    device = input_device(model)
-    batch = next(
-        batches(
-            tok,
-            source + target,
-            batch_size=len(source) + len(target),
-            max_tokens=max_tokens,
-            skip_special=skip_special,
-            device=device,
-        )
-    )
-    pooler = Pooler(pooling)
-    pooler.mask = batch.token_mask
-    maps: dict[str, AffineMap] = {}
-    infos: dict[str, FitInfo] = {}
-    support: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    bar = track(range(len(sites)), description="incremental fit", transient=True) if progress else None
-    it = iter(bar) if bar is not None else None
+
+def _incremental_order(model, tok, keys: list[str], source: list[str], order: str, opts: dict) -> list[str]:
+    if order == "modules":
+        position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+        def rank(key: str) -> tuple[int, int]:
+            module, side = split_key(key)
+            if module not in position:
+                raise ActivationError(f"the model has no module {module!r} (from {key!r}).")
+            return position[module], 0 if side == "input" else 1
+
+        return sorted(keys, key=rank)
+    if order != "forward":
+        raise ActivationError(f"unknown incremental order {order!r}: use 'modules' or 'forward'.")
+    seen: list[str] = []
 
     def make(key: str):
-        def fn(a: torch.Tensor) -> torch.Tensor:
-            pooled = pooler(a)
-            if not torch.isfinite(pooled).all():
-                raise ActivationError(f"non-finite activations at {key} during incremental fitting.")
-            src = pooled[:n_src].cpu()
-            maps[key], infos[key] = estimator(src, pooled[n_src:].cpu(), seed=seed, fit_shift=fit_shift)
-            support[key] = (src.min(0).values, src.max(0).values)
-            if it is not None:
-                next(it, None)
-            return affine_fn(maps[key].omega, maps[key].beta)(a)
+        def fn(_a: torch.Tensor) -> None:
+            if key not in seen:
+                seen.append(key)
 
         return fn
 
-    with ExitStack() as stack:
-        for s in sites:
-            stack.enter_context(attach(model, s.key, make(s.key)))
-        model.base_model(**batch.inputs)
-    if it is not None:
-        for _ in it:
-            pass
-    ordered = {s.key: maps[s.key] for s in sites if s.key in maps}
-    if len(ordered) != len(sites):
-        missing = [s.key for s in sites if s.key not in maps]
+    (b,) = list(
+        batches(
+            tok,
+            source[:1],
+            batch_size=1,
+            max_tokens=opts["max_tokens"],
+            skip_special=opts["skip_special"],
+            device=input_device(model),
+        )
+    )
+    with torch.no_grad(), ExitStack() as stack:
+        for key in keys:
+            stack.enter_context(attach(model, key, make(key)))
+        model.base_model(**b.inputs)
+    if len(seen) != len(keys):
+        missing = [k for k in keys if k not in seen]
         raise ActivationError(f"sites never reached in the forward pass: {missing[:5]}")
-    return ordered, FitReport(infos, support)
+    return seen
+
+
+def _fit_incremental(model, tok, order, keys, source, target, estimator, est, clamp, opts):
+    """One site at a time in ``order``: collect its pooled source and target activations (in
+    batches of ``batch_size``) with every map fitted so far active at λ = 1 (clamped to its source
+    support when ``clamp``), fit, move on. Costs one pass over the sentences per site."""
+    maps: dict[str, AffineMap] = {}
+    infos: dict[str, FitInfo] = {}
+    support: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    quiet = {**opts, "progress": False}
+    for key in _bar(order, len(order), "incremental fit", opts["progress"]):
+        with ExitStack() as stack:
+            for done, m in maps.items():
+                fn = clamped_fn(m.omega, m.beta, *support[done]) if clamp else affine_fn(m.omega, m.beta)
+                stack.enter_context(attach(model, done, fn))
+            src = collect(model, tok, source, [key], **quiet)[key]
+            tgt = collect(model, tok, target, [key], **quiet)[key]
+        maps[key], infos[key], support[key] = _fit_site(estimator, src, tgt, est)
+    return {k: maps[k] for k in keys}, FitReport({k: infos[k] for k in keys}, {k: support[k] for k in keys})

@@ -187,10 +187,15 @@ def fit(
             pooling=recipe.pooling,
             skip_special=recipe.skip_special_tokens,
             fit_shift=recipe.fit_shift,
+            degenerate=recipe.degenerate_neurons,
+            sample=recipe.sample,
+            incremental_clamp=recipe.incremental_clamp,
+            incremental_order=recipe.incremental_order,
             seed=recipe.seed,
             progress=progress,
         )
-        detail = f"degenerate neurons (shift-only fallback): {report.degenerate}"
+        how = "shift-only" if recipe.degenerate_neurons == "shift" else "left untouched"
+        detail = f"degenerate neurons ({how}): {report.degenerate}"
     seconds = time.perf_counter() - t0
     mapset = MapSet(
         maps,
@@ -239,6 +244,7 @@ def _fit_lineas(model, tok, recipe, sites, source, target, frozen, progress, log
         batch=o.batch,
         l1=o.l1,
         group=o.group,
+        group_mode=o.group_mode,
         loss_norm=o.loss_norm,
         param=o.param,
         seed=recipe.seed,

@@ -10,9 +10,16 @@ through the whole model, so later maps account for earlier ones.
 Fold-aware: parameters that the fold plan cannot bake for this architecture and target runtimes
 (e.g. shifts at Gemma's sandwich post-norms, or shifts needing a config flag when config changes
 are disallowed) are frozen at their identity value, and the end-to-end loss lets the foldable
-parameters compensate. Optional sparsity by proximal steps after each Adam step: L1
-soft-threshold on ``ω − 1`` and ``β`` (neuron selection), then group-L2 shrinkage per site with a
-threshold ∝ √d (site selection).
+parameters compensate. Optional sparsity by proximal steps after each Adam step, as ml-lineas'
+``apply_sparse_group_lasso`` (``lineas/utils/proximal.py``): L1 soft-threshold on ``ω − 1`` and on
+``β`` (neuron selection), then group-L2 shrinkage with a threshold ∝ √d of two groups per site,
+``ω − 1`` and ``β`` separately (site selection); ``group_mode="joint"`` (actmerge's variant)
+shrinks ``[ω − 1, β]`` as one group.
+
+Differences from ml-lineas that remain (README, "Differences from the reference implementations"):
+the loss averages over samples (the reference sums over the batch: only a constant factor, which
+Adam's update ignores); with fewer target samples than the batch, target quantiles are
+interpolated (the reference refuses such a batch).
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ class LineasConfig:
     batch: int = 32  # source sentences per step (and target samples per step)
     l1: float = 0.0  # sparsity: L1 on (ω − 1) and β
     group: float = 0.0  # sparsity: group-L2 per site (threshold ∝ √d)
-    loss_norm: str = "none"  # none | target_std: per-neuron W2 divided by the target's variance
+    group_mode: str = "separate"  # separate: ω−1 and β are two groups per site (ml-lineas); joint: one
+    loss_norm: str = "none"  # none | target_var: per-neuron W2 divided by the target's variance
     param: str = "linear"  # linear: learn ω; log: learn θ with ω = exp(θ)
     seed: int = 0
 
@@ -80,6 +88,12 @@ def soft_threshold(v: torch.Tensor, t: float) -> torch.Tensor:
     return torch.sign(v) * (v.abs() - t).clamp_min(0)
 
 
+def group_shrink(v: torch.Tensor, thr: float) -> torch.Tensor:
+    """Group-L2 proximal step: ``v·max(0, 1 − thr/‖v‖)`` (0 when ‖v‖ = 0)."""
+    norm = float(v.norm())
+    return v * (0.0 if norm <= thr else 1 - thr / norm)
+
+
 def prox_(
     omega: torch.Tensor,
     beta: torch.Tensor,
@@ -89,8 +103,11 @@ def prox_(
     lr: float,
     beta_trainable: bool,
     identity: float = 1.0,
+    group_mode: str = "separate",
 ) -> None:
-    """Proximal step in place: L1 soft-threshold on (ω−1), β; then group-L2 shrink of the site.
+    """Proximal step in place: L1 soft-threshold on (ω−1) and β; then group-L2 shrink, threshold
+    ``lr·group·√d``, of ``ω−1`` and of ``β`` as two groups (``"separate"``, ml-lineas) or of
+    ``[ω−1, β]`` as one (``"joint"``). A frozen β stays 0 under either.
 
     ``identity`` is the value of the scale parameter at the identity map (1 for ω, 0 for log ω)."""
     with torch.no_grad():
@@ -99,12 +116,16 @@ def prox_(
             if beta_trainable:
                 beta.copy_(soft_threshold(beta, lr * l1))
         if group > 0:
-            v = torch.cat([omega - identity, beta])
-            norm = float(v.norm())
             thr = lr * group * math.sqrt(omega.numel())
-            factor = 0.0 if norm <= thr else 1 - thr / norm
-            omega.copy_(identity + (omega - identity) * factor)
-            beta.mul_(factor)
+            if group_mode == "joint":
+                v = group_shrink(torch.cat([omega - identity, beta]), thr)
+                omega.copy_(identity + v[: omega.numel()])
+                beta.copy_(v[omega.numel() :])
+            elif group_mode == "separate":
+                omega.copy_(identity + group_shrink(omega - identity, thr))
+                beta.copy_(group_shrink(beta, thr))
+            else:
+                raise ValueError(f"unknown group_mode {group_mode!r}: use 'separate' or 'joint'")
 
 
 def fit_lineas(
@@ -118,7 +139,7 @@ def fit_lineas(
     cfg: LineasConfig = LineasConfig(),
     max_tokens: int = 128,
     pooling: str = "mean",
-    skip_special: bool = True,
+    skip_special: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, AffineMap], LineasReport]:
@@ -145,7 +166,10 @@ def fit_lineas(
         )
     tgt = {k: v.to(device) for k, v in tgt.items()}
     n_target = len(next(iter(tgt.values())))
-    norm = {k: (v.var(0) + 1e-6) if cfg.loss_norm == "target_std" else None for k, v in tgt.items()}
+    if cfg.loss_norm not in ("none", "target_var", "target_std"):  # target_std: deprecated alias
+        raise ValueError(f"unknown loss_norm {cfg.loss_norm!r}: use 'none' or 'target_var'")
+    by_var = cfg.loss_norm in ("target_var", "target_std")
+    norm = {k: (v.var(0) + 1e-6) if by_var else None for k, v in tgt.items()}
     if cfg.param not in ("linear", "log"):
         raise ValueError(f"unknown LinEAS parametrisation {cfg.param!r}: use 'linear' or 'log'")
     log_param = cfg.param == "log"
@@ -222,6 +246,7 @@ def fit_lineas(
                         lr=lr,
                         beta_trainable=k not in frozen_shift,
                         identity=identity,
+                        group_mode=cfg.group_mode,
                     )
             losses.append(float(loss.detach()))
             bar.update(task, advance=1, description=f"LinEAS loss {losses[-1]:.4g}")

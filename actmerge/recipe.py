@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import RecipeError
 
@@ -40,10 +49,33 @@ class LineasOptions(_Strict):
     group: float = Field(
         0.0, ge=0, description="sparsity: group-L2 per site, threshold ∝ √d (site selection)"
     )
-    loss_norm: Literal["none", "target_std"] = "none"
+    # ml-lineas (apply_sparse_group_lasso) shrinks ω−1 and β as two separate groups per site: with
+    # trainable shifts a site can keep its scales and lose its shifts. "joint" (actmerge's variant)
+    # shrinks [ω−1, β] as one group per site. Identical when β is frozen (fit_shift: false, shifts
+    # that cannot fold).
+    group_mode: Literal["separate", "joint"] = Field(
+        "separate", description="group-L2 groups per site: ω−1 and β separately (reference) or jointly"
+    )
+    # Per-neuron W2 divided by the target activations' variance (+1e-6) so that large neurons (Gemma's
+    # post-norms, std up to ~60) do not swamp the loss; "none" is the reference's raw W2.
+    # "target_std" is the former name of "target_var" (it always divided by the variance).
+    loss_norm: Literal["none", "target_var"] = "none"
     param: Literal["linear", "log"] = Field(
         "linear", description="learn ω directly (linear) or as exp(θ) (log: ω stays positive)"
     )
+
+    @field_validator("loss_norm", mode="before")
+    @classmethod
+    def _loss_norm_alias(cls, v):
+        if v == "target_std":
+            warnings.warn(
+                "lineas.loss_norm: target_std is deprecated (it divides by the target's variance, "
+                "not its std): write loss_norm: target_var, which computes the same.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return "target_var"
+        return v
 
 
 class Recipe(_Strict):
@@ -80,8 +112,44 @@ class Recipe(_Strict):
     max_tokens: int = Field(128, gt=1)
     batch_size: int = Field(16, gt=0)
     pooling: Literal["mean", "last"] = "mean"
-    skip_special_tokens: bool = True
+    # Which tokens the mean pools. "include" (reference, ml-act act/hooks/pooling_ops.py): every real
+    # token, BOS included; only padding is masked. "exclude" (actmerge's variant): special tokens
+    # (BOS) are left out, so the pooled vector is the sentence's own content; on Gemma-3 the BOS
+    # activation is large at the post-norms and moves the mean by 2-83 %. Former key:
+    # skip_special_tokens (true = exclude), still read with a deprecation message.
+    pooling_special_tokens: Literal["include", "exclude"] = Field(
+        "include", description="mean pooling: keep special tokens (BOS) in the mean (reference) or not"
+    )
+    # Which rows the statistics use. "balanced" (reference, label_src_dst_subsets(balanced=True)): a
+    # seeded equal-count subsample of source and target, for every method, and the clamp support
+    # (hooks.steer's ml-act variant) from that source subset. "all": mean_act/gaussian_act use every
+    # row and the support all source rows (linear_act pairs by rank, so it always balances).
+    sample: Literal["balanced", "all"] = Field(
+        "balanced",
+        description="statistics and clamp support from an equal-count subsample (reference) or all rows",
+    )
+    # Neurons the estimator cannot or should not move. "skip" (reference): linear_act leaves a neuron
+    # with a constant source untouched (ml-act's ω explodes there and its q_0_100 clamp then moves no
+    # value); gaussian_act/mean_act leave neurons with std <= 1e-4 on either side untouched (ml-act's
+    # std_eps). "shift" (actmerge's variant): a neuron whose source std is < 1e-6 x its scale gets
+    # ω = 1 and β = mean difference (linear_act, gaussian_act); mean_act moves every neuron.
+    degenerate_neurons: Literal["skip", "shift"] = Field(
+        "skip", description="degenerate neurons: leave untouched (reference) or shift-only"
+    )
     incremental: bool = False
+    # Incremental fitting (ml-act's `incr`): each site is fitted with every earlier map active. null
+    # (reference): earlier maps clamped to their source support for linear_act (ml-act's linear_ot
+    # config: quantiles_src q_0_100), unclamped for gaussian_act/mean_act (q_all). true/false force it;
+    # false is actmerge's former behaviour (the bakeable, unclamped maps act while fitting).
+    incremental_clamp: bool | None = Field(
+        None, description="incremental: clamp earlier maps to their source support (null: as the reference)"
+    )
+    # Incremental order. "modules" (reference): model.named_modules() order, which inside a layer is
+    # attention, MLP, then the norms (o_proj before input_layernorm). "forward": the order the forward
+    # pass reaches the sites (actmerge's former behaviour).
+    incremental_order: Literal["modules", "forward"] = Field(
+        "modules", description="incremental: named_modules() order (reference) or forward order"
+    )
     fit_shift: bool = Field(True, description="false: fit scale-only maps (β = 0), which fold with no biases")
     strength: float | dict[str, float] = Field(
         1.0, description="λ; or per family: {<row name or model_type>: λ, default: λ}"
@@ -130,6 +198,26 @@ class Recipe(_Strict):
 
     def strength_for(self, arch) -> float:
         return _for_family(self.strength, arch, "strength")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _skip_special_alias(cls, data):
+        if isinstance(data, dict) and "skip_special_tokens" in data:
+            data = dict(data)
+            old = data.pop("skip_special_tokens")
+            warnings.warn(
+                "skip_special_tokens is deprecated: write pooling_special_tokens: "
+                f"{'exclude' if old else 'include'} (the default, include, is the reference's).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            data.setdefault("pooling_special_tokens", "exclude" if old else "include")
+        return data
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        """True when the mean pooling leaves special tokens out (``pooling_special_tokens: exclude``)."""
+        return self.pooling_special_tokens == "exclude"
 
     def path(self, p: Path) -> Path:
         return p if p.is_absolute() else (self._base_dir / p)

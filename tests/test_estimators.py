@@ -35,7 +35,9 @@ def test_linear_act_is_exact_on_deterministic_pairs():
 def test_degenerate_neurons_fall_back_to_shift_and_are_counted():
     x, y, _, _ = _gaussians(n=200, d=4)
     x[:, 1] = 2.5  # constant source neuron: ω would explode
-    m, info = linear_act(x, y)
+    ref, info = linear_act(x, y)  # reference: left untouched (ml-act's clamp moves nothing there)
+    assert info.degenerate == 1 and ref.omega[1] == 1.0 and ref.beta[1] == 0.0
+    m, info = linear_act(x, y, degenerate="shift")  # actmerge's variant: shift-only
     assert info.degenerate == 1
     assert m.omega[1] == 1.0
     assert torch.isclose(m.beta[1], y[:, 1].mean() - 2.5, atol=1e-4)

@@ -237,7 +237,12 @@ def fit_pipeline(
     degenerate = 0
     for site in sites:
         amap, info = estimator(
-            src[site.key], tgt[site.key], seed=recipe.seed, fit_shift=site.key not in scale_only
+            src[site.key],
+            tgt[site.key],
+            seed=recipe.seed,
+            fit_shift=site.key not in scale_only,
+            degenerate=recipe.degenerate_neurons,
+            sample=recipe.sample,
         )
         maps[site.key] = amap
         degenerate += info.degenerate
