@@ -131,7 +131,9 @@ def test_assistant_turns_pool_only_the_reply():
         )  # the char tokenizer decodes with spaces
     assert (b.inputs["input_ids"][:, -len("Goal!") - 30 :] == 1).sum() <= 2  # one BOS each, none added
     raw = next(batches(tok, sentences, batch_size=4, max_tokens=64))
-    assert int(raw.token_mask[0].sum()) == len("Goal!")  # raw text: unchanged behaviour
+    assert int(raw.token_mask[0].sum()) == len("Goal!") + 1  # raw text: every real token, BOS kept (ml-act)
+    raw = next(batches(tok, sentences, batch_size=4, max_tokens=64, skip_special=True))
+    assert int(raw.token_mask[0].sum()) == len("Goal!")  # pooling_special_tokens: exclude
 
 
 def test_chat_eval_prompts_are_user_turns():
