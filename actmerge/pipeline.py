@@ -211,6 +211,8 @@ def _fit_lineas(model, tok, recipe, config, sites, source, target, targets, allo
         loss_norm=o.loss_norm,
         param=o.param,
         seed=recipe.seed,
+        early_stop=o.early_stop,
+        early_stop_tol=o.early_stop_tol,
     )
     return fit_lineas(
         model,
