@@ -275,8 +275,18 @@ def bake(
         hub.validate_repo_id(push_to_hub)
         hub.require_token()  # before the (slow) fit, not after it
     lams = _strengths(strength) if strength else None
-    results = pipeline.bake(
+    # loaded once: the fit, the bake and the verification after it share the base model
+    loaded = pipeline.load(
         model,
+        revision=revision,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        log=_log,
+    )
+    results = pipeline.bake(
+        loaded,
         recipe=recipe or None,
         maps=maps,
         strengths=lams,
@@ -309,7 +319,7 @@ def bake(
         if res.out:
             out.print(f"[green]wrote[/] {res.out} (bake {res.seconds:.1f}s)")
             if verify or push_to_hub:  # a push publishes verified checkpoints only
-                rep = pipeline.verify(res.out, device=device, log=_log)
+                rep = pipeline.verify(res.out, base=loaded, device=device, log=_log)
                 _verify_print(rep)
                 if not rep.passed:
                     raise typer.Exit(5)

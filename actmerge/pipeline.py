@@ -23,7 +23,14 @@ from .placement import from_pretrained_kwargs, offloaded, pick_device
 from .recipe import Recipe, load_recipe, read_sentences
 from .sites import Site, architecture_for, resolve_sites, site_for_key
 from .sweep import EvalConfig, Report, markdown_table, plot, run_sweep
-from .verify import DEFAULT_PROMPTS, TOLERANCE, VerifyReport, compare, hooked_outputs, run_fresh
+from .verify import (
+    DEFAULT_PROMPTS,
+    TOLERANCE,
+    VerifyReport,
+    compare,
+    hooked_outputs,
+    verify_transformers,
+)
 
 NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "neutral.txt"
 
@@ -549,10 +556,7 @@ def verify(
         dtypes = {i.dtype for i in infos.values()}
         tolerance = max(TOLERANCE.get(d, 0.5) for d in dtypes)
     prompts = prompts or DEFAULT_PROMPTS
-    model, tok = loaded.get()
-    ref = hooked_outputs(model, tok, prompts, mapset, strength)
-    got = run_fresh(checkpoint, prompts)
-    report = compare(ref, got, tolerance)
+    report = verify_transformers(checkpoint, loaded.get, mapset, strength, prompts, tolerance, log)
     (checkpoint / PROVENANCE_DIR).mkdir(exist_ok=True)
     (checkpoint / PROVENANCE_DIR / "verify.json").write_text(report.to_json() + "\n")
     return report
