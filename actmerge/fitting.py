@@ -245,6 +245,8 @@ def _fit_lineas(model, tok, recipe, sites, source, target, frozen, progress, log
         l1=o.l1,
         group=o.group,
         group_mode=o.group_mode,
+        early_stop=o.early_stop,
+        early_stop_tol=o.early_stop_tol,
         loss_norm=o.loss_norm,
         param=o.param,
         seed=recipe.seed,

@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 import torch
 from rich.progress import Progress
 
-from .collect import batches, collect
+from .collect import Batch, batches, collect
 from .errors import ActivationError
 from .hooks import Pooler, attach
 from .maps import AffineMap
+from .placement import offloaded
 from .sites import Site
 
 
@@ -53,6 +54,11 @@ class LineasConfig:
     loss_norm: str = "none"  # none | target_var: per-neuron W2 divided by the target's variance
     param: str = "linear"  # linear: learn ω; log: learn θ with ω = exp(θ)
     seed: int = 0
+    # early stop (off with 0): stop once the mean loss of the last `early_stop` steps is less than
+    # `early_stop_tol` (relative) below that of the window before; the cosine schedule still spans
+    # `steps`, so a stopped fit differs from a full one (its maps are those of the stopping step)
+    early_stop: int = 0
+    early_stop_tol: float = 1e-3
 
 
 @dataclass
@@ -65,6 +71,8 @@ class LineasReport:
     seconds: float
     steps: int
     per_site_active: dict[str, int] = field(default_factory=dict)
+    steps_per_second: float = 0.0
+    stopped_early: bool = False
 
 
 def w2_per_neuron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -73,15 +81,20 @@ def w2_per_neuron(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Sorted samples; when n ≠ m, ``y``'s quantiles are linearly interpolated at x's levels."""
     xs, _ = torch.sort(x, dim=0)
     ys, _ = torch.sort(y, dim=0)
-    n, m = xs.shape[0], ys.shape[0]
-    if n != m:
-        pos = (torch.arange(n, dtype=torch.float64, device=ys.device) + 0.5) / n * m - 0.5
-        pos = pos.clamp(0, m - 1)
-        lo = pos.floor().long()
-        hi = (lo + 1).clamp(max=m - 1)
-        w = (pos - lo).to(ys.dtype).unsqueeze(1)
-        ys = ys[lo] * (1 - w) + ys[hi] * w
-    return ((xs - ys) ** 2).mean(0)
+    return ((xs - quantiles(ys, xs.shape[0])) ** 2).mean(0)
+
+
+def quantiles(ys: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` quantiles per column of the sorted sample ``ys`` [m, d] (``ys`` itself when n = m)."""
+    m = ys.shape[0]
+    if n == m:
+        return ys
+    pos = (torch.arange(n, dtype=torch.float64, device=ys.device) + 0.5) / n * m - 0.5
+    pos = pos.clamp(0, m - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=m - 1)
+    w = (pos - lo).to(ys.dtype).unsqueeze(1)
+    return ys[lo] * (1 - w) + ys[hi] * w
 
 
 def soft_threshold(v: torch.Tensor, t: float) -> torch.Tensor:
@@ -144,7 +157,12 @@ def fit_lineas(
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, AffineMap], LineasReport]:
     """Learn ω, β at ``sites`` end to end. ``frozen_shift``: site key → reason its β stays 0.
-    ``target``: target sentences, or their pooled activations ``{key: [M, D]}`` collected already."""
+    ``target``: target sentences, or their pooled activations ``{key: [M, D]}`` collected already.
+
+    A step is one forward + backward of the steered batch and little else: the source sentences are
+    tokenised once (a step selects rows), the forward runs without a KV cache and stops after the
+    last site, the loss of all sites is one sort and one weighted sum over their concatenated
+    neurons, and the loss reaches the host only every few steps on an accelerator."""
     t0 = time.perf_counter()
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -168,8 +186,6 @@ def fit_lineas(
     n_target = len(next(iter(tgt.values())))
     if cfg.loss_norm not in ("none", "target_var", "target_std"):  # target_std: deprecated alias
         raise ValueError(f"unknown loss_norm {cfg.loss_norm!r}: use 'none' or 'target_var'")
-    by_var = cfg.loss_norm in ("target_var", "target_std")
-    norm = {k: (v.var(0) + 1e-6) if by_var else None for k, v in tgt.items()}
     if cfg.param not in ("linear", "log"):
         raise ValueError(f"unknown LinEAS parametrisation {cfg.param!r}: use 'linear' or 'log'")
     log_param = cfg.param == "log"
@@ -185,52 +201,60 @@ def fit_lineas(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr_min)
     for p in model.parameters():
         p.requires_grad_(False)
+    loss_of = _Loss(
+        tgt, keys, cfg.loss_norm, n_source=min(cfg.batch, len(source)), fixed=n_target <= cfg.batch
+    )
+    src = _Tokenised(tok, source, max_tokens, skip_special, device)
     pooler = Pooler(pooling)
     pooled: dict[str, torch.Tensor] = {}
+    order: list[str] = []  # the sites in the order the first forward reached them
+    first = True
 
     def make(key: str):
         omega, beta = params[key]
+        shift = beta.requires_grad  # a frozen shift stays 0: adding it would change nothing
 
         def fn(a: torch.Tensor) -> torch.Tensor:
             scale = omega.exp() if log_param else omega
-            out = (a.float() * scale + beta).to(a.dtype)
+            out = a.float() * scale
+            if shift:
+                out = out + beta
+            out = out.to(a.dtype)
             pooled[key] = pooler(out)
+            if first:
+                order.append(key)
             return out
 
         return fn
 
+    # losses reach the host (a sync on an accelerator) every `every` steps, where they are checked
+    every = 1 if device.type == "cpu" else 20
     losses: list[float] = []
+    pending: list[torch.Tensor] = []
+    stopped_early = False
+    t_loop = time.perf_counter()
     with ExitStack() as stack, Progress(transient=True, disable=not progress) as bar:
         for k in keys:
             stack.enter_context(attach(model, k, make(k)))
         task = bar.add_task("LinEAS", total=cfg.steps)
         for step in range(cfg.steps):
-            batch_src = rng.sample(source, min(cfg.batch, len(source)))
-            idx = torch.tensor(rng.sample(range(n_target), min(cfg.batch, n_target)), device=device)
-            (b,) = list(
-                batches(
-                    tok,
-                    batch_src,
-                    batch_size=len(batch_src),
-                    max_tokens=max_tokens,
-                    skip_special=skip_special,
-                    device=device,
-                )
-            )
+            rows = rng.sample(range(len(source)), min(cfg.batch, len(source)))
+            idx = rng.sample(range(n_target), min(cfg.batch, n_target))
+            b = src.rows(rows)
             pooler.mask = b.token_mask
             pooled.clear()
-            model.base_model(**b.inputs)
-            site_losses = []
-            for k in keys:
-                w2 = w2_per_neuron(pooled[k].float(), tgt[k][idx].float())
-                if norm[k] is not None:
-                    w2 = w2 / norm[k]
-                site_losses.append(w2.mean())
-            loss = torch.stack(site_losses).mean()
-            if not torch.isfinite(loss):
-                raise ActivationError(
-                    f"LinEAS loss became {float(loss)} at step {step}: lower lr or use loss_norm."
-                )
+            _forward(model, b.inputs)
+            if first:
+                first = False
+                stop = _last_site(model, order, keys)
+                if stop is not None:  # after the steering hook at that site (hooks run in order)
+                    stack.enter_context(attach(model, stop, _raise_stop))
+            loss = loss_of(torch.cat([pooled[k] for k in keys], 1), idx)
+            pending.append(loss.detach())
+            if (step + 1) % every == 0 or step + 1 == cfg.steps:
+                losses += _drain_losses(pending, len(losses))
+                stopped_early = _plateaued(losses, cfg.early_stop, cfg.early_stop_tol)
+                bar.update(task, description=f"LinEAS loss {losses[-1]:.4g}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -248,8 +272,11 @@ def fit_lineas(
                         identity=identity,
                         group_mode=cfg.group_mode,
                     )
-            losses.append(float(loss.detach()))
-            bar.update(task, advance=1, description=f"LinEAS loss {losses[-1]:.4g}")
+            bar.update(task, advance=1)
+            if stopped_early:
+                break
+    losses += _drain_losses(pending, len(losses))
+    steps_per_second = len(losses) / max(time.perf_counter() - t_loop, 1e-9)
     maps = {
         k: AffineMap(
             (om.detach().exp() if log_param else om.detach()).float().cpu(), be.detach().float().cpu()
@@ -264,12 +291,116 @@ def fit_lineas(
         sum(m.dim for m in maps.values()),
         sum(1 for v in active.values() if v > 0),
         time.perf_counter() - t0,
-        cfg.steps,
+        len(losses),
         active,
+        steps_per_second,
+        stopped_early,
     )
+    early = f" (stopped early: loss plateau, early_stop={cfg.early_stop})" if stopped_early else ""
     log(
-        f"LinEAS: {cfg.steps} steps in {report.seconds:.0f}s, loss {losses[0]:.4g} → {losses[-1]:.4g}; "
+        f"LinEAS: {report.steps} steps in {report.seconds:.0f}s ({steps_per_second:.2f} steps/s){early}, "
+        f"loss {losses[0]:.4g} → {losses[-1]:.4g}; "
         f"selected {report.selected_neurons}/{report.total_neurons} neurons at {report.selected_sites}/{len(keys)} "
         f"sites; shifts frozen (not foldable) at {len(frozen_shift)} sites"
     )
     return maps, report
+
+
+class _Tokenised:
+    """The source sentences tokenised once, left-padded to the longest; ``rows`` gives the batch
+    that tokenising those sentences alone would give (their rows, cropped to their longest)."""
+
+    def __init__(self, tok, sentences: list[str], max_tokens: int, skip_special: bool, device):
+        (b,) = batches(
+            tok,
+            sentences,
+            batch_size=len(sentences),
+            max_tokens=max_tokens,
+            skip_special=skip_special,
+            device=device,
+        )
+        self.inputs, self.mask = b.inputs, b.token_mask.to(device)
+        self.lengths = b.inputs["attention_mask"].sum(1).tolist()
+        self.device = device
+
+    def rows(self, rows: list[int]) -> Batch:
+        width = max(self.lengths[r] for r in rows)
+        sel = torch.tensor(rows, device=self.device)
+        inputs = {k: v.index_select(0, sel)[:, -width:] for k, v in self.inputs.items()}
+        return Batch(inputs, self.mask.index_select(0, sel)[:, -width:])
+
+
+class _Loss:
+    """The LinEAS loss of one step: per-neuron W2 (÷ the target's variance with ``target_var``)
+    averaged over each site's neurons, then over sites — computed as one sort and one weighted sum
+    over all sites' neurons side by side. Target statistics are prepared once (sorted once when
+    every step uses the whole target sample)."""
+
+    def __init__(
+        self, tgt: dict[str, torch.Tensor], keys: list[str], loss_norm: str, n_source: int, fixed: bool
+    ):
+        self.target = torch.cat([tgt[k].float() for k in keys], 1)  # [M, ΣD]
+        weights = []
+        for k in keys:
+            v = tgt[k]
+            w = torch.full((v.shape[1],), 1.0 / (v.shape[1] * len(keys)), device=v.device)
+            weights.append(w / (v.var(0) + 1e-6) if loss_norm in ("target_var", "target_std") else w)
+        self.weight = torch.cat(weights)
+        self.n_source = n_source
+        self.sorted = quantiles(torch.sort(self.target, dim=0).values, n_source) if fixed else None
+
+    def __call__(self, pooled: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        xs, _ = torch.sort(pooled.float(), dim=0)
+        ys = self.sorted
+        if ys is None:
+            sample = self.target.index_select(0, torch.tensor(idx, device=self.target.device))
+            ys = quantiles(torch.sort(sample, dim=0).values, self.n_source)
+        return (((xs - ys) ** 2).mean(0) * self.weight).sum()
+
+
+class _Stop(Exception):
+    """Raised by a hook after the last site the loss needs: the rest of the forward is not run."""
+
+
+def _raise_stop(_a: torch.Tensor) -> None:
+    raise _Stop
+
+
+def _forward(model, inputs: dict[str, torch.Tensor]) -> None:
+    """The body (no LM head) without a KV cache; a hook may end it early with ``_Stop``."""
+    try:
+        model.base_model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+
+
+def _last_site(model, order: list[str], keys: list[str]) -> str | None:
+    """The site after which a forward may stop: the last one the first forward reached, when each
+    site ran exactly once; none on a model dispatched by accelerate (its offload hooks must run)."""
+    if sorted(order) != sorted(keys) or offloaded(model):
+        return None
+    return order[-1]
+
+
+def _drain_losses(pending: list[torch.Tensor], first_step: int) -> list[float]:
+    """The pending step losses as floats (one host transfer); a non-finite one is an error."""
+    if not pending:
+        return []
+    values = torch.stack(pending).tolist()
+    pending.clear()
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ActivationError(
+                f"LinEAS loss became {v} at step {first_step + i}: lower lr or use loss_norm: target_var."
+            )
+    return values
+
+
+def _plateaued(losses: list[float], window: int, tol: float) -> bool:
+    """Early stop: the mean loss of the last ``window`` steps is less than ``tol`` (relative) below
+    the mean of the ``window`` steps before. ``window`` 0: never."""
+    if window <= 0 or len(losses) < 2 * window:
+        return False
+    last = sum(losses[-window:]) / window
+    before = sum(losses[-2 * window : -window]) / window
+    return before - last <= tol * abs(before)

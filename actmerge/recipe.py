@@ -63,6 +63,13 @@ class LineasOptions(_Strict):
     param: Literal["linear", "log"] = Field(
         "linear", description="learn ω directly (linear) or as exp(θ) (log: ω stays positive)"
     )
+    early_stop: int = Field(
+        0,
+        ge=0,
+        description="stop once the mean loss of the last N steps is less than early_stop_tol (relative) "
+        "below that of the N steps before (0: off; the maps then differ from a full fit's)",
+    )
+    early_stop_tol: float = Field(1e-3, ge=0)
 
     @field_validator("loss_norm", mode="before")
     @classmethod
