@@ -35,6 +35,10 @@ class Loaded:
     _model: object = None
     _tok: object = None
 
+    def __post_init__(self):
+        if not isinstance(self.placement, Placement):  # a device name, e.g. Loaded(source, "cpu")
+            self.placement = Placement(self.placement)
+
     def get(self):
         if self._model is None:
             self._model, self._tok = load_model(self.source, placement=self.placement)

@@ -31,9 +31,9 @@ def baked(tmp_path_factory):
 def test_verify_reuses_the_loaded_base_and_logs_progress(baked, monkeypatch):
     loaded, out = baked
     loaded.get()
-    monkeypatch.setattr(
-        pipeline, "load_model", lambda *a, **k: pytest.fail("the base model was loaded again")
-    )
+    from actmerge import fitting
+
+    monkeypatch.setattr(fitting, "load_model", lambda *a, **k: pytest.fail("the base model was loaded again"))
     lines = []
     rep = pipeline.verify(out, base=loaded, log=lines.append)
     assert rep.passed and rep.max_abs_logit_diff <= 1e-4
