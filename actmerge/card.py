@@ -53,6 +53,7 @@ def render(
     evaluation: str = "",
     reproduce: str = "",
     runtimes: list[str] | None = None,
+    tuned: dict | None = None,
 ) -> str:
     license = license or BUILTIN_BASES.get(base_model, (None, None))[1]
     hub_id = hub_base_model(base_model)
@@ -91,6 +92,7 @@ def render(
         "",
         f"- method: `{method}` (per-neuron affine transport maps `T(a) = ω·a + β`)",
         f"- strength: λ = {strength:g} (the model sees `(1−λ+λω)·a + λβ`)",
+        *([_tuned_line(tuned)] if tuned else []),
         f"- sites: {', '.join(sites) or 'none'} ({len(plan_rows)} module sides)",
         f"- fold classes: {', '.join(classes)}",
         f"- config changes: {', '.join(f'`{k}={v}`' for k, v in config_patch.items()) or 'none'}",
@@ -153,3 +155,16 @@ def render(
     if reproduce:
         lines += ["## Reproduce", "", "```bash", reproduce, "```", ""]
     return "\n".join(lines)
+
+
+def _tuned_line(tuned: dict) -> str:
+    """The card's account of a strength chosen by ``actmerge tune`` (``tune.provenance``)."""
+    cost = tuned["cost_on_tuning_text"]
+    metric = next(k for k in tuned if k.endswith("_on_tuning_prompts"))
+    name = metric.removesuffix("_on_tuning_prompts")
+    return (
+        f"- strength chosen by `actmerge tune`: the strongest λ within the budget {tuned['budget']['text']} "
+        f"on the recipe's tuning text (measured: perplexity ×{cost['perplexity_ratio']:.3f}, "
+        f"KL {cost['kl']:.3g} nats/token; {name} on the tuning prompts "
+        f"{tuned['base_' + name]:.3g} → {tuned[metric]:.3g})"
+    )

@@ -93,6 +93,22 @@ OffloadFolder = Annotated[
     ),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+MaxPplRatio = Annotated[
+    float | None,
+    typer.Option(
+        "--max-ppl-ratio", help="Tuning budget: perplexity ratio to the base on tuning text (default 1.10)."
+    ),
+]
+MaxKl = Annotated[
+    float | None,
+    typer.Option("--max-kl", help="Tuning budget: mean per-token KL(base ‖ steered) in nats on tuning text."),
+]
+
+
+def _budget(max_ppl_ratio: float | None, max_kl: float | None):
+    from .tune import Budget
+
+    return Budget(max_ppl_ratio if max_ppl_ratio or max_kl else 1.10, max_kl)
 
 
 def handled(fn):
@@ -179,9 +195,14 @@ def bake(
     strength: Annotated[
         str | None,
         typer.Option(
-            "--strength", "-s", help="λ, or several: 0.5,1.0 (one sub-directory each). Default: the recipe's."
+            "--strength",
+            "-s",
+            help="λ, or several: 0.5,1.0 (one sub-directory each), or 'auto': the strength `actmerge tune` "
+            "chose within --max-ppl-ratio/--max-kl (tuned now if none is recorded). Default: the recipe's.",
         ),
     ] = None,
+    max_ppl_ratio: MaxPplRatio = None,
+    max_kl: MaxKl = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--out", help="Output directory (must not exist unless --force).")
     ] = None,
@@ -274,7 +295,8 @@ def bake(
             raise typer.BadParameter("--push-to-hub needs a written checkpoint: drop --dry-run.")
         hub.validate_repo_id(push_to_hub)
         hub.require_token()  # before the (slow) fit, not after it
-    lams = _strengths(strength) if strength else None
+    auto = strength is not None and strength.strip() == "auto"
+    lams = _strengths(strength) if strength and not auto else None
     results = pipeline.bake(
         model,
         recipe=recipe or None,
@@ -294,6 +316,7 @@ def bake(
         log=_log,
         evaluate_after=evaluate,
         as_llama=as_llama,
+        tune_budget=_budget(max_ppl_ratio, max_kl) if auto else None,
     )
     for res in results:
         _plan_table(describe(res.plan), res.strength)
@@ -570,6 +593,77 @@ def compose(
     composed = compose_all(sets, lams)
     composed.save(output)
     out.print(f"wrote {len(composed)} composed maps to {output}; bake it with --strength 1")
+
+
+@app.command()
+@handled
+def tune(
+    model: Model,
+    recipe: Annotated[
+        Path, typer.Option("--recipe", "-r", help="Recipe YAML with tune_prompts/tune_neutral.")
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--out", help="Report directory (tune.json, tune.png).")
+    ] = Path("tune"),
+    max_ppl_ratio: MaxPplRatio = None,
+    max_kl: MaxKl = None,
+    maps: Annotated[
+        Path | None,
+        typer.Option("--maps", "-m", help="Maps already fitted from this recipe (skips the fit)."),
+    ] = None,
+    max_strength: Annotated[float, typer.Option(help="Largest λ tried.")] = 2.0,
+    step: Annotated[float, typer.Option(help="Coarse grid step in λ.")] = 0.25,
+    tol: Annotated[float, typer.Option(help="Bisection tolerance in λ.")] = 0.02,
+    device: Device = None,
+):
+    """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
+    prompts): fit once, hooked previews on a λ grid, then bisection. Bake it with --strength auto."""
+    from .tune import tune as run_tune
+
+    res = run_tune(
+        pipeline_load(model, device),
+        recipe,
+        maps=maps,
+        budget=_budget(max_ppl_ratio, max_kl),
+        max_strength=max_strength,
+        step=step,
+        tol=tol,
+        out=output,
+        log=_log,
+    )
+    table = Table(title=f"{res.model} · {res.recipe}: {res.metric} vs cost (tuning split)")
+    for col in ("λ", res.metric, "ppl ratio", "KL", "first-token KL", "budget"):
+        table.add_column(col, justify="right")
+    for p in sorted(res.points, key=lambda p: p.strength):
+        mark = " ◀ chosen" if p.strength == res.strength else ""
+        beh = "-" if p.behaviour is None else f"{p.behaviour:.3g}"
+        c = p.cost
+        table.add_row(
+            f"{p.strength:g}",
+            beh,
+            f"{c['perplexity_ratio']:.4f}",
+            f"{c['kl']:.4g}",
+            f"{c.get('first_token_kl', 0):.4g}",
+            ("ok" if p.within else "over") + mark,
+        )
+    out.print(table)
+    status = "[green]chose[/]" if res.met else "[red]budget not met[/]; best point"
+    out.print(f"{status} λ = {res.strength:g} ({res.budget.describe()}): {res.note}")
+    out.print(
+        f"wrote {output / 'tune.json'} and {output / 'tune.png'}; bake it with "
+        f"`actmerge bake {model} --recipe {recipe} --strength auto"
+        + (f" --max-ppl-ratio {res.budget.max_ppl_ratio:g}" if res.budget.max_ppl_ratio else "")
+        + (f" --max-kl {res.budget.max_kl:g}" if res.budget.max_kl else "")
+        + " -o OUT`"
+    )
+    if not res.met:
+        raise typer.Exit(6)
+
+
+def pipeline_load(model: str, device: str | None):
+    from . import pipeline
+
+    return pipeline.load(model, device=device, log=_log)
 
 
 @app.command("eval")

@@ -290,13 +290,16 @@ def bake(
     log=print,
     evaluate_after: bool = False,
     as_llama: bool = False,
+    tune_budget=None,
 ) -> list[BakeResult]:
     """Fit (from a recipe) or load maps, plan the fold at each strength, and write checkpoints.
 
     Several recipes compose: each is fitted, applied at its own strength (``strengths`` gives one per
     recipe), the maps at shared sites compose (affine ∘ affine, in recipe order), and one checkpoint
     is baked. ``as_llama``: write a Mistral checkpoint in the Llama layout, where shifts fold into
-    ``attention_bias``/``mlp_bias`` biases (``llama_layout.as_llama_config``)."""
+    ``attention_bias``/``mlp_bias`` biases (``llama_layout.as_llama_config``). ``tune_budget`` (a
+    ``tune.Budget``): ``--strength auto`` — the strength ``actmerge tune`` recorded for this model, recipe
+    and budget, tuned now on the fitted maps if none is recorded."""
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
@@ -359,6 +362,10 @@ def bake(
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
         if not mapset.maps:
             raise MapsMismatchError("the maps file holds no maps.")
+    tuned = None
+    if tune_budget is not None:
+        tuned = _auto_strength(loaded, recipe_obj, mapset, tune_budget, len(recipe_objs), progress, log)
+        strengths = [tuned["strength"]]
     results = []
     for lam in strengths:
         t0 = time.perf_counter()
@@ -381,7 +388,14 @@ def bake(
         if not dry_run:
             dest = _out_for(Path(out), lam, strengths)
             res.out = write_baked(
-                loaded.source, held, fold_plan, dest, recipe_path=recipes, force=force, progress=progress
+                loaded.source,
+                held,
+                fold_plan,
+                dest,
+                recipe_path=recipes,
+                force=force,
+                progress=progress,
+                tuned=tuned,
             )
         res.seconds = time.perf_counter() - t0
         if evaluate_after and res.out is not None:
@@ -396,10 +410,27 @@ def bake(
             report.save(res.out / PROVENANCE_DIR / "eval.json")
             res.evaluation = markdown_table(report)
             (res.out / "README.md").write_text(
-                model_card(loaded.source, held, fold_plan, recipes, res.evaluation)
+                model_card(loaded.source, held, fold_plan, recipes, res.evaluation, tuned)
             )
         results.append(res)
     return results
+
+
+def _auto_strength(loaded, recipe, mapset, budget, n_recipes, progress, log) -> dict:
+    """``--strength auto``: the recorded tuning for (model, recipe, budget), else tune the fitted maps."""
+    from .tune import provenance, recall, tune
+
+    if n_recipes != 1:
+        raise RecipeError("--strength auto tunes one recipe: bake a single --recipe (not --maps, not several).")
+    rec = recall(loaded.source.name, recipe.content_hash(), budget)
+    if rec is None:
+        log(f"no recorded tuning for {recipe.name} on {loaded.source.name} within {budget.describe()}: tuning now")
+        rec = tune(loaded, recipe, maps=mapset, budget=budget, progress=progress, log=log).to_dict()
+    else:
+        log(f"--strength auto: λ = {rec['strength']:g} (recorded by actmerge tune within {budget.describe()})")
+    if not rec["met"]:
+        raise RecipeError(f"--strength auto: {rec['note']}")
+    return provenance(rec)
 
 
 def compose_all(mapsets: list[MapSet], strengths: list[float]) -> MapSet:
@@ -428,8 +459,10 @@ def write_baked(
     force: bool = False,
     progress: bool = True,
     evaluation: str = "",
+    tuned: dict | None = None,
 ) -> Path:
-    """Write checkpoint + provenance (maps, recipe, bake.json) + model card."""
+    """Write checkpoint + provenance (maps, recipe, bake.json) + model card. ``tuned``: how
+    ``--strength auto`` chose λ (``tune.provenance``), recorded in both."""
     from rich.progress import track
 
     with tempfile.TemporaryDirectory() as d:
@@ -447,11 +480,13 @@ def write_baked(
         "runtimes": sorted(fold_plan.runtimes),
         "fold": rows,
     }
+    if tuned is not None:
+        bake_info["tuned"] = tuned
     extra = {
         f"{PROVENANCE_DIR}/maps.safetensors": maps_bytes,
         f"{PROVENANCE_DIR}/bake.json": (json.dumps(bake_info, indent=2) + "\n").encode(),
     }
-    extra["README.md"] = model_card(source, maps, fold_plan, recipe_path, evaluation).encode()
+    extra["README.md"] = model_card(source, maps, fold_plan, recipe_path, evaluation, tuned).encode()
     paths = _recipe_list(recipe_path)
     for i, rp in enumerate(paths):
         name = "recipe.yaml" if len(paths) == 1 else f"recipe-{i + 1}.yaml"
@@ -473,11 +508,20 @@ def write_baked(
 
 
 def model_card(
-    source: ModelSource, maps: MapSet, fold_plan: FoldPlan, recipe_path=None, evaluation: str = ""
+    source: ModelSource,
+    maps: MapSet,
+    fold_plan: FoldPlan,
+    recipe_path=None,
+    evaluation: str = "",
+    tuned: dict | None = None,
 ) -> str:
     paths = _recipe_list(recipe_path)
     how = " ".join(f"--recipe {Path(r).name}" for r in paths) if paths else "--maps actmerge/maps.safetensors"
     strength = maps.extra.get("strengths", "") if len(paths) > 1 else f"{fold_plan.strength:g}"
+    if tuned is not None:
+        b = tuned["budget"]
+        strength = "auto" + (f" --max-ppl-ratio {b['max_ppl_ratio']:g}" if b["max_ppl_ratio"] else "")
+        strength += f" --max-kl {b['max_kl']:g}" if b["max_kl"] else ""
     return card.render(
         base_model=source.name,
         method=maps.method or "unknown",
@@ -489,6 +533,7 @@ def model_card(
         runtimes=sorted(fold_plan.runtimes),
         evaluation=evaluation,
         reproduce=f"actmerge bake {source.name} {how} --strength {strength} -o out/",
+        tuned=tuned,
     )
 
 
@@ -604,6 +649,7 @@ def eval_config(
             return None
         return read_sentences(recipe.path(getattr(recipe, attr)))
 
+    explicit_prompts = prompts
     prompts = prompts or from_recipe("eval_prompts")
     if not prompts:
         raise RecipeError("no evaluation prompts: set `eval_prompts:` in the recipe or pass --prompts FILE.")
@@ -613,6 +659,7 @@ def eval_config(
         neutral = read_sentences(NEUTRAL_TEXT)
     keywords = keywords or from_recipe("keywords") or []
     default_tokens = 32 if sample else (recipe.eval_max_new_tokens if recipe else 24)
+    hard = from_recipe("eval_prompts_hard") if explicit_prompts is None else None
     return EvalConfig(
         prompts=prompts[:limit] if limit else prompts,
         neutral=neutral,
@@ -622,6 +669,7 @@ def eval_config(
         max_new_tokens=max_new_tokens or default_tokens,
         sample=sample,
         seed=seed if seed is not None else (recipe.seed if recipe else 0),
+        splits={"hard": hard[:limit] if limit else hard} if hard else {},
     )
 
 
