@@ -716,6 +716,23 @@ def eval_(
             "the source support; not bakeable), to show what the unclamped, bakeable maps change.",
         ),
     ] = True,
+    lm_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval",
+            help="lm-evaluation-harness tasks (comma-separated, e.g. mmlu) on the base and each --baked "
+            "directory; needs actmerge[lmeval].",
+        ),
+    ] = None,
+    lm_eval_include: Annotated[
+        Path | None,
+        typer.Option(
+            "--lm-eval-include", help="Directory of local lm-eval task YAMLs (lm-eval's --include_path)."
+        ),
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option("--lm-eval-limit", help="lm-eval: only the first N documents per task.")
+    ] = None,
     revision: Revision = None,
     device: Device = None,
     device_map: DeviceMap = None,
@@ -752,6 +769,9 @@ def eval_(
         max_new_tokens=max_new_tokens,
         limit=limit,
         seed=seed,
+        lm_eval=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else [],
+        lm_eval_include=lm_eval_include,
+        lm_eval_limit=lm_eval_limit,
     )
     _report_table(report)
     out.print(markdown_table(report).splitlines()[-1])
@@ -762,18 +782,16 @@ def eval_(
 
 
 def _report_table(report) -> None:
-    from .sweep import COLUMNS
+    from .sweep import cell, columns
 
-    names = [k for k in COLUMNS if any(k in r.metrics for r in report.rows)]
+    names = columns(report)
     table = Table(title=f"{report.model}: evaluation")
     table.add_column("row")
     for n in names:
         table.add_column(n, justify="right")
     table.add_column("time", justify="right")
     for r in report.rows:
-        table.add_row(
-            r.label, *(f"{r.metrics[n]:.3g}" if n in r.metrics else "-" for n in names), f"{r.seconds:.0f}s"
-        )
+        table.add_row(r.label, *(cell(r, n) for n in names), f"{r.seconds:.0f}s")
     out.print(table)
 
 

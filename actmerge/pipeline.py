@@ -421,13 +421,19 @@ def _auto_strength(loaded, recipe, mapset, budget, n_recipes, progress, log) -> 
     from .tune import provenance, recall, tune
 
     if n_recipes != 1:
-        raise RecipeError("--strength auto tunes one recipe: bake a single --recipe (not --maps, not several).")
+        raise RecipeError(
+            "--strength auto tunes one recipe: bake a single --recipe (not --maps, not several)."
+        )
     rec = recall(loaded.source.name, recipe.content_hash(), budget)
     if rec is None:
-        log(f"no recorded tuning for {recipe.name} on {loaded.source.name} within {budget.describe()}: tuning now")
+        log(
+            f"no recorded tuning for {recipe.name} on {loaded.source.name} within {budget.describe()}: tuning now"
+        )
         rec = tune(loaded, recipe, maps=mapset, budget=budget, progress=progress, log=log).to_dict()
     else:
-        log(f"--strength auto: λ = {rec['strength']:g} (recorded by actmerge tune within {budget.describe()})")
+        log(
+            f"--strength auto: λ = {rec['strength']:g} (recorded by actmerge tune within {budget.describe()})"
+        )
     if not rec["met"]:
         raise RecipeError(f"--strength auto: {rec['note']}")
     return provenance(rec)
@@ -691,9 +697,15 @@ def evaluate(
     offload_folder: str | Path | None = None,
     progress: bool = True,
     log=print,
+    lm_eval: list[str] = (),
+    lm_eval_include: str | Path | None = None,
+    lm_eval_limit: int | None = None,
     **overrides,
 ) -> Report:
-    """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png."""
+    """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png.
+
+    ``lm_eval``: lm-evaluation-harness tasks run on the base model and on each baked directory
+    (``lmeval.scores``); the scores join those rows' metrics and each baked checkpoint's card."""
     loaded = load(
         model,
         revision=revision,
@@ -728,9 +740,35 @@ def evaluate(
         log=log,
         support=support,
     )
+    if lm_eval:
+        _lm_eval_rows(report, loaded, m, list(lm_eval), baked, lm_eval_include, lm_eval_limit, log)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         report.save(out / "report.json")
         plot(report, out / "sweep.png")
     return report
+
+
+def _lm_eval_rows(report: Report, loaded: Loaded, model, tasks, baked, include, limit, log) -> None:
+    from . import lmeval
+    from .placement import input_device
+    from .sweep import add_baselines
+
+    kw = dict(
+        include=include,
+        device=str(input_device(model)),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        limit=limit,
+    )
+    log(f"lm-eval {', '.join(tasks)}: base model")
+    base = lmeval.scores(loaded.source.path, tasks, **kw)
+    first = report.rows[0]
+    if first.kind == "base" or first.strength == 0:  # the base model, or λ = 0 (the identity)
+        first.metrics |= base
+    for row, path in zip([r for r in report.rows if r.kind == "baked"], baked, strict=True):
+        log(f"lm-eval {', '.join(tasks)}: {Path(path).name}")
+        got = lmeval.scores(path, tasks, **kw)
+        row.metrics |= got
+        lmeval.add_to_card(Path(path) / "README.md", lmeval.card_section(got, base))
+    add_baselines(report.rows)
