@@ -614,6 +614,9 @@ def tune(
     max_strength: Annotated[float, typer.Option(help="Largest λ tried.")] = 2.0,
     step: Annotated[float, typer.Option(help="Coarse grid step in λ.")] = 0.25,
     tol: Annotated[float, typer.Option(help="Bisection tolerance in λ.")] = 0.02,
+    curve: Annotated[
+        bool, typer.Option(help="Measure the behaviour at every grid point (--no-curve: only at the choice).")
+    ] = True,
     device: Device = None,
 ):
     """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
@@ -629,6 +632,7 @@ def tune(
         step=step,
         tol=tol,
         out=output,
+        curve=curve,
         log=_log,
     )
     table = Table(title=f"{res.model} · {res.recipe}: {res.metric} vs cost (tuning split)")

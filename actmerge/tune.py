@@ -162,12 +162,15 @@ def tune(
     cost_fn: Callable[[float], Cost] | None = None,
     behaviour_fn: Callable[[float], float] | None = None,
     record: bool = True,
+    curve: bool = True,
     progress: bool = True,
     log=print,
 ) -> TuneResult:
     """Fit the recipe once (or use ``maps``), search the strongest λ within ``budget`` on the tuning
     split, write ``out``/tune.json + tune.png, and record the choice for ``bake --strength auto``.
-    ``cost_fn``/``behaviour_fn`` (λ → cost dict / metric value) replace the hooked measurements."""
+    ``cost_fn``/``behaviour_fn`` (λ → cost dict / metric value) replace the hooked measurements.
+    ``curve=False``: the behaviour only at λ = 0 and the chosen λ (the choice needs only the cost, which
+    takes forwards on the neutral text; the behaviour takes generations)."""
     from . import pipeline
     from .maps import MapSet
 
@@ -191,7 +194,7 @@ def tune(
     log(f"budget: {budget.describe()} (on the tuning neutral text)")
 
     def show(p: Point) -> None:
-        if p.stage == "grid":
+        if p.stage == "grid" and curve:
             p.behaviour = behaviour_fn(p.strength)
         c = p.cost
         beh = f", {metric} {p.behaviour:.3g}" if p.behaviour is not None else ""
