@@ -67,7 +67,8 @@ class Recipe(_Strict):
         None, description="held-out prompts for `actmerge eval` (never fitted on)"
     )
     eval_prompts_hard: Path | None = Field(
-        None, description="a harder held-out prompt set, reported beside eval_prompts (never fitted or tuned on)"
+        None,
+        description="a harder held-out prompt set, reported beside eval_prompts (never fitted or tuned on)",
     )
     neutral_text: Path | None = Field(None, description="neutral text for perplexity")
     tune_prompts: Path | None = Field(

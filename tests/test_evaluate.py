@@ -130,7 +130,14 @@ def test_sweep_report_and_plot(pico, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert series == {
         m: 2
-        for m in ("toxic_fraction", "toxicity_mean", "concept_presence", "perplexity_ratio", "kl", "similarity")
+        for m in (
+            "toxic_fraction",
+            "toxicity_mean",
+            "concept_presence",
+            "perplexity_ratio",
+            "kl",
+            "similarity",
+        )
     }  # hooked line + baked points per panel
     table = markdown_table(rep)
     assert f"(base {base.metrics['perplexity']:.3g}, ×{one.ratio['perplexity']:.3g})" in table
