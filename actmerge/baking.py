@@ -127,6 +127,10 @@ def reproduce_command(info: BakeInfo, *, has_maps_only: bool) -> str:
     else:
         how = " ".join(f"--recipe {shlex.quote('model/actmerge/' + f)}" for f in info.recipe_files)
     lam = ",".join(f"{x:g}" for x in info.strengths) if len(info.recipe_files) > 1 else f"{info.strength:g}"
+    if info.tuned:  # chosen by `--strength auto` within a budget
+        b = info.tuned["budget"]
+        lam = "auto" + (f" --max-ppl-ratio {b['max_ppl_ratio']:g}" if b.get("max_ppl_ratio") else "")
+        lam += f" --max-kl {b['max_kl']:g}" if b.get("max_kl") else ""
     return f"actmerge bake {base} {how} --strength {lam} -o out/"
 
 
@@ -142,6 +146,7 @@ def bake_info(
     recipe_files: list[str],
     placement: dict | None = None,
     pipeline_class: str | None = None,
+    tuned: dict | None = None,
 ) -> BakeInfo:
     strengths = [float(x) for x in maps.extra.get("strengths", "").split(",") if x]
     return BakeInfo(
@@ -162,6 +167,7 @@ def bake_info(
         pipeline_class=pipeline_class,
         edited_components=[c for c in fold_plan.components() if c] if kind == "pipeline" else [],
         placement=placement or {},
+        tuned=tuned or {},
         fold=fold_plan.rows(),
     )
 
@@ -274,6 +280,7 @@ class BakeJob:
     log: Callable[[str], None] = print
     evaluate_after: bool = False
     as_llama: bool = False
+    tuned: dict = field(default_factory=dict)  # how `--strength auto` chose λ (tune.provenance)
 
 
 def bake_one(job: BakeJob, lam: float) -> BakeResult:
@@ -335,6 +342,7 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
             recipe_files=[f for f in recipe_bundle(recipes) if f.endswith("recipe.yaml")],
             placement=loaded.placement.to_dict() if loaded is not None else {},
             pipeline_class=getattr(source, "pipeline_class", None),
+            tuned=job.tuned,
         )
         from .card import base_license
 

@@ -134,6 +134,7 @@ def render(
         + (", fitted at the first denoising step)" if pipeline else ")"),
         f"- strength: λ = {info.strength:g} (the model sees `(1−λ+λω)·a + λβ`"
         + (" at every step)" if pipeline else ")"),
+        *([_tuned_line(info.tuned)] if getattr(info, "tuned", None) else []),
         f"- sites: {', '.join(sites) or 'none'} ({len(active)} active maps of {len(rows)})",
         f"- fold classes: {', '.join(classes)}",
         f"- config changes: {', '.join(f'`{k}={v}`' for k, v in info.config_patch.items()) or 'none'}",
@@ -241,3 +242,16 @@ def _usage_llm(runtimes: list[str], chat: bool) -> list[str]:
         "```",
         "",
     ]
+
+
+def _tuned_line(tuned: dict) -> str:
+    """The card's account of a strength chosen by ``actmerge tune`` (``tune.provenance``)."""
+    cost = tuned["cost_on_tuning_text"]
+    metric = next(k for k in tuned if k.endswith("_on_tuning_prompts"))
+    name = metric.removesuffix("_on_tuning_prompts")
+    return (
+        f"- strength chosen by `actmerge tune`: the strongest λ within the budget {tuned['budget']['text']} "
+        f"on the recipe's tuning text (measured: perplexity ×{cost['perplexity_ratio']:.3f}, "
+        f"KL {cost['kl']:.3g} nats/token; {name} on the tuning prompts "
+        f"{tuned['base_' + name]:.3g} → {tuned[metric]:.3g})"
+    )

@@ -16,13 +16,16 @@ from .cli_support import (
     DeviceMap,
     Force,
     MapsOpt,
+    MaxKl,
     MaxMemory,
+    MaxPplRatio,
     Model,
     OffloadFolder,
     Recipe,
     RecipeOpt,
     Recipes,
     Revision,
+    budget_of,
     handled,
     log,
     placement_of,
@@ -87,7 +90,13 @@ def bake(
     recipe: Recipes = None,
     maps: MapsOpt = None,
     strength: Annotated[
-        str | None, typer.Option("--strength", "-s", help="λ, or several: 0.5,1.0 (a sub-directory each).")
+        str | None,
+        typer.Option(
+            "--strength",
+            "-s",
+            help="λ, or several: 0.5,1.0 (a sub-directory each), or 'auto': the strength `actmerge tune` "
+            "chose within --max-ppl-ratio/--max-kl (tuned now if none is recorded). Default: the recipe's.",
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--out", help="Output directory (must not exist).")
@@ -124,6 +133,8 @@ def bake(
         bool, typer.Option("--as-llama", help="Mistral: write LlamaForCausalLM so shifts fold into biases.")
     ] = False,
     allow_extrapolation: AllowExtrapolation = False,
+    max_ppl_ratio: MaxPplRatio = None,
+    max_kl: MaxKl = None,
     revision: Revision = None,
     device: Device = None,
     device_map: DeviceMap = None,
@@ -141,11 +152,12 @@ def bake(
         raise typer.BadParameter("--shift-policy must be 'error' or 'drop'.")
     if push_to_hub and dry_run:
         raise typer.BadParameter("--push-to-hub needs a written checkpoint: drop --dry-run.")
+    auto = strength is not None and strength.strip() == "auto"
     results = pipeline.bake(
         model,
         recipe=recipe or None,
         maps=maps,
-        strengths=strengths_of(strength),
+        strengths=None if auto else strengths_of(strength),
         out=output,
         targets=target or (),
         shift_policy=shift_policy,
@@ -161,6 +173,7 @@ def bake(
         push_to_hub=push_to_hub,
         private=private,
         allow_extrapolation=allow_extrapolation,
+        tune_budget=budget_of(max_ppl_ratio, max_kl) if auto else None,
     )
     from . import render
 
@@ -293,6 +306,18 @@ def eval_(
     max_new_tokens: Annotated[int | None, typer.Option(help="New tokens per continuation.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the recipe's).")] = None,
+    lm_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval", help="lm-evaluation-harness tasks (e.g. mmlu) on the base and each --baked dir."
+        ),
+    ] = None,
+    lm_eval_include: Annotated[
+        Path | None, typer.Option("--lm-eval-include", help="Directory of local lm-eval task YAMLs.")
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option("--lm-eval-limit", help="lm-eval: only the first N documents per task.")
+    ] = None,
     chat: Annotated[
         bool,
         typer.Option(
@@ -336,6 +361,9 @@ def eval_(
         limit=limit,
         seed=seed,
         chat=chat,
+        lm_eval=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else [],
+        lm_eval_include=lm_eval_include,
+        lm_eval_limit=lm_eval_limit,
     )
     render.eval_report(report)
     out.print(f"wrote {output / 'report.json'} and {output / 'sweep.png'}")
@@ -356,7 +384,7 @@ def sites(
     render.sites(*pipeline.sites(model, targets=target or (), revision=revision, log=log))
 
 
-from . import cli_tools  # noqa: E402,F401  (export-gguf, export-control-vector, compose)
+from . import cli_tools, cli_tune  # noqa: E402,F401  (export-gguf, export-control-vector, compose; tune)
 from .recipes_cli import recipes_app  # noqa: E402  (`actmerge recipes …`)
 
 app.add_typer(recipes_app, name="recipes")

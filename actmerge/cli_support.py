@@ -143,3 +143,21 @@ def placement_of(device=None, device_map=None, max_memory=None, offload_folder=N
         return Placement(device, device_map, max_memory, offload_folder)
     except PlacementError as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+MaxPplRatio = Annotated[
+    float | None,
+    typer.Option(
+        "--max-ppl-ratio", help="Tuning budget: perplexity ratio to the base on tuning text (default 1.10)."
+    ),
+]
+MaxKl = Annotated[
+    float | None,
+    typer.Option("--max-kl", help="Tuning budget: mean per-token KL(base ‖ steered) in nats on tuning text."),
+]
+
+
+def budget_of(max_ppl_ratio: float | None, max_kl: float | None):
+    from .tune import Budget
+
+    return Budget(max_ppl_ratio if max_ppl_ratio or max_kl else 1.10, max_kl)

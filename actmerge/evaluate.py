@@ -208,3 +208,50 @@ def toxicity(
     scores = scorer(texts)
     frac = sum(s > threshold for s in scores) / max(len(scores), 1)
     return ToxicityResult(sum(scores) / max(len(scores), 1), frac, scores, texts)
+
+
+Forward = Callable[[dict], torch.Tensor]  # tokenizer batch → logits [B, T, V]
+
+
+@torch.no_grad()
+def logit_kl(
+    base: Forward,
+    steered: Forward,
+    tok,
+    texts: list[str],
+    *,
+    device=None,
+    last_only: bool = False,
+    max_tokens: int = 256,
+    batch_size: int = 4,
+) -> float:
+    """Mean KL(base ‖ steered) of the next-token distributions, in nats: over every non-padding
+    position of ``texts`` (the per-token cost of steering on neutral text), or with ``last_only``
+    only after the last token of each text (the first generated token after a neutral prompt,
+    heretic's measure). One forward per model per batch; left padding, so position -1 is the last."""
+    tok.padding_side = "left"
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        enc = tok(
+            texts[i : i + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_tokens,
+        )
+        if device is not None:
+            enc = enc.to(device)
+        mask = enc["attention_mask"].bool()
+        if last_only:
+            mask = torch.zeros_like(mask)
+            mask[:, -1] = True
+        lp = torch.log_softmax(base(enc)[mask].float(), -1)  # [N, V]
+        lq = torch.log_softmax(steered(enc)[mask].to(lp.device).float(), -1)
+        total += float((lp.exp() * (lp - lq)).sum().clamp_min(0))
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def neutral_prompts(neutral: list[str], words: int = 8) -> list[str]:
+    """Short neutral prompts for the first-token KL: the first ``words`` words of each neutral text."""
+    return [" ".join(t.split()[:words]) for t in neutral if t.split()]

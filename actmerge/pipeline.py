@@ -59,6 +59,7 @@ def bake(
     push_to_hub: str | None = None,
     private: bool = False,
     allow_extrapolation: bool = False,
+    tune_budget=None,
     pipe=None,
 ) -> list[BakeResult]:
     """Fit (from recipes) or load maps, plan the fold at each strength, write the checkpoints, and
@@ -66,7 +67,9 @@ def bake(
 
     Several recipes compose: each is fitted and applied at its own strength (``strengths`` gives one
     per recipe), maps at shared sites compose in recipe order, and one checkpoint is baked.
-    ``as_llama``: write a Mistral checkpoint in the Llama layout (``llama_layout``)."""
+    ``as_llama``: write a Mistral checkpoint in the Llama layout (``llama_layout``). ``tune_budget``
+    (a ``tune.Budget``): ``--strength auto``, the strength ``actmerge tune`` recorded for this model,
+    recipe and budget (tuned now on the fitted maps if none is recorded)."""
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
@@ -145,6 +148,10 @@ def bake(
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
         if not mapset.maps:
             raise MapsMismatchError("the maps file holds no maps.")
+    tuned = {}
+    if tune_budget is not None:
+        tuned = _auto_strength(loaded, recipe_objs, mapset, tune_budget, progress, log)
+        strengths = [tuned["strength"]]
     job = baking.BakeJob(
         kind,
         source,
@@ -160,6 +167,7 @@ def bake(
         log,
         evaluate_after,
         as_llama,
+        tuned,
     )
     results: list[BakeResult] = []
     try:
@@ -182,6 +190,30 @@ def bake(
             repo = push_to_hub if len(results) == 1 else hub.strength_repo_id(push_to_hub, res.strength)
             res.pushed = hub.push(res.out, repo, private=private, verify_required=True, log=log)
     return results
+
+
+def _auto_strength(loaded, recipes: list, mapset, budget, progress, log) -> dict:
+    """``--strength auto``: the recorded tuning for (model, recipe, budget), else tune the fitted maps."""
+    from .tune import provenance, recall, tune
+
+    if len(recipes) != 1 or loaded is None:
+        raise RecipeError(
+            "--strength auto tunes one recipe: bake a single --recipe (not --maps, not several)."
+        )
+    recipe = recipes[0]
+    rec = recall(loaded.source.name, recipe.content_hash(), budget)
+    if rec is None:
+        log(
+            f"no recorded tuning for {recipe.name} on {loaded.source.name} within {budget.describe()}: tuning now"
+        )
+        rec = tune(loaded, recipe, maps=mapset, budget=budget, progress=progress, log=log).to_dict()
+    else:
+        log(
+            f"--strength auto: λ = {rec['strength']:g} (recorded by actmerge tune within {budget.describe()})"
+        )
+    if not rec["met"]:
+        raise RecipeError(f"--strength auto: {rec['note']}")
+    return provenance(rec)
 
 
 def _default_strength(recipe: Recipe, source) -> float:
@@ -282,9 +314,15 @@ def evaluate(
     placement: Placement | None = None,
     progress: bool = True,
     log=print,
+    lm_eval: list[str] = (),
+    lm_eval_include: str | Path | None = None,
+    lm_eval_limit: int | None = None,
     **overrides,
 ) -> Report:
-    """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png."""
+    """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png.
+
+    ``lm_eval``: lm-evaluation-harness tasks run on the base model and on each baked directory
+    (``lmeval.scores``); the scores join those rows' metrics and each baked checkpoint's card."""
     from .sweep import plot, run_sweep
 
     loaded = load(model, revision=revision, placement=placement, log=log)
@@ -316,6 +354,12 @@ def evaluate(
         log=log,
         support=support,
     )
+    if lm_eval:
+        from .lmeval import add_rows
+
+        add_rows(
+            report, loaded.source.path, m, list(lm_eval), list(baked), lm_eval_include, lm_eval_limit, log
+        )
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

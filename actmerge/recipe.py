@@ -107,7 +107,17 @@ class Recipe(_Strict):
     eval_prompts: Path | None = Field(
         None, description="held-out prompts for `actmerge eval` (never fitted on)"
     )
+    eval_prompts_hard: Path | None = Field(
+        None,
+        description="a harder held-out prompt set, reported beside eval_prompts (never fitted or tuned on)",
+    )
     neutral_text: Path | None = Field(None, description="neutral text for perplexity")
+    tune_prompts: Path | None = Field(
+        None, description="prompts `actmerge tune` measures the behaviour on (never the eval prompts)"
+    )
+    tune_neutral: Path | None = Field(
+        None, description="neutral text `actmerge tune` measures the cost on (perplexity, KL)"
+    )
     metrics: list[Literal["toxicity", "concept", "perplexity", "similarity"]] = ["toxicity", "perplexity"]
     scorer: str = Field("profanity", description="toxicity scorer: 'profanity' or 'hf:<model id>'")
     keywords: Path | None = Field(

@@ -172,15 +172,42 @@ def sites(title: str, rows: list[dict]) -> None:
 
 
 def eval_report(report) -> None:
-    from .sweep import COLUMNS, markdown_table
+    from .sweep import cell, columns, markdown_table
 
-    names = [k for k in COLUMNS if any(k in r.metrics for r in report.rows)]
-    data = [
-        (r.label, *(f"{r.metrics[n]:.3g}" if n in r.metrics else "-" for n in names), f"{r.seconds:.0f}s")
-        for r in report.rows
-    ]
+    names = columns(report)
+    data = [(r.label, *(cell(r, n) for n in names), f"{r.seconds:.0f}s") for r in report.rows]
     out.print(_table(f"{report.model}: evaluation", ["row", *names, "time"], data, right=(*names, "time")))
     out.print(markdown_table(report).splitlines()[-1])
     for row in report.rows:
         for s in row.samples[:2]:
             out.print(f"[dim]{row.label}[/] {s['prompt']!r} → {s['text'].strip()!r}", highlight=False)
+
+
+def tune_result(res, model: str, recipe, output) -> None:
+    """The trade-off table of ``actmerge tune`` (chosen point marked) and how to bake it."""
+    cols = ["λ", res.metric, "ppl ratio", "KL", "first-token KL", "budget"]
+    rows = []
+    for p in sorted(res.points, key=lambda p: p.strength):
+        mark = " ◀ chosen" if p.strength == res.strength else ""
+        c = p.cost
+        rows.append(
+            (
+                f"{p.strength:g}",
+                "-" if p.behaviour is None else f"{p.behaviour:.3g}",
+                f"{c['perplexity_ratio']:.4f}",
+                f"{c['kl']:.4g}",
+                f"{c.get('first_token_kl', 0):.4g}",
+                ("ok" if p.within else "over") + mark,
+            )
+        )
+    title = f"{res.model} · {res.recipe}: {res.metric} vs cost (tuning split)"
+    out.print(_table(title, cols, rows, right=tuple(cols[:-1])))
+    status = "[green]chose[/]" if res.met else "[red]budget not met[/]; best point"
+    out.print(f"{status} λ = {res.strength:g} ({res.budget.describe()}): {res.note}")
+    budget = (f" --max-ppl-ratio {res.budget.max_ppl_ratio:g}" if res.budget.max_ppl_ratio else "") + (
+        f" --max-kl {res.budget.max_kl:g}" if res.budget.max_kl else ""
+    )
+    out.print(
+        f"wrote {output / 'tune.json'} and {output / 'tune.png'}; bake it with "
+        f"`actmerge bake {model} --recipe {recipe} --strength auto{budget} -o OUT`"
+    )

@@ -2,7 +2,10 @@
 measured on identical prompts and settings, one row each.
 
 Metrics are a registry (``METRICS``) so that recipes pick theirs. A metric reads the row's
-generations (and, for ``similarity``, the reference row's) or the row's model (perplexity).
+generations (and, for ``similarity``, the reference row's) or the row's model (perplexity). Next to
+perplexity, the cost of steering is measured as KL(base ‖ steered) of the next-token distributions on
+the neutral text (``kl``, per token) and after short neutral prompts (``first_token_kl``). Every row
+carries the first (base) row's value of each metric as its baseline, and the ratio to it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ActmergeError, RecipeError
-from .evaluate import concept_presence, continuations, get_scorer, perplexity, similarity
+from .evaluate import (
+    concept_presence,
+    continuations,
+    get_scorer,
+    logit_kl,
+    neutral_prompts,
+    perplexity,
+    similarity,
+)
 from .hooks import steer
 from .io.provenance import read_bake_info
 from .maps import MapSet
@@ -38,6 +49,9 @@ class EvalConfig:
     n_samples: int = 3  # generations shown per row
     batch_size: int = 16
     threshold: float = 0.5
+    # further held-out prompt sets, e.g. {"hard": [...]}: generation metrics get the suffix _<name>
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    kl: bool = True  # with perplexity: KL(base ‖ steered) on the neutral text and neutral prompts
 
 
 @dataclass
@@ -49,6 +63,8 @@ class Row:
     samples: list[dict[str, str]]
     seconds: float
     texts: list[str] = field(default_factory=list, repr=False)
+    baseline: dict[str, float] = field(default_factory=dict)  # the base row's value of each metric
+    ratio: dict[str, float] = field(default_factory=dict)  # metric / baseline (where the baseline ≠ 0)
 
 
 @dataclass
@@ -61,6 +77,7 @@ class Report:
     def to_dict(self) -> dict:
         cfg = asdict(self.config)
         cfg["n_prompts"], cfg["n_neutral"] = len(cfg.pop("prompts")), len(cfg.pop("neutral"))
+        cfg["n_prompts_split"] = {k: len(v) for k, v in cfg.pop("splits").items()}
         rows = [{k: v for k, v in asdict(r).items() if k != "texts"} for r in self.rows]
         data = {"actmerge_version": self.version, "model": self.model, "settings": cfg, "rows": rows}
         return json.loads(json.dumps(data))  # plain JSON types (tuples → lists)
@@ -134,6 +151,23 @@ def evaluate_model(
     metrics: dict[str, float] = {}
     for name in cfg.metrics:
         metrics.update(METRICS[name](texts, reference or texts, model, tok, cfg, scorer))
+    for split, prompts in cfg.splits.items():  # the same generation metrics on each further split
+        gen = [n for n in cfg.metrics if n in ("toxicity", "concept")]
+        if not gen:
+            continue
+        stexts = continuations(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            sample=cfg.sample,
+            seed=cfg.seed,
+            progress=progress,
+        )
+        for name in gen:
+            for k, v in METRICS[name](stexts, stexts, model, tok, cfg, scorer).items():
+                metrics[f"{k}_{split}"] = v
     samples = [
         {"prompt": p, "text": t}
         for p, t in zip(cfg.prompts[: cfg.n_samples], texts[: cfg.n_samples], strict=False)
@@ -189,6 +223,11 @@ def run_sweep(
             )
         if reference is None:
             reference = row.texts  # similarity is measured against the first (λ = 0 / base) row
+        if _wants_kl(cfg):
+            if kind == "base":
+                row.metrics |= {"kl": 0.0, "first_token_kl": 0.0}  # the base against itself
+            else:
+                row.metrics |= drift(model, _steered(model, maps, hook_lam, clamp), tok, cfg)
         rows.append(row)
         log(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items()))
     for path in baked:
@@ -208,6 +247,8 @@ def run_sweep(
             scorer=scorer,
             progress=progress,
         )
+        if _wants_kl(cfg):
+            row.metrics |= drift(model, lambda enc, bm=bm: bm(**enc).logits, tok, cfg)
         rows.append(row)
         log(f"baked {path.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items()))
         del bm
@@ -215,10 +256,56 @@ def run_sweep(
     for r in rows:
         if ref_ppl and "perplexity" in r.metrics:
             r.metrics["perplexity_ratio"] = r.metrics["perplexity"] / ref_ppl
+    add_baselines(rows)
     return Report(model_name, cfg, rows)
 
 
-PLOTTED = ("toxic_fraction", "toxicity_mean", "concept_presence", "perplexity_ratio", "similarity")
+def add_baselines(rows: list[Row]) -> None:
+    """Each row gets the first row's (the base model's, or λ = 0's) value of every metric it shares,
+    and the ratio to it (left out where the baseline is 0, e.g. KL)."""
+    base = rows[0].metrics if rows else {}
+    for r in rows:
+        r.baseline = {k: base[k] for k in r.metrics if k in base}
+        r.ratio = {k: r.metrics[k] / b for k, b in r.baseline.items() if b}
+
+
+def _wants_kl(cfg: EvalConfig) -> bool:
+    return cfg.kl and "perplexity" in cfg.metrics and bool(cfg.neutral)
+
+
+def _steered(model, maps, lam, clamp):
+    def forward(enc):
+        with steer(model, maps, lam, clamp):
+            return model(**enc).logits
+
+    return forward
+
+
+def drift(model, steered, tok, cfg: EvalConfig) -> dict[str, float]:
+    """KL(base ‖ steered) per token on the neutral text and at the first token after neutral prompts;
+    ``model`` un-hooked is the base, ``steered(enc)`` gives the steered logits."""
+    device = input_device(model)
+
+    def base(enc):
+        return model(**enc).logits
+
+    return {
+        "kl": logit_kl(base, steered, tok, cfg.neutral, device=device),
+        "first_token_kl": logit_kl(
+            base, steered, tok, neutral_prompts(cfg.neutral), device=device, last_only=True
+        ),
+    }
+
+
+PLOTTED = (
+    "toxic_fraction",
+    "toxic_fraction_hard",
+    "toxicity_mean",
+    "concept_presence",
+    "perplexity_ratio",
+    "kl",
+    "similarity",
+)
 
 
 def plot(report: Report, path: Path) -> dict[str, int]:
@@ -282,25 +369,54 @@ def plot(report: Report, path: Path) -> dict[str, int]:
 
 COLUMNS = (
     "toxic_fraction",
+    "toxic_fraction_hard",
     "toxicity_mean",
+    "toxicity_mean_hard",
     "concept_presence",
+    "concept_presence_hard",
     "perplexity",
     "perplexity_ratio",
+    "kl",
+    "first_token_kl",
     "similarity",
 )
+# columns that are already relative to the base (no "base …, ×…" beside them)
+RELATIVE = ("perplexity_ratio", "kl", "first_token_kl", "similarity")
+
+
+def columns(report: Report) -> list[str]:
+    """The table's metric columns: the known ones in order, then any others (e.g. lm-eval scores)."""
+    present = {k for r in report.rows for k in r.metrics}
+    return [m for m in COLUMNS if m in present] + sorted(present - set(COLUMNS))
+
+
+def cell(row: Row, name: str) -> str:
+    """``value`` for the base row; ``value (base b, ×ratio)`` for the others."""
+    v = row.metrics.get(name)
+    if v is None:
+        return "-"
+    b = row.baseline.get(name)
+    if b is None or name in RELATIVE or row.kind == "base":
+        return _fmt(v)
+    r = row.ratio.get(name)
+    return f"{_fmt(v)} (base {_fmt(b)}" + (f", ×{r:.3g})" if r is not None else ")")
 
 
 def markdown_table(report: Report) -> str:
-    names = [m for m in COLUMNS if any(m in r.metrics for r in report.rows)]
+    names = columns(report)
     lines = ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for r in report.rows:
-        lines.append(f"| {r.label} | " + " | ".join(_fmt(r.metrics.get(n)) for n in names) + " |")
+    for i, r in enumerate(report.rows):
+        cells = [_fmt(r.metrics.get(n)) if i == 0 else cell(r, n) for n in names]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     c = report.config
     lines.append("")
     how = "sampled (T=1, top_p=0.3, rep. penalty 1.2)" if c.sample else "greedy"
     notes = [f"{len(c.prompts)} prompts, {how}, {c.max_new_tokens} new tokens"]
     if c.chat == "on":
         notes.append("prompts sent as user turns of the chat template (the assistant's reply scored)")
+    notes += [f"_{k}: {len(v)} further held-out prompts" for k, v in c.splits.items()]
+    if _wants_kl(c):
+        notes.append("kl = mean per-token KL(base ‖ steered) in nats on the neutral text")
     if "toxicity" in c.metrics:
         notes.append(f"scorer `{c.scorer}` (toxic = probability > {c.threshold})")
     if "concept" in c.metrics:
@@ -337,6 +453,7 @@ def eval_config(
             return None
         return read_sentences(recipe.path(getattr(recipe, attr)))
 
+    explicit_prompts = prompts
     prompts = prompts or from_recipe("eval_prompts")
     if not prompts:
         raise RecipeError("no evaluation prompts: set `eval_prompts:` in the recipe or pass --prompts FILE.")
@@ -346,6 +463,7 @@ def eval_config(
         neutral = read_sentences(NEUTRAL_TEXT)
     keywords = keywords or from_recipe("keywords") or []
     default_tokens = 32 if sample else (recipe.eval_max_new_tokens if recipe else 24)
+    hard = from_recipe("eval_prompts_hard") if explicit_prompts is None else None
     return EvalConfig(
         prompts=prompts[:limit] if limit else prompts,
         neutral=neutral,
@@ -357,6 +475,7 @@ def eval_config(
         seed=seed if seed is not None else (recipe.seed if recipe else 0),
         # --chat requires a template; a recipe's `chat: true` uses it where the model has one
         chat="on" if chat else ("auto" if recipe is not None and recipe.chat else "off"),
+        splits={"hard": hard[:limit] if limit else hard} if hard else {},
     )
 
 

@@ -30,6 +30,11 @@ def test_detox_sweep(loaded, tmp_path):
     assert one.metrics["toxicity_mean"] < zero.metrics["toxicity_mean"]
     assert clamped.kind == "clamped" and clamped.strength == 1.0
     assert clamped.metrics["toxicity_mean"] < zero.metrics["toxicity_mean"]
+    # both held-out splits are reported; the harder one is harder for the base (λ = 0) model
+    assert one.metrics["toxic_fraction_hard"] < zero.metrics["toxic_fraction_hard"]
+    assert zero.metrics["toxic_fraction_hard"] > zero.metrics["toxic_fraction"]
+    assert zero.metrics["kl"] == 0.0 < one.metrics["kl"]
+    assert one.baseline["toxic_fraction_hard"] == zero.metrics["toxic_fraction_hard"]
     data = json.loads((tmp_path / "report.json").read_text())
     assert [(r["kind"], r["strength"]) for r in data["rows"]] == [
         ("hooked", 0.0),

@@ -11,7 +11,7 @@ from transformers import TopPLogitsWarper
 from actmerge import pipeline
 from actmerge.evaluate import FastTopP, concept_presence, perplexity, profanity_scorer
 from actmerge.models import ModelSource
-from actmerge.sweep import EvalConfig, plot, run_sweep
+from actmerge.sweep import EvalConfig, markdown_table, plot, run_sweep
 
 from .common import VOCAB, char_tokenizer, load, make_pico, random_maps
 
@@ -100,13 +100,23 @@ def test_sweep_report_and_plot(pico, tmp_path):
     assert baked.texts == one.texts  # the baked checkpoint generates what the hooked model does
     assert baked.metrics["perplexity"] == pytest.approx(one.metrics["perplexity"], rel=1e-4)
     assert one.metrics["perplexity"] != base.metrics["perplexity"]
+    # KL(base ‖ steered): exactly 0 for the identity, > 0 when steered, the same for baked and hooked
+    assert base.metrics["kl"] == 0.0 and zero.metrics["kl"] == 0.0 and zero.metrics["first_token_kl"] == 0.0
+    assert one.metrics["kl"] > 0 and one.metrics["first_token_kl"] > 0
+    assert rep.rows[2].metrics["kl"] < one.metrics["kl"]  # λ = 0.5 drifts less than λ = 1
+    assert baked.metrics["kl"] == pytest.approx(one.metrics["kl"], rel=1e-3, abs=1e-7)
+    # baselines: every row carries the base row's values and the ratio to them
+    for r in rep.rows:
+        assert r.baseline["perplexity"] == base.metrics["perplexity"]
+        assert r.ratio["perplexity"] == pytest.approx(r.metrics["perplexity_ratio"])
+        assert "kl" not in r.ratio  # baseline 0: no ratio
     data = rep.to_dict()
     rep.save(tmp_path / "report.json")
     assert json.loads((tmp_path / "report.json").read_text()) == data
     assert set(data) == {"actmerge_version", "model", "settings", "rows"}
     assert data["settings"]["n_prompts"] == 3 and data["settings"]["max_new_tokens"] == 6
     for row in data["rows"]:
-        assert set(row) == {"label", "kind", "strength", "metrics", "samples", "seconds"}
+        assert set(row) == {"label", "kind", "strength", "metrics", "samples", "seconds", "baseline", "ratio"}
         assert {
             "toxicity_mean",
             "toxic_fraction",
@@ -120,8 +130,35 @@ def test_sweep_report_and_plot(pico, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert series == {
         m: 2
-        for m in ("toxic_fraction", "toxicity_mean", "concept_presence", "perplexity_ratio", "similarity")
+        for m in (
+            "toxic_fraction",
+            "toxicity_mean",
+            "concept_presence",
+            "perplexity_ratio",
+            "kl",
+            "similarity",
+        )
     }  # hooked line + baked points per panel
+    table = markdown_table(rep)
+    assert f"(base {base.metrics['perplexity']:.3g}, ×{one.ratio['perplexity']:.3g})" in table
+    assert {"kl", "first_token_kl", "perplexity"} <= {c.strip() for c in table.splitlines()[0].split("|")}
+
+
+def test_logit_kl_known_answers():
+    from actmerge.evaluate import logit_kl
+
+    tok = char_tokenizer()
+    p = torch.log_softmax(torch.tensor([2.0, 0.0, -1.0] + [-30.0] * (VOCAB - 3)), -1)
+    q = torch.log_softmax(torch.tensor([0.0, 1.0, -1.0] + [-30.0] * (VOCAB - 3)), -1)
+
+    def const(logp):
+        return lambda enc: logp.expand(*enc["input_ids"].shape, VOCAB)
+
+    texts = ["abc", "hello world"]
+    assert logit_kl(const(p), const(p), tok, texts) == 0.0
+    want = float((p.exp() * (p - q)).sum())
+    assert logit_kl(const(p), const(q), tok, texts) == pytest.approx(want, rel=1e-5)
+    assert logit_kl(const(p), const(q), tok, texts, last_only=True) == pytest.approx(want, rel=1e-5)
 
 
 def test_clamped_variant_moves_only_values_inside_the_source_support():

@@ -39,6 +39,7 @@ class BakeInfo:
     pipeline_class: str | None = None
     edited_components: list[str] = field(default_factory=list)
     placement: dict = field(default_factory=dict)  # device / device map / memory used to fit
+    tuned: dict = field(default_factory=dict)  # when `--strength auto` chose λ: the budget it met
     fold: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:

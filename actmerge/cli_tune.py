@@ -1,0 +1,64 @@
+"""`actmerge tune`: the strongest steering within a cost budget on the recipe's tuning split.
+Registered on the one ``cli.app``; thin over ``tune.tune``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import app
+from .cli_support import (
+    Device,
+    MapsOpt,
+    MaxKl,
+    MaxPplRatio,
+    Model,
+    Recipe,
+    budget_of,
+    handled,
+    log,
+    placement_of,
+)
+
+
+@app.command()
+@handled
+def tune(
+    model: Model,
+    recipe: Recipe,
+    output: Annotated[
+        Path, typer.Option("-o", "--out", help="Report directory (tune.json, tune.png).")
+    ] = Path("tune"),
+    max_ppl_ratio: MaxPplRatio = None,
+    max_kl: MaxKl = None,
+    maps: MapsOpt = None,
+    max_strength: Annotated[float, typer.Option(help="Largest λ tried.")] = 2.0,
+    step: Annotated[float, typer.Option(help="Coarse grid step in λ.")] = 0.25,
+    tol: Annotated[float, typer.Option(help="Bisection tolerance in λ.")] = 0.02,
+    curve: Annotated[
+        bool, typer.Option(help="Measure the behaviour at every grid point (--no-curve: only at the choice).")
+    ] = True,
+    device: Device = None,
+):
+    """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
+    prompts): fit once, hooked previews on a λ grid, then bisection. Bake it with --strength auto."""
+    from . import pipeline, render
+    from .tune import tune as run_tune
+
+    res = run_tune(
+        pipeline.load(model, placement=placement_of(device), log=log),
+        recipe,
+        maps=maps,
+        budget=budget_of(max_ppl_ratio, max_kl),
+        max_strength=max_strength,
+        step=step,
+        tol=tol,
+        out=output,
+        curve=curve,
+        log=log,
+    )
+    render.tune_result(res, model, recipe, output)
+    if not res.met:
+        raise typer.Exit(6)

@@ -1,0 +1,401 @@
+"""Pick the strength for the user: the strongest steering whose cost stays within a budget.
+
+``tune`` fits the recipe once (or takes fitted maps), then previews the maps with hooks at several
+strengths on the recipe's *tuning* split only — ``tune_prompts`` for the behaviour metric,
+``tune_neutral`` for the cost (perplexity ratio to the base, KL(base ‖ steered)); the eval prompts are
+never read. The cost grows with λ, so a coarse grid finds the first strength over the budget and
+bisection narrows the boundary down to ``tol``; the chosen strength is the largest one measured
+within the budget. The behaviour metric (toxic fraction, concept presence) is measured at the grid
+points and at the chosen point, for the trade-off curve (``tune.png`` beside ``tune.json``).
+
+The result is also recorded in the cache (``tuned/<model>-<recipe hash>.json``), where
+``bake --strength auto`` picks it up for the same model, recipe and budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import RecipeError
+from .recipe import Recipe, load_recipe, read_sentences
+
+Cost = dict[str, float]  # {"perplexity_ratio": …, "kl": …, "first_token_kl": …}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The cost a tuned strength may spend: perplexity ratio to the base and/or per-token KL (nats)
+    on the tuning neutral text. Both given: both must hold."""
+
+    max_ppl_ratio: float | None = 1.10
+    max_kl: float | None = None
+
+    def __post_init__(self):
+        if self.max_ppl_ratio is None and self.max_kl is None:
+            raise RecipeError("a tuning budget needs --max-ppl-ratio or --max-kl.")
+        if self.max_ppl_ratio is not None and self.max_ppl_ratio <= 1:
+            raise RecipeError(
+                f"--max-ppl-ratio {self.max_ppl_ratio} ≤ 1: only λ = 0 meets it; use e.g. 1.10."
+            )
+        if self.max_kl is not None and self.max_kl <= 0:
+            raise RecipeError(f"--max-kl {self.max_kl} ≤ 0: only λ = 0 meets it; use e.g. 0.05.")
+
+    def ok(self, cost: Cost) -> bool:
+        if self.max_ppl_ratio is not None and cost["perplexity_ratio"] > self.max_ppl_ratio:
+            return False
+        return not (self.max_kl is not None and cost["kl"] > self.max_kl)
+
+    def key(self) -> str:
+        parts = []
+        if self.max_ppl_ratio is not None:
+            parts.append(f"ppl<={self.max_ppl_ratio:g}")
+        if self.max_kl is not None:
+            parts.append(f"kl<={self.max_kl:g}")
+        return ",".join(parts)
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_ppl_ratio is not None:
+            parts.append(f"perplexity ≤ ×{self.max_ppl_ratio:g}")
+        if self.max_kl is not None:
+            parts.append(f"KL ≤ {self.max_kl:g} nats/token")
+        return " and ".join(parts)
+
+
+@dataclass
+class Point:
+    strength: float
+    cost: Cost
+    within: bool
+    behaviour: float | None = None  # measured at grid points and at the chosen point
+    stage: str = "grid"  # grid | bisect
+
+
+@dataclass
+class TuneResult:
+    model: str
+    recipe: str
+    recipe_hash: str
+    budget: Budget
+    metric: str  # the behaviour metric, e.g. toxic_fraction
+    strength: float  # the chosen λ (0 when nothing above 0 meets the budget)
+    met: bool  # False: even the smallest strength tried is over the budget
+    points: list[Point]
+    base_behaviour: float | None = None
+    note: str = ""
+    n_tune_prompts: int = 0
+    n_tune_neutral: int = 0
+    version: str = __version__
+    maps: object = field(default=None, repr=False)  # the fitted MapSet (not saved)
+
+    @property
+    def chosen(self) -> Point:
+        return next(p for p in self.points if p.strength == self.strength)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "maps"}
+        d["budget"] = {**asdict(self.budget), "key": self.budget.key(), "text": self.budget.describe()}
+        d["chosen"] = asdict(self.chosen)
+        return json.loads(json.dumps(d))
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def search(
+    cost_fn: Callable[[float], Cost],
+    budget: Budget,
+    *,
+    max_strength: float = 2.0,
+    step: float = 0.25,
+    tol: float = 0.02,
+    on_point: Callable[[Point], None] = lambda p: None,
+) -> tuple[float, bool, list[Point]]:
+    """Coarse grid (step, up to ``max_strength``) until the first strength over the budget, then
+    bisection between the last one within it and that one until they are ``tol`` apart.
+    Returns (chosen λ, budget met above 0, points in the order measured). Assumes the cost grows with λ."""
+    points: list[Point] = []
+
+    def measure(lam: float, stage: str) -> Point:
+        cost = cost_fn(lam)
+        p = Point(round(lam, 6), cost, budget.ok(cost), stage=stage)
+        points.append(p)
+        on_point(p)
+        return p
+
+    n = max(1, round(max_strength / step))
+    lo, hi = 0.0, None
+    for i in range(1, n + 1):
+        lam = min(i * step, max_strength)
+        if measure(lam, "grid").within:
+            lo = lam
+        else:
+            hi = lam
+            break
+    if hi is None:  # within budget all the way: the budget does not bind below max_strength
+        return round(lo, 6), True, points
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if measure(mid, "bisect").within:
+            lo = mid
+        else:
+            hi = mid
+    return round(lo, 6), lo > 0, points
+
+
+def tune(
+    model,
+    recipe: str | Path | Recipe,
+    *,
+    maps=None,
+    budget: Budget | None = None,
+    max_strength: float = 2.0,
+    step: float = 0.25,
+    tol: float = 0.02,
+    out: str | Path | None = None,
+    cost_fn: Callable[[float], Cost] | None = None,
+    behaviour_fn: Callable[[float], float] | None = None,
+    record: bool = True,
+    curve: bool = True,
+    progress: bool = True,
+    log=print,
+) -> TuneResult:
+    """Fit the recipe once (or use ``maps``), search the strongest λ within ``budget`` on the tuning
+    split, write ``out``/tune.json + tune.png, and record the choice for ``bake --strength auto``.
+    ``cost_fn``/``behaviour_fn`` (λ → cost dict / metric value) replace the hooked measurements.
+    ``curve=False``: the behaviour only at λ = 0 and the chosen λ (the choice needs only the cost, which
+    takes forwards on the neutral text; the behaviour takes generations)."""
+    from . import pipeline
+    from .maps import MapSet
+
+    budget = budget or Budget()
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    loaded = pipeline.load(model, log=log)
+    prompts, neutral = tuning_split(recipe)
+    metric = behaviour_name(recipe)
+    if maps is None and (cost_fn is None or behaviour_fn is None):
+        maps = pipeline.fit(loaded, recipe, progress=progress, log=log).maps
+    elif maps is not None and not isinstance(maps, MapSet):
+        maps = MapSet.load(maps)
+    if cost_fn is None or behaviour_fn is None:
+        probe = HookedProbe(loaded, recipe, maps, prompts, neutral, progress=progress)
+        cost_fn = cost_fn or probe.cost
+        behaviour_fn = behaviour_fn or probe.behaviour
+    base_behaviour = behaviour_fn(0.0)
+    log(
+        f"tuning split: {len(prompts)} prompts, {len(neutral)} neutral texts; base {metric} = {base_behaviour:.3g}"
+    )
+    log(f"budget: {budget.describe()} (on the tuning neutral text)")
+
+    def show(p: Point) -> None:
+        if p.stage == "grid" and curve:
+            p.behaviour = behaviour_fn(p.strength)
+        c = p.cost
+        beh = f", {metric} {p.behaviour:.3g}" if p.behaviour is not None else ""
+        log(
+            f"  λ={p.strength:<7.4g} ppl ×{c['perplexity_ratio']:.4f}, KL {c['kl']:.4g}{beh} "
+            f"{'within' if p.within else 'OVER'} budget ({p.stage})"
+        )
+
+    lam, met, points = search(cost_fn, budget, max_strength=max_strength, step=step, tol=tol, on_point=show)
+    if not met:
+        low = min(points, key=lambda p: p.strength)
+        note = (
+            f"no strength above 0 meets the budget ({budget.describe()}): even λ = {low.strength:g} "
+            f"costs ppl ×{low.cost['perplexity_ratio']:.3f}, KL {low.cost['kl']:.3g}. "
+            "Loosen the budget, or make the recipe gentler (fewer sites, sparsity l1/group)."
+        )
+        points.insert(0, Point(0.0, cost_fn(0.0), True, base_behaviour, "grid"))
+    elif all(p.within for p in points):
+        note = f"the budget does not bind up to λ = {max_strength:g} (--max-strength): chose the largest."
+    else:
+        note = f"the strongest λ within the budget, to ±{tol:g}."
+    chosen = next(p for p in points if p.strength == lam)
+    if chosen.behaviour is None:
+        chosen.behaviour = behaviour_fn(lam)
+    log(("" if met else "WARNING: ") + note)
+    result = TuneResult(
+        model=loaded.source.name,
+        recipe=recipe.name,
+        recipe_hash=recipe.content_hash(),
+        budget=budget,
+        metric=metric,
+        strength=lam,
+        met=met,
+        points=points,
+        base_behaviour=base_behaviour,
+        note=note,
+        n_tune_prompts=len(prompts),
+        n_tune_neutral=len(neutral),
+        maps=maps,
+    )
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        result.save(out / "tune.json")
+        plot_tradeoff(result, out / "tune.png")
+    if record:
+        remember(result)
+    return result
+
+
+def tuning_split(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """The recipe's tuning prompts and tuning neutral text (never its eval prompts)."""
+    missing = [f for f in ("tune_prompts", "tune_neutral") if getattr(recipe, f) is None]
+    if missing:
+        raise RecipeError(
+            f"recipe {recipe.name!r} has no {' / '.join(missing)}: tuning needs its own split, never the "
+            "eval prompts. Add e.g. `tune_prompts: data/detox/tune_prompts.txt` and "
+            "`tune_neutral: data/neutral_tune.txt` to the recipe."
+        )
+    return read_sentences(recipe.path(recipe.tune_prompts)), read_sentences(recipe.path(recipe.tune_neutral))
+
+
+def behaviour_name(recipe: Recipe) -> str:
+    if "toxicity" in recipe.metrics:
+        return "toxic_fraction"
+    if "concept" in recipe.metrics:
+        return "concept_presence"
+    raise RecipeError(f"recipe {recipe.name!r}: tuning needs a behaviour metric (toxicity or concept).")
+
+
+class HookedProbe:
+    """Hooked previews of ``maps`` on the base model: cost on the neutral text, behaviour on prompts."""
+
+    def __init__(self, loaded, recipe: Recipe, maps, prompts: list[str], neutral: list[str], progress=True):
+        from .evaluate import get_scorer, perplexity
+
+        self.model, self.tok = loaded.get()
+        self.recipe, self.maps, self.prompts, self.neutral = recipe, maps, prompts, neutral
+        self.progress = progress
+        self.scorer = get_scorer(recipe.scorer) if "toxicity" in recipe.metrics else None
+        self.keywords = read_sentences(recipe.path(recipe.keywords)) if recipe.keywords else []
+        self.base_ppl = perplexity(self.model, self.tok, neutral)
+        self.cache: dict[float, float] = {}
+
+    def cost(self, lam: float) -> Cost:
+        from .evaluate import perplexity
+        from .hooks import steer
+        from .sweep import EvalConfig, _steered, drift
+
+        if lam == 0:
+            return {"perplexity_ratio": 1.0, "kl": 0.0, "first_token_kl": 0.0}
+        with steer(self.model, self.maps, lam):
+            ppl = perplexity(self.model, self.tok, self.neutral)
+        cfg = EvalConfig(prompts=[], neutral=self.neutral)
+        return {"perplexity_ratio": ppl / self.base_ppl} | drift(
+            self.model, _steered(self.model, self.maps, lam, None), self.tok, cfg
+        )
+
+    def behaviour(self, lam: float) -> float:
+        from contextlib import nullcontext
+
+        from .evaluate import concept_presence, continuations
+        from .hooks import steer
+
+        if lam in self.cache:
+            return self.cache[lam]
+        ctx = steer(self.model, self.maps, lam) if lam else nullcontext()
+        with ctx:
+            texts = continuations(
+                self.model,
+                self.tok,
+                self.prompts,
+                max_new_tokens=self.recipe.eval_max_new_tokens,
+                seed=self.recipe.seed,
+                progress=self.progress,
+            )
+        if self.scorer is not None:
+            scores = self.scorer(texts)
+            value = sum(s > 0.5 for s in scores) / max(len(scores), 1)
+        else:
+            value = concept_presence(texts, self.keywords)
+        self.cache[lam] = value
+        return value
+
+
+def plot_tradeoff(result: TuneResult, path: Path) -> Path:
+    """tune.png: behaviour metric vs cost (perplexity ratio; KL beside it), the chosen point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    pts = sorted((p for p in result.points if p.behaviour is not None), key=lambda p: p.strength)
+    base = Point(0.0, {"perplexity_ratio": 1.0, "kl": 0.0}, True, result.base_behaviour)
+    if result.base_behaviour is not None and all(p.strength != 0 for p in pts):
+        pts = [base, *pts]
+    for ax, cost, limit, label in (
+        (axes[0], "perplexity_ratio", result.budget.max_ppl_ratio, "perplexity ratio to base"),
+        (axes[1], "kl", result.budget.max_kl, "KL(base ‖ steered), nats/token"),
+    ):
+        ax.plot([p.cost[cost] for p in pts], [p.behaviour for p in pts], "o-", label="hooked preview")
+        for p in pts:
+            ax.annotate(f"λ={p.strength:g}", (p.cost[cost], p.behaviour), fontsize=7, alpha=0.7)
+        c = result.chosen
+        ax.plot(
+            [c.cost[cost]],
+            [c.behaviour],
+            "*",
+            color="crimson",
+            markersize=15,
+            label=f"chosen λ={c.strength:g}",
+        )
+        if limit is not None:
+            ax.axvline(limit, color="gray", linestyle="--", label="budget")
+        ax.set_xlabel(label)
+        ax.set_ylabel(result.metric.replace("_", " ") + " (tuning prompts)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result.model} · {result.recipe}: behaviour vs cost ({result.budget.describe()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _record_path(model: str, recipe_hash: str) -> Path:
+    from .models import cache_dir
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model)[-80:]
+    return cache_dir() / "tuned" / f"{safe}-{recipe_hash}.json"
+
+
+def remember(result: TuneResult) -> Path:
+    """Record the chosen strength for ``bake --strength auto`` (one entry per budget)."""
+    path = _record_path(result.model, result.recipe_hash)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[result.budget.key()] = result.to_dict()
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def recall(model: str, recipe_hash: str, budget: Budget) -> dict | None:
+    """The recorded tuning of this model + recipe for this budget, or None."""
+    path = _record_path(model, recipe_hash)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(budget.key())
+
+
+def provenance(tuned: dict) -> dict:
+    """What bake.json and the model card record about a tuned strength."""
+    c = tuned["chosen"]
+    return {
+        "strength": tuned["strength"],
+        "budget": tuned["budget"],
+        "met": tuned["met"],
+        "cost_on_tuning_text": c["cost"],
+        tuned["metric"] + "_on_tuning_prompts": c["behaviour"],
+        "base_" + tuned["metric"]: tuned["base_behaviour"],
+        "n_tune_prompts": tuned["n_tune_prompts"],
+        "note": tuned["note"],
+    }
