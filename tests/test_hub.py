@@ -39,6 +39,8 @@ BAKED_FILES = [
     "actmerge/bake.json",
     "actmerge/maps.safetensors",
     "actmerge/recipe.yaml",
+    "actmerge/src.txt",  # the recipe's sentence files ship with it
+    "actmerge/tgt.txt",
     "actmerge/verify.json",
     "config.json",
     "generation_config.json",
@@ -139,28 +141,26 @@ def test_card_of_a_real_bake(baked):
         "actmerge export-gguf model -o model.gguf",
         "llama-cli -m",
         "## Reproduce",
-        "actmerge bake pico --recipe r.yaml --strength 1",
+        "actmerge bake pico --recipe model/actmerge/recipe.yaml --strength 1 -o out/",
     ):
         assert needle in body, needle
     assert "could not be determined" not in body
 
 
 def test_card_unknown_license_and_local_base(tmp_path):
-    kw = dict(
-        method="mean_act",
-        recipe_name="mean_act",  # duplicate tags collapse
-        strength=0.5,
-        plan_rows=[],
-        config_patch={"attention_bias": True},
-        evaluation="| row | toxicity |\n|---|---|\n| base | 0.5 |",
-    )
-    text = card.render(base_model=str(tmp_path), license=None, **kw)
+    from actmerge.io.provenance import BakeInfo
+
+    def info(base):  # duplicate tags collapse: method and recipe are both mean_act
+        return BakeInfo("llm", base, 0.5, "mean_act", "0", recipe="mean_act", config_patch={"attention_bias": True})
+
+    kw = dict(evaluation="| row | toxicity |\n|---|---|\n| base | 0.5 |")
+    text = card.render(info(str(tmp_path)), license=None, **kw)
     meta = front_matter(text)
     assert meta["license"] == "other" and "could not be determined" in text
     assert "base_model" not in meta  # a local path is not a Hub id: the Hub would reject the card
     assert meta["tags"].count("mean_act") == 1
     assert "## Evaluation" in text and "`attention_bias=True`" in text
-    meta = front_matter(card.render(base_model="gemma-3-270m", license=None, **kw))
+    meta = front_matter(card.render(info("gemma-3-270m"), license=None, **kw))
     assert meta["base_model"] == "google/gemma-3-270m" and meta["license"] == "gemma"
     assert card.base_license(tmp_path, {"license": "mit"}) == "mit"  # config fallback
 
