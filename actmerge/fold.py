@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import MapsMismatchError, NotFoldableError
-from .io.safetensors import TensorInfo, TensorNamer
+from .io.safetensors import Streamed, TensorInfo, TensorNamer
 from .io.weights import WeightEdits
 from .maps import MapSet
 from .sites import ALL, RUNTIMES, Architecture, site_for_key
@@ -196,6 +196,77 @@ def compute(e: Edit, read: Callable[[str], torch.Tensor], where: str = "") -> di
     return out
 
 
+CHUNK_ELEMENTS = 1 << 22  # float32 elements per block of a chunked weight (16 MiB)
+
+
+def compute_chunked(
+    e: Edit, read: Callable[[str], torch.Tensor], where: str = "", chunk: int | None = None
+) -> dict[str, torch.Tensor | Streamed]:
+    """``compute``, with a rewritten linear weight of more than ``chunk`` elements handed to the
+    writer as row blocks (``Streamed``; ``chunk`` defaults to ``CHUNK_ELEMENTS``): each block upcast and scaled in one fused float32 pass, cast
+    back, checked for NaN/Inf, while the writer thread writes the previous one. Same formulas in the
+    same order as ``compute``, so the same bytes (tested); the ``b + W c`` term of an input shift
+    still multiplies the whole float32 weight, as ``compute`` does (a row-blocked product may sum in
+    another order)."""
+    if e.kind != "linear" or not any(scale is not None for scale, _ in e.inputs + e.outputs):
+        return compute(e, read, where)
+    chunk = chunk or CHUNK_ELEMENTS
+    w0 = read(e.weight)
+    if w0.numel() <= chunk or w0.dim() != 2:
+        return compute(e, lambda name: w0 if name == e.weight else read(name), where)
+    dtype, (rows, cols) = w0.dtype, w0.shape
+    out_dim, in_dim = (cols, rows) if e.conv1d else (rows, cols)
+    b = None
+    if e.bias:
+        b = torch.zeros(out_dim) if e.new_bias else read(e.bias).float()
+    try:
+        s_in, c_in = _compose(e.inputs, in_dim)
+        if c_in is not None:  # as in compute: b + W c on the whole float32 weight
+            w = w0.float()
+            b = (b if b is not None else torch.zeros(out_dim)) + torch.mv(w.t() if e.conv1d else w, c_in)
+            del w
+        s_out, c_out = _compose(e.outputs, out_dim)
+        if s_out is not None:
+            b = None if b is None else b * s_out
+        if c_out is not None:
+            b = (b if b is not None else torch.zeros(out_dim)) + c_out
+    except MapsMismatchError as exc:
+        raise MapsMismatchError(f"{where or e.weight}: {exc}") from None
+    # per storage block [r0:r1]: the input scale first, then the output scale (compute's order)
+    if e.conv1d:  # storage [in, out]
+        scales = [(s_in, lambda s, r0, r1: s[r0:r1, None]), (s_out, lambda s, r0, r1: s[None, :])]
+    else:
+        scales = [(s_in, lambda s, r0, r1: s[None, :]), (s_out, lambda s, r0, r1: s[r0:r1, None])]
+    scales = [(s, f) for s, f in scales if s is not None]
+    fused = dtype in (torch.bfloat16, torch.float16)  # bf16/fp16 × float32 computes in float32
+    step = max(1, chunk // cols)
+
+    def blocks():
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            (s, f), *rest = scales
+            blk = torch.mul(w0[r0:r1], f(s, r0, r1)) if fused else w0[r0:r1].float() * f(s, r0, r1)
+            for s, f in rest:
+                blk.mul_(f(s, r0, r1))
+            out = blk.to(dtype)
+            _refuse_non_finite(out, e.weight, where, dtype)
+            yield out
+
+    out: dict[str, torch.Tensor | Streamed] = {e.weight: Streamed(tuple(w0.shape), dtype, blocks)}
+    if e.bias:
+        out[e.bias] = b.to(dtype)
+        _refuse_non_finite(out[e.bias], e.bias, where or e.weight, dtype)
+    return out
+
+
+def _refuse_non_finite(t: torch.Tensor, name: str, where: str, dtype: torch.dtype) -> None:
+    if not _finite(t):
+        raise NotFoldableError(
+            f"folding into {name} produced NaN/Inf: the maps at {where or name} are not finite or "
+            f"overflow {dtype}. Refit, lower the strength, or bake in float32."
+        )
+
+
 @dataclass
 class FoldPlan:
     """Every edit of one bake. ``edits`` are keyed by (component, module); a language model has the
@@ -237,7 +308,7 @@ class FoldPlan:
         edits = {m: e for (c, m), e in self.edits.items() if c == component}
         where = f"{component}/" if component else ""
         return WeightEdits(
-            lambda module, read: compute(edits[module], read, where + module),
+            lambda module, read: compute_chunked(edits[module], read, where + module),
             self.edited_tensors(component),
             dict(self.new_tensors) if component == "" else {},
         )
