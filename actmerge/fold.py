@@ -9,6 +9,7 @@ architecture table, ``sites.py``); ``diffusion/plan.py`` places pipeline sites i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -238,18 +239,17 @@ def compute_chunked(
     else:
         scales = [(s_in, lambda s, r0, r1: s[None, :]), (s_out, lambda s, r0, r1: s[r0:r1, None])]
     scales = [(s, f) for s, f in scales if s is not None]
-    fused = dtype in (torch.bfloat16, torch.float16)  # bf16/fp16 × float32 computes in float32
     step = max(1, chunk // cols)
 
     def blocks():
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            (s, f), *rest = scales
-            blk = torch.mul(w0[r0:r1], f(s, r0, r1)) if fused else w0[r0:r1].float() * f(s, r0, r1)
-            for s, f in rest:
-                blk.mul_(f(s, r0, r1))
+            blk = w0[r0:r1].float()  # a view when the checkpoint is float32: scaled out of place
+            for k, (s, f) in enumerate(scales):
+                blk = blk * f(s, r0, r1) if k == 0 and blk.dtype == dtype else blk.mul_(f(s, r0, r1))
             out = blk.to(dtype)
-            _refuse_non_finite(out, e.weight, where, dtype)
+            if not _cast_finite(blk, dtype):  # the exact check (and its error) only when in doubt
+                _refuse_non_finite(out, e.weight, where, dtype)
             yield out
 
     out: dict[str, torch.Tensor | Streamed] = {e.weight: Streamed(tuple(w0.shape), dtype, blocks)}
@@ -257,6 +257,18 @@ def compute_chunked(
         out[e.bias] = b.to(dtype)
         _refuse_non_finite(out[e.bias], e.bias, where or e.weight, dtype)
     return out
+
+
+# the smallest float32 magnitude that rounds to ±inf when cast (round to nearest even)
+_CAST_LIMIT = {torch.bfloat16: (2 - 2**-8) * 2**127, torch.float16: 65520.0}
+
+
+def _cast_finite(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True only if ``x`` (float32) has no NaN/Inf and none of it overflows when cast to ``dtype``:
+    one min/max pass over the float32 block (a NaN fails both comparisons)."""
+    lo, hi = torch.aminmax(x)
+    lim = _CAST_LIMIT.get(dtype, math.inf)
+    return -lim < float(lo) and float(hi) < lim
 
 
 def _refuse_non_finite(t: torch.Tensor, name: str, where: str, dtype: torch.dtype) -> None:

@@ -182,3 +182,20 @@ def test_untouched_shards_copied_whole_added_tensors_in_one_shard(tmp_path):
             assert (res.out / f.name).read_bytes()[: a.data_start] == f.read_bytes()[: a.data_start]
             assert (res.out / f.name).stat().st_size == f.stat().st_size
     assert whole >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fast_finiteness_check_agrees_with_the_cast(dtype):
+    """The one-pass min/max check says "finite" only when the cast really is finite, at the edges."""
+    lim = fold._CAST_LIMIT.get(dtype, float("inf"))
+    edge = [lim, -lim] if lim != float("inf") else []
+    for v in [1.0, 3e38, -3.4e38, float("inf"), float("-inf"), float("nan"), 65504.0, 65519.0, *edge]:
+        x = torch.tensor([0.5, v], dtype=torch.float32)
+        for near in (x, torch.nextafter(x, torch.zeros_like(x))):
+            if fold._cast_finite(near, dtype):
+                assert bool(torch.isfinite(near.to(dtype)).all()), (dtype, near)
+    if edge:  # the limit is exact: it overflows, the float32 just below it does not
+        at = torch.tensor([lim], dtype=torch.float32)
+        assert torch.isinf(at.to(dtype)).all() and torch.isfinite(torch.nextafter(at, at * 0).to(dtype)).all()
+    # and it does not refuse ordinary blocks
+    assert fold._cast_finite(torch.randn(1000) * 100, dtype)
