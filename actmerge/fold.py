@@ -197,24 +197,33 @@ def compute(e: Edit, read: Callable[[str], torch.Tensor], where: str = "") -> di
     return out
 
 
-CHUNK_ELEMENTS = 1 << 22  # float32 elements per block of a chunked weight (16 MiB)
+CHUNK_ELEMENTS = 1 << 20  # elements per block handed to the writer
+PIECE_ELEMENTS = 1 << 15  # elements computed at once: cache-sized, and at torch's grain size, so
+# each op runs on one thread (two OpenMP threads on busy cores spend more time waiting than working)
+
+
+def _pieces(rows: int, cols: int, start: int, stop: int) -> Iterable[tuple[int, int]]:
+    step = max(1, PIECE_ELEMENTS // cols)
+    for r0 in range(start, min(rows, stop), step):
+        yield r0, min(rows, stop, r0 + step)
 
 
 def compute_chunked(
     e: Edit, read: Callable[[str], torch.Tensor], where: str = "", chunk: int | None = None
 ) -> dict[str, torch.Tensor | Streamed]:
-    """``compute``, with a rewritten linear weight of more than ``chunk`` elements handed to the
-    writer as row blocks (``Streamed``; ``chunk`` defaults to ``CHUNK_ELEMENTS``): each block upcast and scaled in one fused float32 pass, cast
-    back, checked for NaN/Inf, while the writer thread writes the previous one. Same formulas in the
-    same order as ``compute``, so the same bytes (tested); the ``b + W c`` term of an input shift
-    still multiplies the whole float32 weight, as ``compute`` does (a row-blocked product may sum in
-    another order)."""
-    if e.kind != "linear" or not any(scale is not None for scale, _ in e.inputs + e.outputs):
+    """``compute`` for a linear weight of more than ``chunk`` elements (``CHUNK_ELEMENTS``): a
+    rewritten weight is handed to the writer as row blocks (``Streamed``), each computed in
+    cache-sized pieces (upcast, scale, NaN/Inf check, cast back) while the writer thread writes the
+    previous block. Same formulas in the same order as ``compute``, so the same bytes (tested); the
+    ``b + W c`` term of an input shift still multiplies the whole float32 weight, as ``compute``
+    does (a row-blocked product may sum in another order)."""
+    if e.kind != "linear":
         return compute(e, read, where)
     chunk = chunk or CHUNK_ELEMENTS
     w0 = read(e.weight)
     if w0.numel() <= chunk or w0.dim() != 2:
         return compute(e, lambda name: w0 if name == e.weight else read(name), where)
+    weight_changes = any(scale is not None for scale, _ in e.inputs + e.outputs)
     dtype, (rows, cols) = w0.dtype, w0.shape
     out_dim, in_dim = (cols, rows) if e.conv1d else (rows, cols)
     b = None
@@ -223,7 +232,11 @@ def compute_chunked(
     try:
         s_in, c_in = _compose(e.inputs, in_dim)
         if c_in is not None:  # as in compute: b + W c on the whole float32 weight
-            w = w0.float()
+            w = w0.float()  # float32: w0 itself, as in compute (the product depends on alignment)
+            if w is not w0:  # else w0.float() in cache-sized single-threaded pieces (64-byte aligned)
+                w = torch.empty(w0.shape)
+                for r0, r1 in _pieces(rows, cols, 0, rows):
+                    w[r0:r1].copy_(w0[r0:r1])
             b = (b if b is not None else torch.zeros(out_dim)) + torch.mv(w.t() if e.conv1d else w, c_in)
             del w
         s_out, c_out = _compose(e.outputs, out_dim)
@@ -242,17 +255,20 @@ def compute_chunked(
     step = max(1, chunk // cols)
 
     def blocks():
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            blk = w0[r0:r1].float()  # a view when the checkpoint is float32: scaled out of place
-            for k, (s, f) in enumerate(scales):
-                blk = blk * f(s, r0, r1) if k == 0 and blk.dtype == dtype else blk.mul_(f(s, r0, r1))
-            out = blk.to(dtype)
-            if not _cast_finite(blk, dtype):  # the exact check (and its error) only when in doubt
-                _refuse_non_finite(out, e.weight, where, dtype)
+        for b0 in range(0, rows, step):
+            out = torch.empty((min(rows, b0 + step) - b0, cols), dtype=dtype)
+            for r0, r1 in _pieces(rows, cols, b0, b0 + step):
+                x = w0[r0:r1].float()  # a view when the checkpoint is float32: scaled out of place
+                for k, (s, f) in enumerate(scales):
+                    x = x * f(s, r0, r1) if k == 0 and x.dtype == dtype else x.mul_(f(s, r0, r1))
+                if not _cast_finite(x, dtype):  # the exact check (and its error) only when in doubt
+                    _refuse_non_finite(x.to(dtype), e.weight, where, dtype)
+                out[r0 - b0 : r1 - b0].copy_(x)  # the cast back, as .to(dtype)
             yield out
 
-    out: dict[str, torch.Tensor | Streamed] = {e.weight: Streamed(tuple(w0.shape), dtype, blocks)}
+    out: dict[str, torch.Tensor | Streamed] = {}
+    if weight_changes:
+        out[e.weight] = Streamed(tuple(w0.shape), dtype, blocks)
     if e.bias:
         out[e.bias] = b.to(dtype)
         _refuse_non_finite(out[e.bias], e.bias, where or e.weight, dtype)
