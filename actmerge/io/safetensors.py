@@ -145,9 +145,10 @@ class Reader:
             count = (stop - start) // torch.empty((), dtype=dtype).element_size()
             offset = shard.data_start + start
             t = torch.frombuffer(self.maps[path], dtype=dtype, count=count, offset=offset).view(meta["shape"])
-            # a float32 product (b + W c) may round differently at another alignment: a view only
-            # where the allocator's 64-byte alignment holds, so the bytes out never depend on it
-            return t if offset % 64 == 0 else t.clone()
+            # a product (b + W c) on a float32 weight itself may round differently at another
+            # alignment: such a weight is a view only at the allocator's 64-byte alignment (other
+            # dtypes are upcast into a fresh, aligned tensor first)
+            return t if offset % 64 == 0 or dtype != torch.float32 else t.clone()
         if path not in self.handles:
             self.handles[path] = self.stack.enter_context(safe_open(str(path), framework="pt"))
         return self.handles[path].get_tensor(name)
