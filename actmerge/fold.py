@@ -9,6 +9,7 @@ architecture table, ``sites.py``); ``diffusion/plan.py`` places pipeline sites i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import MapsMismatchError, NotFoldableError
-from .io.safetensors import TensorInfo, TensorNamer
+from .io.safetensors import Streamed, TensorInfo, TensorNamer
 from .io.weights import WeightEdits
 from .maps import MapSet
 from .shifts import _config_get, capabilities, shift_home  # noqa: F401  (capabilities: library API)
@@ -197,6 +198,104 @@ def compute(e: Edit, read: Callable[[str], torch.Tensor], where: str = "") -> di
     return out
 
 
+CHUNK_ELEMENTS = 1 << 20  # elements per block handed to the writer
+PIECE_ELEMENTS = 1 << 15  # elements computed at once: cache-sized, and at torch's grain size, so
+# each op runs on one thread (two OpenMP threads on busy cores spend more time waiting than working)
+
+
+def _pieces(rows: int, cols: int, start: int, stop: int) -> Iterable[tuple[int, int]]:
+    step = max(1, PIECE_ELEMENTS // cols)
+    for r0 in range(start, min(rows, stop), step):
+        yield r0, min(rows, stop, r0 + step)
+
+
+def compute_chunked(
+    e: Edit, read: Callable[[str], torch.Tensor], where: str = "", chunk: int | None = None
+) -> dict[str, torch.Tensor | Streamed]:
+    """``compute`` for a linear weight of more than ``chunk`` elements (``CHUNK_ELEMENTS``): a
+    rewritten weight is handed to the writer as row blocks (``Streamed``), each computed in
+    cache-sized pieces (upcast, scale, NaN/Inf check, cast back) while the writer thread writes the
+    previous block. Same formulas in the same order as ``compute``, so the same bytes (tested); the
+    ``b + W c`` term of an input shift still multiplies the whole float32 weight, as ``compute``
+    does (a row-blocked product may sum in another order)."""
+    if e.kind != "linear":
+        return compute(e, read, where)
+    chunk = chunk or CHUNK_ELEMENTS
+    w0 = read(e.weight)
+    if w0.numel() <= chunk or w0.dim() != 2:
+        return compute(e, lambda name: w0 if name == e.weight else read(name), where)
+    weight_changes = any(scale is not None for scale, _ in e.inputs + e.outputs)
+    dtype, (rows, cols) = w0.dtype, w0.shape
+    out_dim, in_dim = (cols, rows) if e.conv1d else (rows, cols)
+    b = None
+    if e.bias:
+        b = torch.zeros(out_dim) if e.new_bias else read(e.bias).float()
+    try:
+        s_in, c_in = _compose(e.inputs, in_dim)
+        if c_in is not None:  # as in compute: b + W c on the whole float32 weight
+            w = w0.float()  # float32: w0 itself, as in compute (the product depends on alignment)
+            if w is not w0:  # else w0.float() in cache-sized single-threaded pieces (64-byte aligned)
+                w = torch.empty(w0.shape)
+                for r0, r1 in _pieces(rows, cols, 0, rows):
+                    w[r0:r1].copy_(w0[r0:r1])
+            b = (b if b is not None else torch.zeros(out_dim)) + torch.mv(w.t() if e.conv1d else w, c_in)
+            del w
+        s_out, c_out = _compose(e.outputs, out_dim)
+        if s_out is not None:
+            b = None if b is None else b * s_out
+        if c_out is not None:
+            b = (b if b is not None else torch.zeros(out_dim)) + c_out
+    except MapsMismatchError as exc:
+        raise MapsMismatchError(f"{where or e.weight}: {exc}") from None
+    # per storage block [r0:r1]: the input scale first, then the output scale (compute's order)
+    if e.conv1d:  # storage [in, out]
+        scales = [(s_in, lambda s, r0, r1: s[r0:r1, None]), (s_out, lambda s, r0, r1: s[None, :])]
+    else:
+        scales = [(s_in, lambda s, r0, r1: s[None, :]), (s_out, lambda s, r0, r1: s[r0:r1, None])]
+    scales = [(s, f) for s, f in scales if s is not None]
+    step = max(1, chunk // cols)
+
+    def blocks():
+        for b0 in range(0, rows, step):
+            out = torch.empty((min(rows, b0 + step) - b0, cols), dtype=dtype)
+            for r0, r1 in _pieces(rows, cols, b0, b0 + step):
+                x = w0[r0:r1].float()  # a view when the checkpoint is float32: scaled out of place
+                for k, (s, f) in enumerate(scales):
+                    x = x * f(s, r0, r1) if k == 0 and x.dtype == dtype else x.mul_(f(s, r0, r1))
+                if not _cast_finite(x, dtype):  # the exact check (and its error) only when in doubt
+                    _refuse_non_finite(x.to(dtype), e.weight, where, dtype)
+                out[r0 - b0 : r1 - b0].copy_(x)  # the cast back, as .to(dtype)
+            yield out
+
+    out: dict[str, torch.Tensor | Streamed] = {}
+    if weight_changes:
+        out[e.weight] = Streamed(tuple(w0.shape), dtype, blocks)
+    if e.bias:
+        out[e.bias] = b.to(dtype)
+        _refuse_non_finite(out[e.bias], e.bias, where or e.weight, dtype)
+    return out
+
+
+# the smallest float32 magnitude that rounds to ±inf when cast (round to nearest even)
+_CAST_LIMIT = {torch.bfloat16: (2 - 2**-8) * 2**127, torch.float16: 65520.0}
+
+
+def _cast_finite(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True only if ``x`` (float32) has no NaN/Inf and none of it overflows when cast to ``dtype``:
+    one min/max pass over the float32 block (a NaN fails both comparisons)."""
+    lo, hi = torch.aminmax(x)
+    lim = _CAST_LIMIT.get(dtype, math.inf)
+    return -lim < float(lo) and float(hi) < lim
+
+
+def _refuse_non_finite(t: torch.Tensor, name: str, where: str, dtype: torch.dtype) -> None:
+    if not _finite(t):
+        raise NotFoldableError(
+            f"folding into {name} produced NaN/Inf: the maps at {where or name} are not finite or "
+            f"overflow {dtype}. Refit, lower the strength, or bake in float32."
+        )
+
+
 @dataclass
 class FoldPlan:
     """Every edit of one bake. ``edits`` are keyed by (component, module); a language model has the
@@ -238,7 +337,7 @@ class FoldPlan:
         edits = {m: e for (c, m), e in self.edits.items() if c == component}
         where = f"{component}/" if component else ""
         return WeightEdits(
-            lambda module, read: compute(edits[module], read, where + module),
+            lambda module, read: compute_chunked(edits[module], read, where + module),
             self.edited_tensors(component),
             dict(self.new_tensors) if component == "" else {},
         )

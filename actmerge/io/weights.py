@@ -1,19 +1,29 @@
 """Rewrite one weight set (a single safetensors file, or the shards an index names) with some
-tensors recomputed and some added. Each output shard is handed only its own tensors: a module whose
-weight and bias sit in different shards is computed for each, and each keeps what lives in it."""
+tensors recomputed and some added. Each output shard is handed only its own tensors; each module is
+computed once (a module whose weight and bias sit in different shards hands each its own)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import torch
 
-from .safetensors import DTYPES, Reader, TensorInfo, nbytes, read_shard, tensor_index, write_shard
+from .safetensors import (
+    DTYPES,
+    Reader,
+    TensorInfo,
+    Value,
+    nbytes,
+    read_shard,
+    tensor_index,
+    write_shard,
+)
 
-Compute = Callable[[str, Callable[[str], torch.Tensor]], dict[str, torch.Tensor]]
+Compute = Callable[[str, Callable[[str], torch.Tensor]], dict[str, Value]]
 
 
 @dataclass
@@ -36,31 +46,54 @@ def rewrite_weights(
     progress: Callable[[Iterable, int, str], Iterable] | None = None,
 ) -> None:
     """Write every shard of ``files`` into directory ``dest`` (same file names), and ``index``
-    (``*.safetensors.index.json``) with the added tensors and the new ``total_size``."""
+    (``*.safetensors.index.json``) with the added tensors and the new ``total_size``.
+
+    A shard with nothing to change is copied whole (a reflink where the file system has one); an
+    edited one keeps its header and layout and only its edited byte ranges are rewritten; every added
+    tensor goes into one shard (the smallest), whose header is rewritten with the data section moved
+    by whole pages. Each unit is computed once, with the shard it reads open (its outputs for later
+    shards — a bias in another shard, an added bias — wait in memory until that shard is written)."""
     infos, where = tensor_index(files)
     edits = edits or WeightEdits(lambda unit, read: {})
+    order = {p: i for i, p in enumerate(files)}
+    added_home = min(files, key=lambda p: (p.stat().st_size, -order[p])) if edits.added else None
     home: dict[str, Path] = {}  # output tensor → the shard it is written to
     for name in edits.edited:
-        home[name] = where[name].path if name in where else where[edits.added[name][0]].path
-    for name, (anchor, _) in edits.added.items():
-        home[name] = where[anchor].path
+        home[name] = where[name].path if name in where else added_home
+    for name in edits.added:
+        home[name] = added_home
+    due: dict[Path, set[str]] = {}  # shard → units computed when it is written
+    reads: dict[str, Path] = {}  # unit → the shard it reads (its first existing tensor)
+    for name, unit in sorted(edits.edited.items()):
+        if name in where:
+            reads.setdefault(unit, where[name].path)
+    for unit, path in reads.items():
+        due.setdefault(path, set()).add(unit)
+    done: set[str] = set()
+    pending: dict[Path, dict[str, Value]] = {}
     it = progress(files, len(files), "writing shards") if progress else files
     for path in it:
-        own = {n for n, p in home.items() if p == path}
-        values: dict[str, torch.Tensor] = {}
-        with Reader(where) as read:  # input shards are opened for this output shard only
-            for unit in sorted({edits.edited[n] for n in own if n in edits.edited}):
-                values.update({k: v for k, v in edits.compute(unit, read).items() if k in own})
-        for name in own & set(edits.added):
-            if name not in values:  # e.g. a companion bias a new config flag requires
+        todo = {u for n, u in edits.edited.items() if home[n] == path} | due.get(path, set())
+        todo -= done
+        # grouped by the shard they read: one input shard open at a time
+        for _, group in groupby(sorted(todo, key=lambda u: (order.get(reads.get(u), -1), u)), key=reads.get):
+            with Reader(where) as read:
+                for unit in group:
+                    for k, v in edits.compute(unit, read).items():
+                        if edits.edited.get(k) == unit:
+                            pending.setdefault(home[k], {})[k] = v
+                    done.add(unit)
+        values = pending.pop(path, {})
+        for name in edits.added:
+            if home[name] == path and name not in values:  # e.g. a companion bias a config flag requires
                 info = edits.added[name][1]
                 values[name] = torch.zeros(info.shape, dtype=DTYPES[info.dtype])
         write_shard(read_shard(path), values, dest / path.name)
         values.clear()
     if index is not None and index.is_file():
         data = json.loads(index.read_text())
-        for name, (anchor, _) in edits.added.items():
-            data["weight_map"][name] = where[anchor].path.name
+        for name in edits.added:
+            data["weight_map"][name] = added_home.name
         data["weight_map"] = dict(sorted(data["weight_map"].items()))
         total = sum(nbytes(m) for f in files for m in read_shard(dest / f.name).tensors().values())
         data.setdefault("metadata", {})["total_size"] = total
