@@ -66,7 +66,7 @@ class Entry:
     method: str
     sites: list[str]  # "attn_post 9-17", …
     families: list[str]  # architectures (LLM) or components (diffusion) that have every named site
-    strength: float
+    strength: float | str  # per family: the range, e.g. "0.5–1"
     diffusion: bool
 
 
@@ -74,25 +74,44 @@ def catalog() -> list[Entry]:
     return [describe(BUILTIN_DIR / f"{n}.yaml") for n in builtin_names()]
 
 
-def describe(path: Path) -> Entry:
-    data = yaml.safe_load(path.read_text()) or {}
-    sites, names = [], []
-    for spec in data.get("sites", []):
+def _site_lines(specs) -> tuple[list[str], list[str]]:
+    """("site, site: layers" lines, site names) of one list of site specs."""
+    lines, names = [], []
+    for spec in specs or []:
         site = spec if isinstance(spec, str) else spec.get("site")
         group = [site] if isinstance(site, str) else list(site or [])
         layers = "all" if isinstance(spec, str) else str(spec.get("layers", "all"))
         names += group
-        sites.append(f"{', '.join(group)}: {layers}")
-    sites += list(data.get("modules", []))
+        lines.append(f"{', '.join(group)}: {layers}")
+    return lines, names
+
+
+def describe(path: Path) -> Entry:
+    data = yaml.safe_load(path.read_text()) or {}
+    raw = data.get("sites", [])
     diffusion = "diffusion" in data
+    if isinstance(raw, dict):  # a portable recipe: sites per architecture row, `default` for the rest
+        sites, families = [], []
+        for family, specs in raw.items():
+            lines, _ = _site_lines(specs)
+            sites += [f"{family} → {line}" for line in lines]
+            families.append("every other family" if family == "default" else family)
+    else:
+        sites, names = _site_lines(raw)
+        families = _diffusion_families(names) if diffusion else _llm_families(names)
+    sites += list(data.get("modules", []))
+    strength = data.get("strength", 1.0)
+    if isinstance(strength, dict):
+        values = sorted(float(v) for v in strength.values())  # per family: the range (`recipes show` has all)
+        strength = f"{values[0]:g}–{values[-1]:g}" if values[0] != values[-1] else f"{values[0]:g}"
     return Entry(
         name=path.stem,
         path=path,
         description=" ".join(str(data.get("description", "")).split()),
         method=data.get("method", "linear_act"),
         sites=sites,
-        families=_diffusion_families(names) if diffusion else _llm_families(names),
-        strength=float(data.get("strength", 1.0)),
+        families=families,
+        strength=strength if isinstance(strength, str) else float(strength),
         diffusion=diffusion,
     )
 

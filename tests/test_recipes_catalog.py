@@ -118,7 +118,9 @@ def test_copy_loads_and_bakes(pico_gemma2, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "--force" in r.output
     # edit the copy (fewer sentences, another layer range); relative paths work from any cwd
     copied.write_text(
-        copied.read_text().replace("max_sentences: 256", "max_sentences: 48").replace('"6-11"', '"3-4"')
+        copied.read_text()
+        .replace("max_sentences: 256", "max_sentences: 48")
+        .replace('"33.3%-66.7%"', '"3-4"')
     )
     (tmp_path / "mine" / "data" / "detox" / "toxic.txt").write_text("you utter idiot, shut up\n" * 48)
     monkeypatch.chdir(tmp_path)
