@@ -91,10 +91,12 @@ def test_recipes_list_show(monkeypatch):
     assert max(len(line) for line in lines) <= 80
     for e in catalog():
         assert e.name in r.output and e.method in r.output
-    assert "attn_post: 9-17" in r.output and "mlp_post: 6-11" in r.output  # detox's sites
-    assert "every LLM" in r.output  # football: attn_ctx exists in every architecture
+    assert "attn_post: 50%-100%" in r.output and "mlp_post: 33.3%-66.7%" in r.output  # detox's sites
+    assert "every other family" in r.output  # portable recipes: a default row for the other families
     detox = next(e for e in catalog() if e.name == "detox")
-    assert detox.families == ["gemma2", "gemma3_text", "gemma3"] and detox.strength == 1.0
+    assert detox.families == ["gemma", "gemma3", "every other family"] and detox.strength == 1.0
+    lineas = next(e for e in catalog() if e.name == "detox-lineas")
+    assert lineas.strength == "0.5–1"  # per family
     r = runner.invoke(app, ["recipes", "show", "detox"])
     assert r.exit_code == 0, r.output
     assert (BUILTIN_DIR / "detox.yaml").read_text().strip() in r.output
