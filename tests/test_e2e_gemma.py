@@ -35,7 +35,7 @@ def test_config_unchanged_and_plain_transformers_reload(baked):
     assert json.loads((baked / "config.json").read_text()) == source.config
     bake = json.loads((baked / "actmerge" / "bake.json").read_text())
     assert bake["config_patch"] == {}
-    assert {r["class"] for r in bake["fold"]} == {"exact"}
+    assert {r["exactness"] for r in bake["fold"]} == {"exact"}
     rep = pipeline.verify(baked, log=lambda *_: None)  # fresh process, no actmerge imported there
     assert rep.passed and rep.max_abs_logit_diff <= 1e-3, rep
     assert rep.argmax_agreement >= 0.99
