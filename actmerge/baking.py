@@ -15,6 +15,7 @@ import yaml
 
 from . import __version__, card
 from .errors import MapsMismatchError, RecipeError
+from .evalconfig import chat_prompts, eval_config
 from .fitting import Loaded
 from .fold import Exactness, FoldOptions, FoldPlan
 from .fold import plan as make_plan
@@ -24,7 +25,7 @@ from .io.tree import write_checkpoint, write_pipeline
 from .maps import MapSet, compose
 from .recipe import Recipe
 from .sites import architecture_for
-from .sweep import Report, chat_prompts, eval_config, markdown_table
+from .sweep import Report, markdown_table
 from .verify import DEFAULT_PROMPTS, VerifyReport, compare, hooked_outputs
 
 MAX_STRENGTH = 4.0  # beyond this, --allow-extrapolation

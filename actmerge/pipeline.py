@@ -12,6 +12,7 @@ from . import baking
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
 from .errors import ActmergeError, MapsMismatchError, ModelResolutionError, RecipeError
+from .evalconfig import NEUTRAL_TEXT, chat_prompts, eval_config  # noqa: F401  (library API)
 from .fitting import (  # noqa: F401
     FitResult,
     Loaded,
@@ -33,7 +34,7 @@ from .models import resolve
 from .placement import Placement
 from .recipe import Recipe, load_recipe
 from .sites import architecture_for
-from .sweep import EvalConfig, Report, chat_prompts, eval_config  # noqa: F401
+from .sweep import EvalConfig, Report  # noqa: F401
 
 
 def bake(

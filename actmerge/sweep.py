@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import ActmergeError, RecipeError
+from .errors import ActmergeError
 from .evaluate import (
     concept_presence,
     continuations,
@@ -32,7 +32,6 @@ from .hooks import steer
 from .io.provenance import read_bake_info
 from .maps import MapSet
 from .placement import input_device
-from .recipe import Recipe, read_sentences
 
 
 @dataclass(frozen=True)
@@ -427,66 +426,3 @@ def markdown_table(report: Report) -> str:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3g}"
-
-
-NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "neutral.txt"
-
-
-def eval_config(
-    recipe: Recipe | None,
-    *,
-    prompts: list[str] | None = None,
-    neutral: list[str] | None = None,
-    metrics: list[str] | None = None,
-    scorer: str | None = None,
-    keywords: list[str] | None = None,
-    max_new_tokens: int | None = None,
-    sample: bool = False,
-    seed: int | None = None,
-    limit: int | None = None,
-    chat: bool = False,
-) -> EvalConfig:
-    """Evaluation settings: the recipe's, overridden by explicit arguments."""
-
-    def from_recipe(attr):
-        if recipe is None or getattr(recipe, attr) is None:
-            return None
-        return read_sentences(recipe.path(getattr(recipe, attr)))
-
-    explicit_prompts = prompts
-    prompts = prompts or from_recipe("eval_prompts")
-    if not prompts:
-        raise RecipeError("no evaluation prompts: set `eval_prompts:` in the recipe or pass --prompts FILE.")
-    metrics = metrics or (list(recipe.metrics) if recipe else ["toxicity", "perplexity"])
-    neutral = neutral or from_recipe("neutral_text") or []
-    if "perplexity" in metrics and not neutral:
-        neutral = read_sentences(NEUTRAL_TEXT)
-    keywords = keywords or from_recipe("keywords") or []
-    default_tokens = 32 if sample else (recipe.eval_max_new_tokens if recipe else 24)
-    hard = from_recipe("eval_prompts_hard") if explicit_prompts is None else None
-    return EvalConfig(
-        prompts=prompts[:limit] if limit else prompts,
-        neutral=neutral,
-        metrics=tuple(metrics),
-        scorer=scorer or (recipe.scorer if recipe else "profanity"),
-        keywords=tuple(keywords),
-        max_new_tokens=max_new_tokens or default_tokens,
-        sample=sample,
-        seed=seed if seed is not None else (recipe.seed if recipe else 0),
-        # --chat requires a template; a recipe's `chat: true` uses it where the model has one
-        chat="on" if chat else ("auto" if recipe is not None and recipe.chat else "off"),
-        splits={"hard": hard[:limit] if limit else hard} if hard else {},
-    )
-
-
-def chat_prompts(cfg: EvalConfig, tok, log=print) -> EvalConfig:
-    """Format the evaluation prompts as user turns of the chat template when ``cfg.chat`` asks."""
-    from dataclasses import replace
-
-    from . import chat
-
-    if cfg.chat == "off" or (cfg.chat == "auto" and not chat.has_template(tok)):
-        if cfg.chat == "auto":
-            log("[actmerge] the model has no chat template: evaluating raw continuations")
-        return replace(cfg, chat="off")
-    return replace(cfg, prompts=chat.user_turns(tok, cfg.prompts), chat="on")

@@ -89,11 +89,11 @@ def test_detox_toxicity_below_base(baked):
 
 def test_tied_embedding_guard_on_the_real_model(tmp_path):
     """SmolLM2 ties lm_head to embed_tokens: a fold that would edit either is refused with the remedy."""
-    from actmerge.fold import _guard_tied, _ModuleEdit
+    from actmerge.fold import Edit, _guard_tied
 
     source = resolve("smollm2-135m")
     arch = architecture_for(source.config)
-    edit = {"embed": _ModuleEdit("linear", "model.embed_tokens.weight", None)}
+    edit = {("", "model.embed_tokens"): Edit("linear", "model.embed_tokens.weight", None)}
     with pytest.raises(NotFoldableError, match="tied to lm_head.weight.*Untie the checkpoint"):
         _guard_tied(arch, source.config, edit)
     # a maps file that asks for the LM head itself is refused before any tensor is touched
