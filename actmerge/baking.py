@@ -18,10 +18,10 @@ from .errors import MapsMismatchError, RecipeError
 from .evalconfig import chat_prompts, eval_config
 from .fitting import Loaded
 from .fold import Exactness, FoldOptions, FoldPlan
-from .fold import plan as make_plan
 from .io.provenance import BakeInfo, provenance_files
 from .io.safetensors import tensor_index
 from .io.tree import write_checkpoint, write_pipeline
+from .llm_plan import plan as make_plan
 from .maps import MapSet, compose
 from .recipe import Recipe
 from .sites import architecture_for

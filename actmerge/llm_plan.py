@@ -1,0 +1,148 @@
+"""Placement of language-model sites into fold edits (the counterpart of ``diffusion/plan.py``):
+where each map's scale and shift go for an architecture row of ``sites.py``, the config flags a shift
+needs, the companion biases those flags make the model expect, and the tied-tensor guard. The
+tensor math is ``fold.compute``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import MapsMismatchError, NotFoldableError
+from .fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, _nonzero, _not_one, refuse_shifts
+from .io.safetensors import TensorInfo, TensorNamer
+from .maps import MapSet
+from .shifts import _config_get, shift_home
+from .sites import ALL, Architecture, site_for_key
+
+NORM_EDIT = {"rmsnorm": "norm", "rmsnorm_1p": "norm_1p", "layernorm": "norm"}  # site fold → Edit kind
+
+
+def plan(
+    arch: Architecture,
+    config: dict,
+    maps: MapSet,
+    strength: float,
+    tensors: dict[str, TensorInfo],
+    options: FoldOptions = FoldOptions(),
+) -> FoldPlan:
+    """Plan the fold of ``maps`` at ``strength`` into a language-model checkpoint with ``tensors``."""
+    namer = TensorNamer(tensors, arch.tensor_prefixes)
+
+    def name_of(param: str) -> str:
+        found = namer(param)
+        if found is None:
+            raise MapsMismatchError(f"tensor {param} is not in the checkpoint: maps from another model?")
+        return found
+
+    edits: dict[tuple[str, str], Edit] = {}
+    site_plans: list[SitePlan] = []
+    config_patch: dict[str, Any] = {}
+    refused: list[str] = []
+
+    def edit(module: str, kind: str, conv1d: bool = False, want_bias: bool = False) -> Edit:
+        if ("", module) not in edits:
+            edits[("", module)] = Edit(kind, name_of(f"{module}.weight"), namer(f"{module}.bias"), conv1d)
+        e = edits[("", module)]
+        if want_bias and e.bias is None:
+            e.bias, e.new_bias = _bias_name(e.weight), True
+        return e
+
+    for key, amap in maps.items():
+        try:
+            site = site_for_key(arch, config, key)
+        except Exception as exc:
+            raise MapsMismatchError(f"maps do not match this {arch.name} model: {exc}") from exc
+        scale, shift = amap.at(strength)
+        has_scale, has_shift = _not_one(scale), _nonzero(shift)
+        sp = SitePlan(key, f"{site.name}[{site.layer}]", Exactness.EXACT, site=site)
+        site_plans.append(sp)
+        if not (has_scale or has_shift):
+            sp.exactness = Exactness.IDENTITY
+            continue
+        rule = site.rule
+        flags, runtimes = {}, ALL
+        if has_shift:
+            ok, why, flags, runtimes = shift_home(
+                arch, config, site.name, targets=options.targets, allow_flags=options.allow_config_change
+            )
+            if not ok:
+                if options.shift_policy == "error":
+                    refused.append(f"  {key} ({site.name}): {why}")
+                    continue
+                has_shift, flags, runtimes = False, {}, ALL
+                sp.exactness, sp.note = Exactness.SCALE_ONLY, why
+                if not has_scale:
+                    continue
+        sp.flags, sp.runtimes = flags, runtimes
+        if flags:
+            sp.exactness = Exactness.EXACT_FLAGS
+            config_patch.update(flags)
+        s_op, c_op = (scale if has_scale else None), (shift if has_shift else None)
+        if rule.fold in NORM_EDIT:
+            own_shift = c_op if rule.fold == "layernorm" else None
+            e = edit(site.module, NORM_EDIT[rule.fold])
+            e.outputs.append((s_op, own_shift))
+            if has_scale:
+                sp.scale_into = [e.weight] + ([e.bias] if rule.fold == "layernorm" and e.bias else [])
+            if own_shift is not None:
+                sp.shift_into = [e.bias]
+            elif has_shift:
+                for role in rule.consumers:  # b' = b + W c in every linear that reads the norm
+                    lin = arch.linears[role]
+                    ce = edit(arch.layer_module(site.layer, lin.module), "linear", lin.conv1d, want_bias=True)
+                    ce.inputs.insert(0, (None, shift))  # upstream of any map at that linear's own input
+                    sp.shift_into.append(ce.bias)
+        else:
+            lin = arch.linears[rule.linear]
+            e = edit(site.module, "linear", lin.conv1d, want_bias=has_shift)
+            (e.inputs if rule.fold == "linear_in" else e.outputs).append((s_op, c_op))
+            if has_scale:
+                sp.scale_into = [e.weight] + ([e.bias] if rule.fold == "linear_out" and e.bias else [])
+            if has_shift:
+                sp.shift_into = [e.bias]
+    if refused:
+        raise refuse_shifts(refused, "MODEL")
+    new_tensors = _companion_biases(arch, config, config_patch, edits, tensors, name_of)
+    _guard_tied(arch, config, edits)
+    return FoldPlan(strength, site_plans, edits, config_patch, new_tensors, options.targets)
+
+
+def _bias_name(weight: str) -> str:
+    return weight[: -len("weight")] + "bias"
+
+
+def _companion_biases(arch, config, patch, edits, tensors, name_of) -> dict[str, tuple[str, TensorInfo]]:
+    """Every bias that a newly set flag makes the model expect: edited ones, and zeros elsewhere."""
+    out: dict[str, tuple[str, TensorInfo]] = {}
+    from .sites import num_layers
+
+    for layer in range(num_layers(arch, config)):
+        for lin in arch.linears.values():
+            if lin.bias not in patch:
+                continue
+            wname = name_of(f"{arch.layer_module(layer, lin.module)}.weight")
+            bname = _bias_name(wname)
+            if bname in tensors:
+                continue
+            info = tensors[wname]
+            out[bname] = (wname, TensorInfo((info.shape[-1] if lin.conv1d else info.shape[0],), info.dtype))
+    for e in edits.values():
+        if e.new_bias and e.bias not in out:
+            info = tensors[e.weight]
+            out[e.bias] = (e.weight, TensorInfo((info.shape[-1] if e.conv1d else info.shape[0],), info.dtype))
+    return out
+
+
+def _guard_tied(arch: Architecture, config: dict, edits: dict[tuple[str, str], Edit]) -> None:
+    if not (
+        _config_get(config, "tie_word_embeddings") or _config_get(config, "text_config.tie_word_embeddings")
+    ):
+        return
+    touched = {n for e in edits.values() for n in (e.weight, e.bias) if n}
+    for a, b in arch.tied:
+        if a in touched or b in touched:
+            raise NotFoldableError(
+                f"the plan edits {a if a in touched else b}, which is tied to {b if a in touched else a} "
+                "(tie_word_embeddings): actmerge never edits a tied tensor silently. Untie the checkpoint "
+                "first (save separate tensors and set tie_word_embeddings=false) or choose another site."
+            )
