@@ -237,6 +237,8 @@ def fit_lineas(
         for k in keys:
             stack.enter_context(attach(model, k, make(k)))
         task = bar.add_task("LinEAS", total=cfg.steps)
+        # no live bar off a terminal (CI logs, nohup): a plain line every tenth of the fit instead
+        plain_every = max(1, cfg.steps // 10) if progress and not bar.console.is_terminal else 0
         for step in range(cfg.steps):
             rows = rng.sample(range(len(source)), min(cfg.batch, len(source)))
             idx = rng.sample(range(n_target), min(cfg.batch, n_target))
@@ -273,6 +275,13 @@ def fit_lineas(
                         group_mode=cfg.group_mode,
                     )
             bar.update(task, advance=1)
+            if plain_every and (step + 1) % plain_every == 0 and step + 1 < cfg.steps:
+                rate = (step + 1) / max(time.perf_counter() - t_loop, 1e-9)
+                last = f"loss {losses[-1]:.4g}, " if losses else ""
+                log(
+                    f"[actmerge] LinEAS step {step + 1}/{cfg.steps}: {last}{rate:.2f} steps/s, "
+                    f"~{(cfg.steps - step - 1) / rate:.0f} s left"
+                )
             if stopped_early:
                 break
     losses += _drain_losses(pending, len(losses))

@@ -289,3 +289,17 @@ def test_early_stop_on_a_plateau(pico):
     _, early = fit_lineas(*args, frozen_shift={}, cfg=replace(cfg, early_stop=4, early_stop_tol=0.5), **QUIET)
     assert early.stopped_early and 8 <= early.steps < 40 and len(early.losses) == early.steps
     assert early.losses == full.losses[: early.steps]  # the same trajectory up to the stop
+
+
+def test_progress_off_a_terminal_is_a_log_line_every_tenth(pico):
+    """A fit run under nohup or CI has no live bar: it still reports its progress, as plain lines."""
+    model, tok = load(pico), char_tokenizer()
+    sites = _sites(pico, ["attn_ctx"])
+    lines: list[str] = []
+    fit_lineas(
+        model, tok, sites, SENTENCES[:20], SENTENCES[20:], frozen_shift={},
+        cfg=LineasConfig(steps=20, batch=8), progress=True, log=lines.append,
+    )  # fmt: skip
+    steps = [line for line in lines if "LinEAS step" in line]
+    assert [s.split("step ")[1].split(":")[0] for s in steps] == [f"{k}/20" for k in range(2, 20, 2)]
+    assert all("steps/s" in s and "loss" in s for s in steps)
