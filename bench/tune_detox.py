@@ -12,12 +12,39 @@ never read.
 Prints one row per candidate: λ*, tuning ppl ratio at λ*, hard-tuning toxic % at λ* and at λ = 1
 (with its ppl ratio), and the fit time. Results of each candidate are appended to
 bench/results/tune_detox.jsonl (model, candidate, numbers), so a long grid can be resumed.
+``SMOKE=1`` shrinks everything for a quick check of the script.
+
+Measured 2026-11-26, SmolLM2-135M-Instruct on an H200 (the 2 CPU cores could not fit 14 LinEAS
+variants; GPU and CPU fits differ only by float rounding), budget ×1.10 on neutral_tune.txt,
+190 hard tuning prompts, base 21.1 % toxic (40 prompts); one prompt = 0.53 %:
+
+  candidate                 λ*     ppl    toxic at λ* | λ = 1: ppl  toxic
+  detox (shipped, attn_ctx)  0.984  ×1.099  4.7 % (4.4×) | ×1.103   5.8 %
+  detox-ref-pooling          0.984  ×1.099  4.7 % (4.4×) | ×1.103   5.8 %
+  detox-llama-shift          0.859  ×1.098  5.8 % (3.6×) | ×1.140   3.2 %
+  detox-llama-ctx-33         1.22   ×1.100  5.3 % (4.0×) | ×1.062   8.9 %
+  lineas (shipped row)       0.828  ×1.097  5.3 % (4.0×) | ×1.148   2.1 %
+  lineas-600 (600 steps)     0.828  ×1.099  4.7 % (4.4×) | ×1.152   2.1 %
+  lineas-lr0.03              0.812  ×1.097  3.2 % (6.7×) | ×1.156   3.2 %
+  lineas-l1-0.1              0.75   ×1.097  4.7 % (4.4×) | ×1.192   1.6 %
+  lineas-l1-0.6              1.03   ×1.099  4.2 % (5.0×) | ×1.094   3.7 %
+  lineas-dense               0.625  ×1.097  4.7 % (4.4×) | ×1.312   3.2 %
+  lineas-llama-ctx+hidden    0.766  ×1.098  4.7 % (4.4×) | ×1.182   1.1 %
+  lineas-llama-all4          0.75   ×1.098  5.3 % (4.0×) | ×1.187   2.6 %
+  lineas-flags (β at ctx)    0.719  ×1.097  3.7 % (5.7×) | ×1.198   1.1 %
+  lineas-llama-ctx-flags     0.875  ×1.097  4.2 % (5.0×) | ×1.128   2.6 %
+
+Every variant lands at 3-6 × within ×1.10 (6-11 of 190 prompts stay toxic; the spread is a few
+prompts); none reaches 8× (≤ 5 prompts). Stronger steering reaches 1 % (λ = 1, ×1.18-×1.20): the
+perplexity budget, not the fit, is what binds. The shipped rows were kept (no variant is better by
+more than a few prompts, and lr/l1 are shared with the Gemma rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +58,9 @@ RECIPES = ROOT / "actmerge" / "recipes"
 HARD_TUNE = "data/detox/tune_prompts_hard.txt"
 RESULTS = ROOT / "bench" / "results" / "tune_detox.jsonl"
 
-GEMMA_POST = {"gemma": [{"site": "attn_post", "layers": "50%-100%"}, {"site": "mlp_post", "layers": "33.3%-66.7%"}]}
+GEMMA_POST = {
+    "gemma": [{"site": "attn_post", "layers": "50%-100%"}, {"site": "mlp_post", "layers": "33.3%-66.7%"}]
+}
 
 # name -> (built-in recipe, overrides)
 CANDIDATES: dict[str, tuple[str, dict]] = {
@@ -55,6 +84,36 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "lineas-l1-0.6": ("detox-lineas", {"lineas": {"l1": 0.6}}),
     "lineas-dense": ("detox-lineas", {"lineas": {"l1": 0.0, "group": 0.0}}),
     "lineas-short": ("detox-lineas", {"lineas": {"steps": 100, "batch": 16}, "max_tokens": 64}),
+    "lineas-600": ("detox-lineas", {"lineas": {"steps": 600}}),
+    "lineas-lr0.03": ("detox-lineas", {"lineas": {"lr": 0.03}}),
+    # Llama rows (the recipes' `default` family)
+    "detox-llama-ctx-33": ("detox", {"sites": {"default": [{"site": "attn_ctx", "layers": "33%-100%"}]}}),
+    "detox-llama-ctx+in": (
+        "detox",
+        {
+            "sites": {
+                "default": [{"site": "attn_ctx", "layers": "all"}, {"site": "mlp_in", "layers": "50%-100%"}]
+            }
+        },
+    ),
+    "detox-llama-shift": (
+        "detox",
+        {"fit_shift": True, "sites": {"default": [{"site": "attn_ctx", "layers": "50%-100%"}]}},
+    ),
+    "lineas-llama-ctx": ("detox-lineas", {"sites": {"default": [{"site": "attn_ctx", "layers": "all"}]}}),
+    "lineas-llama-ctx+hidden": (
+        "detox-lineas",
+        {"sites": {"default": [{"site": ["attn_ctx", "mlp_hidden"], "layers": "all"}]}},
+    ),
+    "lineas-llama-all4": (
+        "detox-lineas",
+        {"sites": {"default": [{"site": ["attn_in", "mlp_in", "attn_ctx", "mlp_hidden"], "layers": "all"}]}},
+    ),
+    "lineas-flags": ("detox-lineas", {"allow_config_change": True}),
+    "lineas-llama-ctx-flags": (
+        "detox-lineas",
+        {"allow_config_change": True, "sites": {"default": [{"site": "attn_ctx", "layers": "all"}]}},
+    ),
 }
 
 
@@ -64,7 +123,9 @@ def recipe_for(name: str):
     base, over = CANDIDATES[name]
     data = yaml.safe_load((RECIPES / f"{base}.yaml").read_text())
     for k, v in over.items():
-        if k == "lineas":
+        if k == "strength":
+            data["strength"] = v
+        elif k == "lineas":
             data["lineas"] = {**data.get("lineas", {}), **v}
         elif k == "sites":
             data["sites"] = {**data["sites"], **v}
@@ -73,6 +134,10 @@ def recipe_for(name: str):
             data[k] = v
     data["name"] = name
     data["tune_prompts"] = HARD_TUNE
+    if os.environ.get("SMOKE"):  # a quick check of the script: tiny fits
+        data["max_sentences"] = 16
+        data["min_sentences"] = 8
+        data.setdefault("lineas", {})["steps"] = 3
     rec = Recipe.model_validate(data)
     rec._base_dir = RECIPES
     return rec
@@ -84,14 +149,16 @@ def main() -> None:
     ap.add_argument("candidates", nargs="*")
     ap.add_argument("--budget", type=float, default=1.10)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     args = ap.parse_args()
     if args.list or not args.model:
         print("\n".join(CANDIDATES))
         return
     from actmerge import pipeline
+    from actmerge.placement import Placement
     from actmerge.tune import Budget, HookedProbe, tune, tuning_split
 
-    loaded = pipeline.load(args.model, log=lambda *a: None)
+    loaded = pipeline.load(args.model, placement=Placement(device=args.device), log=lambda *a: None)
     base_tox = None
     for name in args.candidates:
         rec = recipe_for(name)
@@ -99,6 +166,8 @@ def main() -> None:
         maps = pipeline.fit(loaded, rec, progress=False, log=lambda *a: None).maps
         fit_s = time.time() - t0
         prompts, neutral = tuning_split(rec)
+        if os.environ.get("SMOKE"):
+            prompts, neutral = prompts[:4], neutral[:2]
         probe = HookedProbe(loaded, rec, maps, prompts, neutral, progress=False)
         if base_tox is None:
             base_tox = probe.behaviour(0.0)
