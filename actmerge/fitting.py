@@ -165,39 +165,13 @@ def fit(
                 "for the backward pass: raise --max-memory until nothing goes to disk, or fit with "
                 "linear_act / mean_act (forward passes only), which work with disk offload."
             )
-        maps, report = _fit_lineas(
-            m,
-            tok,
-            recipe,
-            sites,
-            source,
-            target,
-            frozen_shifts(recipe, config, sites, options),
-            progress,
-            log,
-        )
+        maps, report = fit_sites(
+            m, tok, recipe, sites, source, target,
+            frozen=frozen_shifts(recipe, config, sites, options), progress=progress, log=log,
+        )  # fmt: skip
         detail = "LinEAS (end to end)"
     else:
-        maps, report = fit_maps(
-            m,
-            tok,
-            sites,
-            source,
-            target,
-            method=recipe.method,
-            incremental=recipe.incremental,
-            batch_size=recipe.batch_size,
-            max_tokens=recipe.max_tokens,
-            pooling=recipe.pooling,
-            skip_special=recipe.skip_special_tokens,
-            fit_shift=recipe.fit_shift,
-            degenerate=recipe.degenerate_neurons,
-            sample=recipe.sample,
-            incremental_clamp=recipe.incremental_clamp,
-            incremental_order=recipe.incremental_order,
-            seed=recipe.seed,
-            progress=progress,
-        )
+        maps, report = fit_sites(m, tok, recipe, sites, source, target, progress=progress, log=log)
         how = "shift-only" if recipe.degenerate_neurons == "shift" else "left untouched"
         detail = f"degenerate neurons ({how}): {report.degenerate}"
     seconds = time.perf_counter() - t0
@@ -237,35 +211,27 @@ def frozen_shifts(recipe: Recipe, config: dict, sites: list[Site], options: Fold
     return out
 
 
-def _fit_lineas(model, tok, recipe, sites, source, target, frozen, progress, log):
-    from .lineas import LineasConfig, fit_lineas
+def fit_sites(
+    model, tok, recipe: Recipe, sites: list[Site], source, target, *, frozen=None, progress=True, log=print
+):
+    """Fit the recipe's method at ``sites`` on sentences already read (and placed in the chat template
+    where the recipe asks): LinEAS end to end (``frozen``: site key → why its shift stays 0), or the
+    recipe's estimator site by site. Returns (maps by site key, the method's report)."""
+    if recipe.method == "lineas":
+        from .lineas import LineasConfig, fit_lineas
 
-    o = recipe.lineas
-    cfg = LineasConfig(
-        steps=o.steps,
-        lr=o.lr,
-        lr_min=o.lr_min,
-        batch=o.batch,
-        l1=o.l1,
-        group=o.group,
-        group_mode=o.group_mode,
-        early_stop=o.early_stop,
-        early_stop_tol=o.early_stop_tol,
-        loss_norm=o.loss_norm,
-        param=o.param,
-        seed=recipe.seed,
-    )
-    return fit_lineas(
-        model,
-        tok,
-        sites,
-        source,
-        target,
-        frozen_shift=frozen,
-        cfg=cfg,
-        max_tokens=recipe.max_tokens,
-        pooling=recipe.pooling,
-        skip_special=recipe.skip_special_tokens,
-        progress=progress,
-        log=log,
-    )
+        return fit_lineas(
+            model, tok, sites, source, target,
+            frozen_shift=frozen or {},
+            cfg=LineasConfig.from_options(recipe.lineas, seed=recipe.seed),
+            max_tokens=recipe.max_tokens, pooling=recipe.pooling, skip_special=recipe.skip_special_tokens,
+            progress=progress, log=log,
+        )  # fmt: skip
+    return fit_maps(
+        model, tok, sites, source, target,
+        method=recipe.method, incremental=recipe.incremental, batch_size=recipe.batch_size,
+        max_tokens=recipe.max_tokens, pooling=recipe.pooling, skip_special=recipe.skip_special_tokens,
+        fit_shift=recipe.fit_shift, degenerate=recipe.degenerate_neurons, sample=recipe.sample,
+        incremental_clamp=recipe.incremental_clamp, incremental_order=recipe.incremental_order,
+        seed=recipe.seed, progress=progress,
+    )  # fmt: skip

@@ -60,6 +60,11 @@ class LineasConfig:
     early_stop: int = 0
     early_stop_tol: float = 1e-3
 
+    @classmethod
+    def from_options(cls, options, seed: int = 0) -> LineasConfig:
+        """From a recipe's ``lineas:`` block (``recipe.LineasOptions``, the same fields) and its seed."""
+        return cls(**options.model_dump(), seed=seed)
+
 
 @dataclass
 class LineasReport:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from actmerge import pipeline
-from actmerge.collect import fit
+from actmerge import fitting
 from actmerge.evaluate import concept_presence, continuations, perplexity, profanity_scorer, toxicity
+from actmerge.fold import FoldOptions
 from actmerge.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import load_model, resolve
@@ -41,33 +41,12 @@ REFERENCE = dict(pooling_special_tokens="include", degenerate_neurons="skip", sa
 
 
 def fit_recipe(model, tok, config, recipe):
-    sites = pipeline.recipe_sites(recipe, config)
+    sites = fitting.recipe_sites(recipe, config)
     source = recipe.read_source()[: recipe.max_sentences]
     target = recipe.read_target()[: recipe.max_sentences]
-    if recipe.method == "lineas":
-        maps, _ = pipeline._fit_lineas(
-            model, tok, recipe, config, sites, source, target, (), True, False, lambda *_: None
-        )
-        return maps
-    maps, _ = fit(
-        model,
-        tok,
-        sites,
-        source,
-        target,
-        method=recipe.method,
-        incremental=recipe.incremental,
-        batch_size=recipe.batch_size,
-        max_tokens=recipe.max_tokens,
-        pooling=recipe.pooling,
-        skip_special=recipe.skip_special_tokens,
-        fit_shift=recipe.fit_shift,
-        degenerate=recipe.degenerate_neurons,
-        sample=recipe.sample,
-        incremental_clamp=recipe.incremental_clamp,
-        incremental_order=recipe.incremental_order,
-        seed=recipe.seed,
-        progress=False,
+    frozen = fitting.frozen_shifts(recipe, config, sites, FoldOptions.merged(recipe))
+    maps, _ = fitting.fit_sites(
+        model, tok, recipe, sites, source, target, frozen=frozen, progress=False, log=lambda *_: None
     )
     return maps
 
