@@ -199,3 +199,58 @@ def test_fast_finiteness_check_agrees_with_the_cast(dtype):
         assert torch.isinf(at.to(dtype)).all() and torch.isfinite(torch.nextafter(at, at * 0).to(dtype)).all()
     # and it does not refuse ordinary blocks
     assert fold._cast_finite(torch.randn(1000) * 100, dtype)
+
+
+def _fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_one_writer_for_many_shards_same_bytes_and_files_closed(tmp_path, monkeypatch):
+    """Shards queued on one Writer (the caller runs ahead, writes blocks itself past the held budget,
+    copies at close) give the bytes of one writer per shard; every file is closed."""
+    monkeypatch.setattr(st, "OPEN_FILES", 2)  # the caller must help before opening the third
+    monkeypatch.setattr(st, "_PIECE", 4096)  # many copy jobs per file
+    g = torch.Generator().manual_seed(0)
+    jobs = []
+    for k in range(5):
+        tensors = {f"t{i}": torch.randn(40 + i, 300, generator=g) for i in range(6)}
+        save_file(tensors, str(tmp_path / f"s{k}.safetensors"))
+        e, lin = _linear_edit(300, 120, torch.bfloat16, seed=k)
+        save_file(lin, str(tmp_path / f"l{k}.safetensors"))
+        values = {"t2": torch.zeros(42, 300), "new.bias": torch.arange(5.0) + k} if k % 2 else {}
+        jobs.append((tmp_path / f"s{k}.safetensors", values))
+        got = fold.compute_chunked(e, lin.__getitem__, chunk=120 * 16)
+        jobs.append((tmp_path / f"l{k}.safetensors", got))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for path, values in jobs:
+        st.write_shard(st.read_shard(path), values, tmp_path / "a" / path.name)
+    before = _fds()
+    with st.Writer(held=3000) as w:  # a block is 7680 bytes: every block beyond the first waits
+        for path, values in jobs:
+            st.write_shard(st.read_shard(path), values, tmp_path / "b" / path.name, writer=w)
+            assert len(w.outs) <= 2
+    assert _fds() == before and not w.outs
+    for path, _ in jobs:
+        assert (tmp_path / "b" / path.name).read_bytes() == (tmp_path / "a" / path.name).read_bytes()
+
+
+def test_copy_error_in_a_shared_writer_reaches_the_caller(tmp_path, monkeypatch):
+    save_file({"a": torch.zeros(1000), "b": torch.ones(1000)}, str(tmp_path / "s.safetensors"))
+    shard = st.read_shard(tmp_path / "s.safetensors")
+    real = st._copy_at
+
+    def broken(src, dst, a, b, n):
+        if b > 0:  # the header copies, the data does not
+            raise OSError(28, "No space left on device")
+        real(src, dst, a, b, n)
+
+    monkeypatch.setattr(st, "_copy_at", broken)
+    before = _fds()
+    with pytest.raises(OSError, match="No space"):
+        with st.Writer() as w:
+            for k in range(3):
+                st.write_shard(shard, {"a": torch.ones(1000)}, tmp_path / f"o{k}", writer=w)
+    assert _fds() == before
