@@ -31,10 +31,10 @@ def _bytes(v) -> bytes:
     return st.to_bytes(v)
 
 
-def _same(e: fold.Edit, read, chunk: int) -> int:
+def _same(e: fold.Edit, read, chunk: int, scratch: fold.Scratch | None = None) -> int:
     """compute_chunked(chunk) gives compute's bytes; returns how many values came as blocks."""
     ref = fold.compute(e, read)
-    got = fold.compute_chunked(e, read, chunk=chunk)
+    got = fold.compute_chunked(e, read, chunk=chunk, scratch=scratch)
     assert set(got) == set(ref)
     for name in ref:
         assert _bytes(got[name]) == st.to_bytes(ref[name]), name
@@ -51,6 +51,7 @@ def test_chunked_fold_same_bytes_for_every_row_site_and_strength(picos):
     """Every (row × site × λ) pico case of test_fold_archs: every edit, chunked into one-row and
     few-row blocks, gives the bytes of the one-piece fold."""
     streamed = 0
+    scratch = fold.Scratch()  # one buffer for every b + W c, as in a bake
     for mt in MODEL_TYPES:
         src = ModelSource(mt, picos[mt])
         infos, where = st.tensor_index(src.safetensors_files())
@@ -61,7 +62,7 @@ def test_chunked_fold_same_bytes_for_every_row_site_and_strength(picos):
                 with st.Reader(where) as read:
                     for e in plan.edits.values():
                         for chunk in (1, 50):
-                            streamed += _same(e, read, chunk)
+                            streamed += _same(e, read, chunk, scratch)
     assert streamed > 100  # the blocked path really ran
 
 
