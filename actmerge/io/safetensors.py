@@ -253,7 +253,17 @@ def write_shard(
         writer.seal(out)
 
 
-def _write_layout(w, out, shard, values, appended, kept, size, drop) -> None:
+def _write_layout(
+    w: Writer,
+    out: _Out,
+    shard: Shard,
+    values: dict[str, Value],
+    appended: dict[str, Value],
+    kept: list[tuple[str, dict]],
+    size: int,
+    drop: set[str],
+) -> None:
+    """Queue the header, copies and writes of ``write_shard`` (see there) into ``out``."""
     if not appended and not drop:  # same layout: the original header, byte for byte
         base, pos = shard.data_start, 0
         w.copy(out, 0, 0, shard.data_start)
