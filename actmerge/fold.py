@@ -208,15 +208,35 @@ def _pieces(rows: int, cols: int, start: int, stop: int) -> Iterable[tuple[int, 
         yield r0, min(rows, stop, r0 + step)
 
 
+class Scratch:
+    """One float32 buffer reused by the folds of one bake (grown on demand): a fresh multi-MB
+    tensor per weight costs more in page faults than the arithmetic done in it."""
+
+    def __init__(self):
+        self.buf = torch.empty(0)
+
+    def get(self, shape: torch.Size) -> torch.Tensor:
+        n = shape.numel()
+        if self.buf.numel() < n:
+            self.buf = torch.empty(0)  # the old one is freed first
+            self.buf = torch.empty(n)
+        return self.buf[:n].view(shape)  # from the start: the allocator's 64-byte alignment
+
+
 def compute_chunked(
-    e: Edit, read: Callable[[str], torch.Tensor], where: str = "", chunk: int | None = None
+    e: Edit,
+    read: Callable[[str], torch.Tensor],
+    where: str = "",
+    chunk: int | None = None,
+    scratch: Scratch | None = None,
 ) -> dict[str, torch.Tensor | Streamed]:
     """``compute`` for a linear weight of more than ``chunk`` elements (``CHUNK_ELEMENTS``): a
     rewritten weight is handed to the writer as row blocks (``Streamed``), each computed in
     cache-sized pieces (upcast, scale, NaN/Inf check, cast back) while the writer thread writes the
     previous block. Same formulas in the same order as ``compute``, so the same bytes (tested); the
     ``b + W c`` term of an input shift still multiplies the whole float32 weight, as ``compute``
-    does (a row-blocked product may sum in another order)."""
+    does (a row-blocked product may sum in another order), upcast into ``scratch`` (reused from one
+    weight to the next) when one is given."""
     if e.kind != "linear":
         return compute(e, read, where)
     chunk = chunk or CHUNK_ELEMENTS
@@ -232,9 +252,9 @@ def compute_chunked(
     try:
         s_in, c_in = _compose(e.inputs, in_dim)
         if c_in is not None:  # as in compute: b + W c on the whole float32 weight
-            w = w0.float()  # float32: w0 itself, as in compute (the product depends on alignment)
-            if w is not w0:  # else w0.float() in cache-sized single-threaded pieces (64-byte aligned)
-                w = torch.empty(w0.shape)
+            w = w0  # float32: w0 itself, as in compute (the product depends on alignment)
+            if w0.dtype != torch.float32:  # else w0.float() in cache-sized single-threaded pieces
+                w = scratch.get(w0.shape) if scratch else torch.empty(w0.shape)  # 64-byte aligned
                 for r0, r1 in _pieces(rows, cols, 0, rows):
                     w[r0:r1].copy_(w0[r0:r1])
             b = (b if b is not None else torch.zeros(out_dim)) + torch.mv(w.t() if e.conv1d else w, c_in)
@@ -335,8 +355,9 @@ class FoldPlan:
     def weight_edits(self, component: str = "") -> WeightEdits:
         edits = {m: e for (c, m), e in self.edits.items() if c == component}
         where = f"{component}/" if component else ""
+        scratch = Scratch()  # one float32 buffer for all of this weight set's b + W c products
         return WeightEdits(
-            lambda module, read: compute_chunked(edits[module], read, where + module),
+            lambda module, read: compute_chunked(edits[module], read, where + module, scratch=scratch),
             self.edited_tensors(component),
             dict(self.new_tensors) if component == "" else {},
         )

@@ -7,8 +7,9 @@
 The first run writes the checkpoint to $ACTMERGE_CACHE/bench/synthetic-llama-3b (default
 ~/.cache/actmerge; ``--dir`` elsewhere): 6.4 GB, a few minutes, ~2 GiB of RAM (one shard at a time).
 Each repeat also needs room for one copy and one bake beside it (another ~13 GB of disk). Run it on
-an idle machine with a warm page cache (the first repeat warms it). ``bench/offload.py`` reuses the
-same checkpoint.
+an idle machine with a warm page cache (the first repeat warms it). On a shared machine the ratio is
+load-sensitive (with every core busy it tracks the two CPU times; the bake uses two threads): take
+``--repeats 5`` or more. ``bench/offload.py`` reuses the same checkpoint.
 
 Prints, from one run (copies and bakes interleaved, medians): bake time / copy time (targets: heavy
 ≤ 1.3, norms ≤ 1.15) and peak RSS of the bake / largest shard (target ≤ largest shard + 1 GiB). The

@@ -31,10 +31,10 @@ def _bytes(v) -> bytes:
     return st.to_bytes(v)
 
 
-def _same(e: fold.Edit, read, chunk: int) -> int:
+def _same(e: fold.Edit, read, chunk: int, scratch: fold.Scratch | None = None) -> int:
     """compute_chunked(chunk) gives compute's bytes; returns how many values came as blocks."""
     ref = fold.compute(e, read)
-    got = fold.compute_chunked(e, read, chunk=chunk)
+    got = fold.compute_chunked(e, read, chunk=chunk, scratch=scratch)
     assert set(got) == set(ref)
     for name in ref:
         assert _bytes(got[name]) == st.to_bytes(ref[name]), name
@@ -51,6 +51,7 @@ def test_chunked_fold_same_bytes_for_every_row_site_and_strength(picos):
     """Every (row × site × λ) pico case of test_fold_archs: every edit, chunked into one-row and
     few-row blocks, gives the bytes of the one-piece fold."""
     streamed = 0
+    scratch = fold.Scratch()  # one buffer for every b + W c, as in a bake
     for mt in MODEL_TYPES:
         src = ModelSource(mt, picos[mt])
         infos, where = st.tensor_index(src.safetensors_files())
@@ -61,7 +62,7 @@ def test_chunked_fold_same_bytes_for_every_row_site_and_strength(picos):
                 with st.Reader(where) as read:
                     for e in plan.edits.values():
                         for chunk in (1, 50):
-                            streamed += _same(e, read, chunk)
+                            streamed += _same(e, read, chunk, scratch)
     assert streamed > 100  # the blocked path really ran
 
 
@@ -199,3 +200,58 @@ def test_fast_finiteness_check_agrees_with_the_cast(dtype):
         assert torch.isinf(at.to(dtype)).all() and torch.isfinite(torch.nextafter(at, at * 0).to(dtype)).all()
     # and it does not refuse ordinary blocks
     assert fold._cast_finite(torch.randn(1000) * 100, dtype)
+
+
+def _fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_one_writer_for_many_shards_same_bytes_and_files_closed(tmp_path, monkeypatch):
+    """Shards queued on one Writer (the caller runs ahead, writes blocks itself past the held budget,
+    copies at close) give the bytes of one writer per shard; every file is closed."""
+    monkeypatch.setattr(st, "OPEN_FILES", 2)  # the caller must help before opening the third
+    monkeypatch.setattr(st, "_PIECE", 4096)  # many copy jobs per file
+    g = torch.Generator().manual_seed(0)
+    jobs = []
+    for k in range(5):
+        tensors = {f"t{i}": torch.randn(40 + i, 300, generator=g) for i in range(6)}
+        save_file(tensors, str(tmp_path / f"s{k}.safetensors"))
+        e, lin = _linear_edit(300, 120, torch.bfloat16, seed=k)
+        save_file(lin, str(tmp_path / f"l{k}.safetensors"))
+        values = {"t2": torch.zeros(42, 300), "new.bias": torch.arange(5.0) + k} if k % 2 else {}
+        jobs.append((tmp_path / f"s{k}.safetensors", values))
+        got = fold.compute_chunked(e, lin.__getitem__, chunk=120 * 16)
+        jobs.append((tmp_path / f"l{k}.safetensors", got))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for path, values in jobs:
+        st.write_shard(st.read_shard(path), values, tmp_path / "a" / path.name)
+    before = _fds()
+    with st.Writer(held=3000) as w:  # a block is 7680 bytes: every block beyond the first waits
+        for path, values in jobs:
+            st.write_shard(st.read_shard(path), values, tmp_path / "b" / path.name, writer=w)
+            assert len(w.outs) <= 2
+    assert _fds() == before and not w.outs
+    for path, _ in jobs:
+        assert (tmp_path / "b" / path.name).read_bytes() == (tmp_path / "a" / path.name).read_bytes()
+
+
+def test_copy_error_in_a_shared_writer_reaches_the_caller(tmp_path, monkeypatch):
+    save_file({"a": torch.zeros(1000), "b": torch.ones(1000)}, str(tmp_path / "s.safetensors"))
+    shard = st.read_shard(tmp_path / "s.safetensors")
+    real = st._copy_at
+
+    def broken(src, dst, a, b, n):
+        if b > 0:  # the header copies, the data does not
+            raise OSError(28, "No space left on device")
+        real(src, dst, a, b, n)
+
+    monkeypatch.setattr(st, "_copy_at", broken)
+    before = _fds()
+    with pytest.raises(OSError, match="No space"):
+        with st.Writer() as w:
+            for k in range(3):
+                st.write_shard(shard, {"a": torch.ones(1000)}, tmp_path / f"o{k}", writer=w)
+    assert _fds() == before

@@ -10,10 +10,10 @@ import errno
 import json
 import mmap
 import os
-import queue
 import shutil
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -206,19 +206,33 @@ def encode_header(header: dict, data_start_mod: int | None = None) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_shard(shard: Shard, values: dict[str, Value], dest: Path, drop: set[str] = frozenset()) -> None:
+def write_shard(
+    shard: Shard,
+    values: dict[str, Value],
+    dest: Path,
+    drop: set[str] = frozenset(),
+    writer: Writer | None = None,
+) -> None:
     """Copy ``shard`` to ``dest`` with ``values`` overwritten (same name) or appended (new name), and
     the tensors in ``drop`` left out.
 
-    Nothing to change: the whole file is copied (``copy_file``: a reflink where the file system has
-    one). Else one pass: the header (the original bytes when nothing is appended or dropped, else a
-    rewritten one padded so the data section moves by whole pages), then the data section in offset
-    order — untouched runs copied in-kernel, edited tensors written from memory or block by block
-    (``Streamed``), each byte written once — then the appended tensors. A writer thread does the
-    copies and writes while this thread computes the next block. ``values`` must hold only this
-    shard's tensors (a new tensor is appended to the shard it is handed to)."""
+    Nothing to change: the whole file is copied (a reflink where the file system has one, else
+    in-kernel copies). Else: the header (the original bytes when nothing is appended or dropped, else
+    a rewritten one padded so the data section moves by whole pages), untouched runs of the data
+    section copied in-kernel, edited tensors written from memory or block by block (``Streamed``,
+    computed here while the writer thread writes the previous blocks), then the appended tensors;
+    each byte is written once, at its offset. ``values`` must hold only this shard's tensors (a new
+    tensor is appended to the shard it is handed to).
+
+    With ``writer`` (one ``Writer`` for all the shards of a rewrite) this returns as soon as the work
+    is queued, so the caller computes the next shard's tensors while this one is still being copied;
+    the writer's ``close`` waits for all of it. Without, ``dest`` is complete on return."""
+    if writer is None:
+        with Writer() as w:
+            write_shard(shard, values, dest, drop, w)
+        return
     if not values and not drop:
-        copy_file(shard.path, dest)
+        writer.copy_file(shard.path, dest)
         return
     existing = shard.tensors()
     appended = {k: v for k, v in values.items() if k not in existing}
@@ -232,119 +246,291 @@ def write_shard(shard: Shard, values: dict[str, Value], dest: Path, drop: set[st
         ((n, m) for n, m in existing.items() if n not in drop), key=lambda x: x[1]["data_offsets"][0]
     )
     size = shard.path.stat().st_size
-    with open(shard.path, "rb") as src, open(dest, "wb") as dst, _Writer(src, dst) as w:
-        if not appended and not drop:  # same layout: the original header, byte for byte
-            base, pos = shard.data_start, 0
-            w.copy(0, 0, shard.data_start)
-            for name, meta in kept:
-                if name in values:
-                    start, stop = meta["data_offsets"]
-                    w.copy(base + pos, base + pos, start - pos)
-                    _put(w, base + start, values[name], name)
-                    pos = stop
-            w.copy(base + pos, base + pos, size - base - pos)
-            return
-        header = {"__metadata__": shard.header["__metadata__"]} if "__metadata__" in shard.header else {}
-        end, layout = 0, []
+    out = writer.open(shard.path, dest)
+    try:
+        _write_layout(writer, out, shard, values, appended, kept, size, drop)
+    finally:
+        writer.seal(out)
+
+
+def _write_layout(
+    w: Writer,
+    out: _Out,
+    shard: Shard,
+    values: dict[str, Value],
+    appended: dict[str, Value],
+    kept: list[tuple[str, dict]],
+    size: int,
+    drop: set[str],
+) -> None:
+    """Queue the header, copies and writes of ``write_shard`` (see there) into ``out``."""
+    if not appended and not drop:  # same layout: the original header, byte for byte
+        base, pos = shard.data_start, 0
+        w.copy(out, 0, 0, shard.data_start)
         for name, meta in kept:
-            n = nbytes(meta)
-            header[name] = {"dtype": meta["dtype"], "shape": meta["shape"], "data_offsets": [end, end + n]}
-            layout.append((name, meta["data_offsets"][0], end, n))
-            end += n
-        for name, v in sorted(appended.items()):
-            dt, shape, n = _meta(v)
-            header[name] = {"dtype": dt, "shape": shape, "data_offsets": [end, end + n]}
-            layout.append((name, None, end, n))
-            end += n
-        raw = encode_header(header, data_start_mod=shard.data_start % ALIGN)
-        w.write(0, raw)
-        base = len(raw)
-        run = None  # consecutive untouched tensors are copied as one range: (src, dst, count)
-        for name, s_off, d_off, n in layout:
-            if name not in values:
-                if run and run[0] + run[2] == s_off and run[1] + run[2] == d_off:
-                    run = (run[0], run[1], run[2] + n)
-                else:
-                    if run:
-                        w.copy(shard.data_start + run[0], base + run[1], run[2])
-                    run = (s_off, d_off, n)
-                continue
-            if run:
-                w.copy(shard.data_start + run[0], base + run[1], run[2])
-                run = None
-            _put(w, base + d_off, values[name], name)
+            if name in values:
+                start, stop = meta["data_offsets"]
+                w.copy(out, base + pos, base + pos, start - pos)
+                _put(w, out, base + start, values[name], name)
+                pos = stop
+        w.copy(out, base + pos, base + pos, size - base - pos)
+        return
+    header = {"__metadata__": shard.header["__metadata__"]} if "__metadata__" in shard.header else {}
+    end, layout = 0, []
+    for name, meta in kept:
+        n = nbytes(meta)
+        header[name] = {"dtype": meta["dtype"], "shape": meta["shape"], "data_offsets": [end, end + n]}
+        layout.append((name, meta["data_offsets"][0], end, n))
+        end += n
+    for name, v in sorted(appended.items()):
+        dt, shape, n = _meta(v)
+        header[name] = {"dtype": dt, "shape": shape, "data_offsets": [end, end + n]}
+        layout.append((name, None, end, n))
+        end += n
+    raw = encode_header(header, data_start_mod=shard.data_start % ALIGN)
+    w.write(out, 0, raw)
+    base = len(raw)
+    run = None  # consecutive untouched tensors are copied as one range: (src, dst, count)
+    for name, s_off, d_off, n in layout:
+        if name not in values:
+            if run and run[0] + run[2] == s_off and run[1] + run[2] == d_off:
+                run = (run[0], run[1], run[2] + n)
+            else:
+                if run:
+                    w.copy(out, shard.data_start + run[0], base + run[1], run[2])
+                run = (s_off, d_off, n)
+            continue
         if run:
-            w.copy(shard.data_start + run[0], base + run[1], run[2])
+            w.copy(out, shard.data_start + run[0], base + run[1], run[2])
+            run = None
+        _put(w, out, base + d_off, values[name], name)
+    if run:
+        w.copy(out, shard.data_start + run[0], base + run[1], run[2])
 
 
-def _put(w: _Writer, offset: int, v: Value, name: str) -> None:
+def _put(w: Writer, out: _Out, offset: int, v: Value, name: str) -> None:
     if not isinstance(v, Streamed):
-        w.write(offset, v.contiguous().reshape(-1).view(torch.uint8).numpy())
+        w.write(out, offset, v.contiguous().reshape(-1).view(torch.uint8).numpy())
         return
     at, end = offset, offset + v.nbytes
     for block in v.blocks():
         if block.dtype != v.dtype or not block.is_contiguous():
             raise AssertionError(f"{name}: a block is not a contiguous {v.dtype} tensor")
         data = block.reshape(-1).view(torch.uint8).numpy()
-        w.write(at, data)
+        w.write(out, at, data)
         at += data.nbytes
     if at != end:
         raise AssertionError(f"{name}: blocks give {at - offset} bytes, the tensor has {end - offset}")
 
 
 _PIECE = 64 << 20  # a copy is queued in pieces so that an interrupt stops the writer promptly
+HELD_BYTES = 256 << 20  # computed bytes waiting for the writer, at most (beyond: the caller writes)
+OPEN_FILES = 8  # output files being written at once, at most (the caller runs this far ahead)
 
 
-class _Writer:
-    """One thread that performs copies and writes at explicit offsets, in order, from a bounded
-    queue; the first error it meets is raised in the caller's thread (at the next call or on exit)."""
+class _Out:
+    """One output file being written and the file it is copied from; closed by the writer thread
+    once sealed (nothing more will be queued) and its last job is done."""
 
-    def __init__(self, src, dst, depth: int = 4):
-        self.src, self.dst = src.fileno(), dst.fileno()
-        self.queue: queue.Queue = queue.Queue(depth)
+    def __init__(self, src: Path, dest: Path):
+        self.src = open(src, "rb")  # noqa: SIM115 (closed by close(), possibly in the writer thread)
+        try:
+            self.dst = open(dest, "wb")  # noqa: SIM115
+        except BaseException:
+            self.src.close()
+            raise
+        self.pending, self.sealed = 0, False
+
+    def close(self) -> None:
+        self.src.close()
+        self.dst.close()
+
+
+class Writer:
+    """One thread that writes every output file of a rewrite: copies and writes at explicit offsets.
+
+    Writes of computed bytes go first (they hold memory; past ``held`` bytes waiting, the caller
+    writes the oldest itself); in-kernel copies fill the rest of the thread's time, file by file in
+    the order queued. So the caller computes the next tensors, and the next shard's, while earlier
+    ones are copied; at ``close`` it copies too, starting from the last file queued (another file
+    than the thread's: writes to one file take its inode lock in turn). The first error the thread
+    meets is raised in the caller's thread (at its next call or at ``close``); an exception in the
+    caller (an interrupt) drops the queued work, stops the thread and closes the files."""
+
+    def __init__(self, held: int = HELD_BYTES):
+        self.cond = threading.Condition()
+        self.data: deque = deque()  # (job, bytes, out): writes of computed bytes
+        self.copies: dict[_Out, deque] = {}  # out → its in-kernel copies (job, 0, out), in order
+        self.held, self.limit = 0, held
         self.error: BaseException | None = None
-        self.stopped = False
+        self.stopped = self.closing = False
+        self.outs: list[_Out] = []
         self.thread = threading.Thread(target=self._run, name="actmerge-writer", daemon=True)
 
-    def __enter__(self) -> _Writer:
+    def __enter__(self) -> Writer:
         self.thread.start()
         return self
 
     def __exit__(self, exc_type, *_):
-        if exc_type is not None:
-            self.stopped = True  # the rest of the queue is skipped
-        self.queue.put(None)  # the thread keeps consuming, so this never blocks for long
-        self.thread.join()
-        if exc_type is None and self.error is not None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._stop()
+
+    def close(self) -> None:
+        """Help with, then wait for, everything queued; raise the writer's error, if any."""
+        try:
+            while self.error is None and (job := self._take(steal=True)):
+                self._do(job)
+            with self.cond:
+                self.closing = True
+                self.cond.notify_all()
+            while self.thread.is_alive():
+                self.thread.join(0.2)  # in steps: an interrupt still reaches this thread
+        except BaseException:
+            self._stop()
+            raise
+        self._close_files()
+        if self.error is not None:
             raise self.error
 
+    def _stop(self) -> None:
+        with self.cond:
+            self.stopped = True  # the rest of the queue is dropped
+            self.data.clear()
+            self.copies.clear()
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join()  # the current job is at most one piece
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for out in self.outs:
+            out.close()
+        self.outs.clear()
+
+    def _take(self, steal: bool = False) -> tuple | None:
+        """The next job: a write first, else the next copy into the first file queued (with
+        ``steal``: into the last one); None if none."""
+        with self.cond:
+            if self.stopped:
+                return None
+            if self.data:
+                return self.data.popleft()
+            if not self.copies:
+                return None
+            out = next(reversed(self.copies)) if steal else next(iter(self.copies))
+            job = self.copies[out].popleft()
+            if not self.copies[out]:
+                del self.copies[out]
+            return job
+
+    def _do(self, job: tuple, catch: bool = False) -> None:
+        fn, n, out = job
+        try:
+            if self.error is None:
+                fn()
+        except BaseException as exc:
+            if not catch:
+                raise
+            self.error = exc  # re-raised in the caller's thread
+        finally:
+            with self.cond:
+                self.held -= n
+                out.pending -= 1
+                if out.sealed and not out.pending:
+                    self._retire(out)
+                self.cond.notify_all()
+
     def _run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is None and not self.stopped:
-                try:
-                    job()
-                except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
-                    self.error = exc
-
-    def _submit(self, job: Callable[[], None]) -> None:
         while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(job, timeout=0.2)
-                return
-            except queue.Full:
+            with self.cond:
+                while not (self.data or self.copies or self.closing or self.stopped):
+                    self.cond.wait()
+            job = self._take()
+            if job is None:
+                with self.cond:
+                    if self.stopped or (self.closing and not self.data and not self.copies):
+                        return
                 continue
+            self._do(job, catch=True)
 
-    def write(self, offset: int, data) -> None:
-        self._submit(lambda: _pwrite_all(self.dst, data, offset))
+    def _retire(self, out: _Out) -> None:
+        try:
+            out.close()
+        except OSError as exc:  # a write error reported at close (e.g. a full network file system)
+            self.error = self.error or exc
+        if out in self.outs:
+            self.outs.remove(out)
 
-    def copy(self, src_offset: int, dst_offset: int, count: int) -> None:
+    def _submit(self, job: Callable[[], None], n: int, out: _Out) -> None:
+        """Queue a write of ``n`` computed bytes, or (``n`` = 0) a copy into ``out``."""
+        while True:
+            with self.cond:
+                if self.error is not None:
+                    raise self.error
+                if not n or not self.held or self.held + n <= self.limit:
+                    (self.data if n else self.copies.setdefault(out, deque())).append((job, n, out))
+                    self.held += n
+                    out.pending += 1
+                    self.cond.notify_all()
+                    return
+                ahead = self.data.popleft() if self.data else None
+            if ahead is None:  # the writer thread holds the bytes: wait for it
+                with self.cond:
+                    self.cond.wait(0.2)  # in steps: an interrupt still reaches this thread
+            else:  # the writer is behind: write the oldest waiting block here
+                self._do(ahead)
+
+    def open(self, src: Path, dest: Path) -> _Out:
+        """``dest`` created now, written by the queued jobs; ``seal`` it when nothing more is queued.
+        With ``OPEN_FILES`` outputs unfinished, the caller copies (or waits) until one is done."""
+        while True:
+            with self.cond:
+                if self.error is not None:
+                    raise self.error
+                if len(self.outs) < OPEN_FILES:
+                    break
+            job = self._take(steal=True)
+            if job is None:
+                with self.cond:
+                    self.cond.wait(0.2)
+            else:
+                self._do(job)
+        out = _Out(src, dest)
+        with self.cond:
+            self.outs.append(out)
+        return out
+
+    def seal(self, out: _Out) -> None:
+        with self.cond:
+            out.sealed = True
+            if not out.pending:
+                self._retire(out)
+
+    def write(self, out: _Out, offset: int, data) -> None:
+        n = memoryview(data).nbytes
+        self._submit(lambda: _pwrite_all(out.dst.fileno(), data, offset), n, out)
+
+    def copy(self, out: _Out, src_offset: int, dst_offset: int, count: int) -> None:
         for k in range(0, count, _PIECE):
             n = min(_PIECE, count - k)
             self._submit(
-                lambda a=src_offset + k, b=dst_offset + k, n=n: _copy_at(self.src, self.dst, a, b, n)
+                lambda a=src_offset + k, b=dst_offset + k, n=n: _copy_at(
+                    out.src.fileno(), out.dst.fileno(), a, b, n
+                ),
+                0,
+                out,
             )
+
+    def copy_file(self, src: Path, dest: Path) -> None:
+        """A whole file: a reflink where the file system has one (now), else queued in-kernel copies."""
+        out = self.open(src, dest)
+        try:
+            if not _reflink(out.src.fileno(), out.dst.fileno()):
+                self.copy(out, 0, 0, os.fstat(out.src.fileno()).st_size)
+        finally:
+            self.seal(out)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -381,18 +567,24 @@ def _copy_at(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -
 FICLONE = 0x40049409  # ioctl(dst, FICLONE, src): share the extents (btrfs, XFS, bcachefs, ...)
 
 
+def _reflink(src: int, dst: int) -> bool:
+    try:
+        import fcntl
+
+        fcntl.ioctl(dst, FICLONE, src)
+        return True
+    except (ImportError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in _FATAL:
+            raise
+        return False
+
+
 def copy_file(src: Path, dest: Path) -> str:
     """Copy a whole file: a reflink where the file system has one, else ``copy_file_range`` of the
     whole file, else ``shutil.copyfile``. Returns which one did it."""
     with open(src, "rb") as s, open(dest, "wb") as d:
-        try:
-            import fcntl
-
-            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        if _reflink(s.fileno(), d.fileno()):
             return "reflink"
-        except (ImportError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno in _FATAL:
-                raise
         try:
             size, off = os.fstat(s.fileno()).st_size, 0
             while off < size:

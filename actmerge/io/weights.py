@@ -17,6 +17,7 @@ from .safetensors import (
     Reader,
     TensorInfo,
     Value,
+    Writer,
     nbytes,
     read_shard,
     tensor_index,
@@ -52,7 +53,10 @@ def rewrite_weights(
     edited one keeps its header and layout and only its edited byte ranges are rewritten; every added
     tensor goes into one shard (the smallest), whose header is rewritten with the data section moved
     by whole pages. Each unit is computed once, with the shard it reads open (its outputs for later
-    shards — a bias in another shard, an added bias — wait in memory until that shard is written)."""
+    shards — a bias in another shard, an added bias — wait in memory until that shard is written).
+    One writer thread (``Writer``) copies and writes every shard while this thread computes: a
+    shard's work is queued, then the next shard's units are computed while it is copied; the files
+    are complete when this returns."""
     infos, where = tensor_index(files)
     edits = edits or WeightEdits(lambda unit, read: {})
     order = {p: i for i, p in enumerate(files)}
@@ -72,24 +76,27 @@ def rewrite_weights(
     done: set[str] = set()
     pending: dict[Path, dict[str, Value]] = {}
     it = progress(files, len(files), "writing shards") if progress else files
-    for path in it:
-        todo = {u for n, u in edits.edited.items() if home[n] == path} | due.get(path, set())
-        todo -= done
-        # grouped by the shard they read: one input shard open at a time
-        for _, group in groupby(sorted(todo, key=lambda u: (order.get(reads.get(u), -1), u)), key=reads.get):
-            with Reader(where) as read:
-                for unit in group:
-                    for k, v in edits.compute(unit, read).items():
-                        if edits.edited.get(k) == unit:
-                            pending.setdefault(home[k], {})[k] = v
-                    done.add(unit)
-        values = pending.pop(path, {})
-        for name in edits.added:
-            if home[name] == path and name not in values:  # e.g. a companion bias a config flag requires
-                info = edits.added[name][1]
-                values[name] = torch.zeros(info.shape, dtype=DTYPES[info.dtype])
-        write_shard(read_shard(path), values, dest / path.name)
-        values.clear()
+    with Writer() as writer:  # one thread copies and writes while this one computes the next shard
+        for path in it:
+            todo = {u for n, u in edits.edited.items() if home[n] == path} | due.get(path, set())
+            todo -= done
+            # grouped by the shard they read: one input shard open at a time
+            for _, group in groupby(
+                sorted(todo, key=lambda u: (order.get(reads.get(u), -1), u)), key=reads.get
+            ):
+                with Reader(where) as read:
+                    for unit in group:
+                        for k, v in edits.compute(unit, read).items():
+                            if edits.edited.get(k) == unit:
+                                pending.setdefault(home[k], {})[k] = v
+                        done.add(unit)
+            values = pending.pop(path, {})
+            for name in edits.added:
+                if home[name] == path and name not in values:  # e.g. a companion bias a config flag requires
+                    info = edits.added[name][1]
+                    values[name] = torch.zeros(info.shape, dtype=DTYPES[info.dtype])
+            write_shard(read_shard(path), values, dest / path.name, writer=writer)
+            values.clear()
     if index is not None and index.is_file():
         data = json.loads(index.read_text())
         for name in edits.added:
