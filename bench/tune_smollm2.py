@@ -22,6 +22,8 @@ Candidates:
     fractions × fitting sentences raw vs as assistant turns of the chat template, evaluated as chat
     replies (tuning: data/concept/chat_tune_prompts.txt).
   detox-lineas (fold-aware, scale-only on Llama): three site sets, 300 steps.
+
+football.yaml's Llama row was later re-chosen at a perplexity budget by bench/tune_football_chat.py.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def test_chat_mode_eval_row():
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
 def test_football_bias_flags_llamacpp_roundtrip(tmp_path):
-    """The football recipe's Llama row is shift-only at attn_ctx: an o_proj bias via attention_bias,
+    """The football recipe's Llama row is shift-only at attn_in: q/k/v biases via attention_bias,
     which llama.cpp loads. Baked for --target llama.cpp and compared there."""
     out = tmp_path / "smollm2-football"
     (res,) = pipeline.bake(
