@@ -59,6 +59,6 @@ def tune(
         curve=curve,
         log=log,
     )
-    render.tune_result(res, model, recipe, output)
+    render.tune_result(res, model, recipe, output, maps)
     if not res.met:
         raise typer.Exit(6)

@@ -197,16 +197,24 @@ def _auto_strength(loaded, recipes: list, mapset, budget, progress, log) -> dict
     """``--strength auto``: the recorded tuning for (model, recipe, budget), else tune the fitted maps."""
     from .tune import provenance, recall, tune
 
-    if len(recipes) != 1 or loaded is None:
+    if len(recipes) > 1 or loaded is None:
         raise RecipeError(
-            "--strength auto tunes one recipe: bake a single --recipe (not --maps, not several)."
+            "--strength auto tunes one recipe: bake a single --recipe (or the --maps file of one)."
         )
-    recipe = recipes[0]
-    rec = recall(loaded.source.name, recipe.content_hash(), budget)
+    if recipes:
+        recipe = recipes[0]
+        key, name = recipe.content_hash(), recipe.name
+    else:  # --maps: the strength `actmerge tune --maps` recorded for the recipe the maps came from
+        key, name = mapset.recipe_hash, mapset.extra.get("recipe", "these maps")
+    rec = recall(loaded.source.name, key, budget)
+    if rec is None and not recipes:
+        raise RecipeError(
+            f"--strength auto with --maps: no strength recorded for {name} on {loaded.source.name} within "
+            f"{budget.describe()}. Run `actmerge tune MODEL --recipe R --maps M` with the same budget first "
+            "(it records one), or bake with --recipe R."
+        )
     if rec is None:
-        log(
-            f"no recorded tuning for {recipe.name} on {loaded.source.name} within {budget.describe()}: tuning now"
-        )
+        log(f"no recorded tuning for {name} on {loaded.source.name} within {budget.describe()}: tuning now")
         rec = tune(loaded, recipe, maps=mapset, budget=budget, progress=progress, log=log).to_dict()
     else:
         log(
@@ -326,6 +334,7 @@ def evaluate(
     (``lmeval.scores``); the scores join those rows' metrics and each baked checkpoint's card."""
     from .sweep import plot, run_sweep
 
+    _check_baked_dirs(baked)  # before any slow load
     loaded = load(model, revision=revision, placement=placement, log=log)
     recipe_obj = (
         load_recipe(recipe, log=log) if recipe is not None and not isinstance(recipe, Recipe) else recipe
@@ -367,6 +376,19 @@ def evaluate(
         report.save(out / "report.json")
         plot(report, out / "sweep.png")
     return report
+
+
+def _check_baked_dirs(baked) -> None:
+    from .errors import ModelResolutionError
+
+    for b in baked:
+        b = Path(b)
+        if not (b / "config.json").is_file():
+            what = "does not exist" if not b.exists() else "has no config.json (not a checkpoint directory)"
+            raise ModelResolutionError(
+                f"--baked {b}: {what}. Give the output directory of `actmerge bake` (it holds config.json "
+                "and the safetensors), e.g. --baked out/gemma-3-270m-detox."
+            )
 
 
 def sites(

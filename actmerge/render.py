@@ -183,7 +183,7 @@ def eval_report(report) -> None:
             out.print(f"[dim]{row.label}[/] {s['prompt']!r} → {s['text'].strip()!r}", highlight=False)
 
 
-def tune_result(res, model: str, recipe, output) -> None:
+def tune_result(res, model: str, recipe, output, maps=None) -> None:
     """The trade-off table of ``actmerge tune`` (chosen point marked) and how to bake it."""
     cols = ["λ", res.metric, "ppl ratio", "KL", "first-token KL", "budget"]
     rows = []
@@ -209,5 +209,5 @@ def tune_result(res, model: str, recipe, output) -> None:
     )
     out.print(
         f"wrote {output / 'tune.json'} and {output / 'tune.png'}; bake it with "
-        f"`actmerge bake {model} --recipe {recipe} --strength auto{budget} -o OUT`"
+        f"`actmerge bake {model} {f'--maps {maps}' if maps else f'--recipe {recipe}'} --strength auto{budget} -o OUT`"
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
@@ -242,6 +242,10 @@ def tune(
         plot_tradeoff(result, out / "tune.png")
     if record:
         remember(result)
+        if isinstance(maps, MapSet) and maps.recipe_hash and maps.recipe_hash != result.recipe_hash:
+            # also findable from the maps file (`bake --maps M --strength auto`), fitted by an earlier
+            # version of the recipe
+            remember(replace(result, recipe_hash=maps.recipe_hash))
     return result
 
 

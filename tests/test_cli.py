@@ -122,3 +122,21 @@ def test_fit_lineas_recipe_and_compose(setup, tmp_path):
     shipped = load_recipe(tmp_path / "o2" / "actmerge" / "recipe-2" / "recipe.yaml")
     assert shipped.read_source() == load_recipe(root / "lineas.yaml").read_source()
     assert "--recipe model/actmerge/recipe-2/recipe.yaml" in (tmp_path / "o2" / "README.md").read_text()
+
+
+def test_eval_refuses_a_missing_baked_dir_before_loading(setup, tmp_path):
+    """A mistyped --baked path is a clear error naming it (no Hub-id traceback), before any slow work."""
+    root, model = setup
+    r = runner.invoke(
+        app,
+        ["eval", str(model), "--recipe", str(root / "r.yaml"), "--strengths", "",
+         "--baked", str(tmp_path / "nope"), "-o", str(tmp_path / "rep")],
+    )  # fmt: skip
+    assert r.exit_code == 2, r.output  # ModelResolutionError
+    assert "does not exist" in r.output and "nope" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "rep").exists()
+    (tmp_path / "plain").mkdir()
+    r = runner.invoke(
+        app, ["eval", str(model), "--strengths", "", "--baked", str(tmp_path / "plain"), "-o", "x"]
+    )
+    assert r.exit_code == 2 and "no config.json" in r.output, r.output

@@ -198,3 +198,35 @@ def test_bake_strength_auto_bakes_the_tuned_strength(setup, tmp_path, monkeypatc
         )
     else:
         assert "budget" in r.output
+
+
+def test_bake_maps_strength_auto_reads_what_tune_maps_recorded(setup, tmp_path, monkeypatch):
+    """A LinEAS fit is slow: tune and bake reuse one maps file, and `bake --maps M --strength auto` bakes
+    the λ that `tune --maps M` recorded; with no record it refuses (it cannot tune without the recipe)."""
+    monkeypatch.setenv("ACTMERGE_CACHE", str(tmp_path / "cache"))
+    root, model = setup
+    maps = tmp_path / "m.safetensors"
+    r = runner.invoke(app, ["fit", str(model), "--recipe", str(root / "r.yaml"), "-o", str(maps)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        app,
+        ["bake", str(model), "--maps", str(maps), "--strength", "auto", "--max-ppl-ratio", "1.02",
+         "-o", str(tmp_path / "none")],
+    )  # fmt: skip
+    assert r.exit_code == 2 and "actmerge tune" in r.output, r.output
+    assert not (tmp_path / "none").exists()
+    r = runner.invoke(
+        app,
+        ["tune", str(model), "--recipe", str(root / "r.yaml"), "--maps", str(maps), "--max-ppl-ratio", "1.02",
+         "-o", str(tmp_path / "t"), "--max-strength", "1", "--tol", "0.05", "--no-curve"],
+    )  # fmt: skip
+    assert r.exit_code == 0 and f"--maps {maps}" in r.output.replace("\n", ""), r.output
+    tuned = json.loads((tmp_path / "t" / "tune.json").read_text())
+    r = runner.invoke(
+        app,
+        ["bake", str(model), "--maps", str(maps), "--strength", "auto", "--max-ppl-ratio", "1.02",
+         "-o", str(tmp_path / "o")],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "o" / "actmerge" / "bake.json").read_text())
+    assert info["strength"] == tuned["strength"] > 0 and info["tuned"]["budget"]["max_ppl_ratio"] == 1.02
