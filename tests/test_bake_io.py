@@ -129,11 +129,21 @@ def test_writer_thread_error_reaches_the_caller(tmp_path, monkeypatch):
         st.write_shard(st.read_shard(tmp_path / "s.safetensors"), {"a": torch.ones(1000)}, tmp_path / "o")
 
 
-def test_copy_file_whole(tmp_path):
+@pytest.mark.parametrize("path", ["as found", "no reflink", "no copy_file_range"])
+def test_copy_file_whole(tmp_path, monkeypatch, path):
+    """A whole-file copy through the writer: a reflink, else in-kernel ranges, else read + write."""
+    if path != "as found":
+        monkeypatch.setattr(st, "_reflink", lambda *_: False)
+    if path == "no copy_file_range":
+
+        def unsupported(*_a):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(st.os, "copy_file_range", unsupported)
     data = torch.randn(300_000).numpy().tobytes()
     (tmp_path / "a").write_bytes(data)
-    how = st.copy_file(tmp_path / "a", tmp_path / "b")
-    assert how in ("reflink", "copy_file_range", "copyfile")
+    with st.Writer() as w:
+        w.copy_file(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "b").read_bytes() == data
 
 

@@ -10,7 +10,6 @@ import errno
 import json
 import mmap
 import os
-import shutil
 import struct
 import threading
 from collections import deque
@@ -577,28 +576,6 @@ def _reflink(src: int, dst: int) -> bool:
         if isinstance(exc, OSError) and exc.errno in _FATAL:
             raise
         return False
-
-
-def copy_file(src: Path, dest: Path) -> str:
-    """Copy a whole file: a reflink where the file system has one, else ``copy_file_range`` of the
-    whole file, else ``shutil.copyfile``. Returns which one did it."""
-    with open(src, "rb") as s, open(dest, "wb") as d:
-        if _reflink(s.fileno(), d.fileno()):
-            return "reflink"
-        try:
-            size, off = os.fstat(s.fileno()).st_size, 0
-            while off < size:
-                n = os.copy_file_range(s.fileno(), d.fileno(), size - off, off, off)
-                if n == 0:
-                    break
-                off += n
-            if off == size:
-                return "copy_file_range"
-        except (AttributeError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno in _FATAL:
-                raise
-    shutil.copyfile(src, dest)
-    return "copyfile"
 
 
 class TensorNamer:
