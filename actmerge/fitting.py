@@ -157,21 +157,19 @@ def fit(
     if recipe.chat and recipe.chat_fit == "assistant" and chat.has_template(tok):
         # fit where a chat model speaks: each sentence as an assistant reply (pooled over the reply only)
         source, target = chat.assistant_turns(tok, source), chat.assistant_turns(tok, target)
+    lineas = recipe.method == "lineas"
+    if lineas and "disk" in offloaded(m):
+        raise PlacementError(
+            "LinEAS back-propagates through every layer, so disk-offloaded weights would all be held "
+            "for the backward pass: raise --max-memory until nothing goes to disk, or fit with "
+            "linear_act / mean_act (forward passes only), which work with disk offload."
+        )
+    frozen = frozen_shifts(recipe, config, sites, options) if lineas else None
     t0 = time.perf_counter()
-    if recipe.method == "lineas":
-        if "disk" in offloaded(m):
-            raise PlacementError(
-                "LinEAS back-propagates through every layer, so disk-offloaded weights would all be held "
-                "for the backward pass: raise --max-memory until nothing goes to disk, or fit with "
-                "linear_act / mean_act (forward passes only), which work with disk offload."
-            )
-        maps, report = fit_sites(
-            m, tok, recipe, sites, source, target,
-            frozen=frozen_shifts(recipe, config, sites, options), progress=progress, log=log,
-        )  # fmt: skip
+    maps, report = fit_sites(m, tok, recipe, sites, source, target, frozen=frozen, progress=progress, log=log)
+    if lineas:
         detail = "LinEAS (end to end)"
     else:
-        maps, report = fit_sites(m, tok, recipe, sites, source, target, progress=progress, log=log)
         how = "shift-only" if recipe.degenerate_neurons == "shift" else "left untouched"
         detail = f"degenerate neurons ({how}): {report.degenerate}"
     seconds = time.perf_counter() - t0
