@@ -379,8 +379,6 @@ def evaluate(
 
 
 def _check_baked_dirs(baked) -> None:
-    from .errors import ModelResolutionError
-
     for b in baked:
         b = Path(b)
         if not (b / "config.json").is_file():
