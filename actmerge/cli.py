@@ -94,7 +94,7 @@ def bake(
             "--strength",
             "-s",
             help="λ, or several: 0.5,1.0 (a sub-directory each), or 'auto': the strength `actmerge tune` "
-            "chose within --max-ppl-ratio/--max-kl (tuned now if none is recorded). Default: the recipe's.",
+            "chose within --max-ppl-ratio/--max-kl (with --recipe: tuned now if none is recorded). Default: the recipe's.",
         ),
     ] = None,
     output: Annotated[
