@@ -23,6 +23,7 @@ from .io.safetensors import tensor_index
 from .io.tree import write_checkpoint, write_pipeline
 from .llm_plan import plan as make_plan
 from .maps import MapSet, compose
+from .progress import bar
 from .recipe import Recipe
 from .sites import architecture_for
 from .sweep import Report, markdown_table
@@ -359,7 +360,7 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
             evaluation=evaluation,
             chat=kind == "llm" and card.has_chat_template(source.path),
             force=force,
-            progress=_bar if progress else None,
+            progress=bar if progress else None,
             log=log,
         )
         if skipped:
@@ -367,12 +368,6 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
         res.out = dest
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _bar(it, total, desc):
-    from rich.progress import track
-
-    return track(it, total=total, description=desc, transient=True)
 
 
 def _evaluate_plan(loaded: Loaded, held: MapSet, lam: float, recipe: Recipe, progress, log) -> Report:

@@ -6,18 +6,18 @@ Forward passes run through ``model.base_model`` so the (large) LM head is never 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
-from rich.progress import track
 
 from .errors import ActivationError
 from .estimators import ESTIMATORS, FitInfo, equal_counts
 from .hooks import Pooler, affine_fn, attach, clamped_fn, record, split_key
 from .maps import AffineMap
 from .placement import input_device
+from .progress import bar
 from .sites import Site
 
 
@@ -74,10 +74,6 @@ def batches(
         yield Batch({k: v.to(device) for k, v in enc.items()}, mask)
 
 
-def _bar(it: Iterable, total: int, desc: str, show: bool) -> Iterable:
-    return track(it, total=total, description=desc, transient=True) if show else it
-
-
 @torch.no_grad()
 def collect(
     model,
@@ -103,20 +99,16 @@ def collect(
     n_batches = -(-len(sentences) // batch_size)
     out: dict[str, torch.Tensor] = {}
     row = 0
-    with record(model, keys, pooler) as store:
-        for b in _bar(
-            batches(
-                tok,
-                sentences,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
-                skip_special=skip_special,
-                device=input_device(model),
-            ),
-            n_batches,
-            desc,
-            progress,
-        ):
+    pending = batches(
+        tok,
+        sentences,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        skip_special=skip_special,
+        device=input_device(model),
+    )
+    with record(model, keys, pooler) as store, bar(pending, n_batches, desc, progress) as todo:
+        for b in todo:
             pooler.mask = b.token_mask
             model.base_model(**b.inputs)
             row = _drain(store, out, row, len(sentences))
@@ -287,12 +279,13 @@ def _fit_incremental(model, tok, order, keys, source, target, estimator, est, cl
     infos: dict[str, FitInfo] = {}
     support: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     quiet = {**opts, "progress": False}
-    for key in _bar(order, len(order), "incremental fit", opts["progress"]):
-        with ExitStack() as stack:
-            for done, m in maps.items():
-                fn = clamped_fn(m.omega, m.beta, *support[done]) if clamp else affine_fn(m.omega, m.beta)
-                stack.enter_context(attach(model, done, fn))
-            src = collect(model, tok, source, [key], **quiet)[key]
-            tgt = collect(model, tok, target, [key], **quiet)[key]
-        maps[key], infos[key], support[key] = _fit_site(estimator, src, tgt, est)
+    with bar(order, len(order), "incremental fit", opts["progress"]) as todo:
+        for key in todo:
+            with ExitStack() as stack:
+                for done, m in maps.items():
+                    fn = clamped_fn(m.omega, m.beta, *support[done]) if clamp else affine_fn(m.omega, m.beta)
+                    stack.enter_context(attach(model, done, fn))
+                src = collect(model, tok, source, [key], **quiet)[key]
+                tgt = collect(model, tok, target, [key], **quiet)[key]
+            maps[key], infos[key], support[key] = _fit_site(estimator, src, tgt, est)
     return {k: maps[k] for k in keys}, FitReport({k: infos[k] for k in keys}, {k: support[k] for k in keys})

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from rich.progress import track
 
 from .errors import ActmergeError
 from .placement import input_device
+from .progress import bar
 
 Scorer = Callable[[list[str]], list[float]]
 
@@ -97,24 +97,27 @@ def continuations(
     device = input_device(model)
     out: list[str] = []
     chunks = range(0, len(prompts), batch_size)
-    for i in track(chunks, description="generating", transient=True) if progress else chunks:
-        batch = prompts[i : i + batch_size]
-        # chat-templated prompts carry their own BOS
-        templated = bool(tok.bos_token) and all(p.startswith(tok.bos_token) for p in batch)
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=not templated).to(device)
-        kwargs: dict = dict(do_sample=False, top_k=None, top_p=None)
-        if sample:
-            torch.manual_seed(seed + i)
-            kwargs = dict(
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                repetition_penalty=1.2,
-                logits_processor=LogitsProcessorList([FastTopP(0.3)]),
+    with bar(chunks, len(chunks), "generating", progress) as todo:
+        for i in todo:
+            batch = prompts[i : i + batch_size]
+            # chat-templated prompts carry their own BOS
+            templated = bool(tok.bos_token) and all(p.startswith(tok.bos_token) for p in batch)
+            enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=not templated).to(device)
+            kwargs: dict = dict(do_sample=False, top_k=None, top_p=None)
+            if sample:
+                torch.manual_seed(seed + i)
+                kwargs = dict(
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    repetition_penalty=1.2,
+                    logits_processor=LogitsProcessorList([FastTopP(0.3)]),
+                )
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs
             )
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
-        out.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+            out.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
 
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -370,3 +371,20 @@ def test_verify_a_missing_path_and_version(tmp_path):
     _one_line_error(r, 2, "does not exist")
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.startswith("actmerge ")
+
+
+def test_a_failed_bake_leaves_no_progress_bar_running(setup, tmp_path, monkeypatch):
+    """A fault inside a progress bar's loop closes the bar at once. A rich `track` left suspended is
+    closed later by the garbage collector, in whatever thread happens to run it, and can deadlock
+    with rich's refresh thread (a hang seen in this suite)."""
+    from rich.progress import _TrackThread
+
+    root, model = setup
+
+    def failing(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(weights, "write_shard", failing)
+    r = _bake(model, "--maps", root / "maps.safetensors", "-o", tmp_path / "o")
+    _one_line_error(r, 8, "-o")
+    assert not [t for t in threading.enumerate() if isinstance(t, _TrackThread) and t.is_alive()]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def write_checkpoint(
     config_patch: dict | None = None,
     extra: dict[str, bytes] | None = None,
     force: bool = False,
-    progress: Callable[[Iterable, int, str], Iterable] | None = None,
+    progress: Callable[[Iterable, int, str], AbstractContextManager[Iterable]] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """A baked checkpoint in ``out``: rewritten shards + index, config.json (patched only with the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -44,7 +45,7 @@ def rewrite_weights(
     edits: WeightEdits | None,
     *,
     index: Path | None = None,
-    progress: Callable[[Iterable, int, str], Iterable] | None = None,
+    progress: Callable[[Iterable, int, str], AbstractContextManager[Iterable]] | None = None,
 ) -> None:
     """Write every shard of ``files`` into directory ``dest`` (same file names), and ``index``
     (``*.safetensors.index.json``) with the added tensors and the new ``total_size``.
@@ -75,9 +76,10 @@ def rewrite_weights(
         due.setdefault(path, set()).add(unit)
     done: set[str] = set()
     pending: dict[Path, dict[str, Value]] = {}
-    it = progress(files, len(files), "writing shards") if progress else files
-    with Writer() as writer:  # one thread copies and writes while this one computes the next shard
-        for path in it:
+    bar = progress or (lambda it, _total, _desc: nullcontext(it))
+    # one thread copies and writes while this one computes the next shard
+    with bar(files, len(files), "writing shards") as todo, Writer() as writer:
+        for path in todo:
             todo = {u for n, u in edits.edited.items() if home[n] == path} | due.get(path, set())
             todo -= done
             # grouped by the shard they read: one input shard open at a time
