@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ActivationError
-from .estimators import ESTIMATORS, FitInfo, equal_counts
+from .estimators import ESTIMATORS, FitInfo, equal_counts, keep_top
 from .hooks import Pooler, affine_fn, attach, clamped_fn, record, split_key
 from .maps import AffineMap
 from .placement import input_device
@@ -182,6 +182,7 @@ def fit(
     sample: str = "balanced",
     incremental_clamp: bool | None = None,
     incremental_order: str = "modules",
+    top_neurons: float = 1.0,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[dict[str, AffineMap], FitReport]:
@@ -194,7 +195,8 @@ def fit(
     ``"forward"``: the order the forward pass reaches the sites. ``incremental_clamp`` (None = the
     reference's per method: clamped for linear_act, whose config uses ``quantiles_src: q_0_100``,
     unclamped for gaussian_act/mean_act, ``q_all``): earlier maps move only values strictly inside
-    their source support."""
+    their source support. ``top_neurons`` < 1: each map keeps only that fraction of its neurons
+    (``estimators.keep_top``); incremental fitting sees the sparsified earlier maps."""
     estimator = ESTIMATORS[method]
     keys = [s.key for s in sites]
     if len(set(keys)) != len(keys):
@@ -206,7 +208,7 @@ def fit(
         skip_special=skip_special,
         progress=progress,
     )
-    est = dict(seed=seed, fit_shift=fit_shift, degenerate=degenerate, sample=sample)
+    est = dict(seed=seed, fit_shift=fit_shift, degenerate=degenerate, sample=sample, top_neurons=top_neurons)
     if not incremental:
         src = collect(model, tok, source, keys, desc="source sentences", **opts)
         tgt = collect(model, tok, target, keys, desc="target sentences", **opts)
@@ -223,9 +225,12 @@ def fit(
 
 def _fit_site(estimator, src: torch.Tensor, tgt: torch.Tensor, est: dict):
     """Fit one site; the support is taken from the source rows the map is fitted on."""
+    est = dict(est)
+    top = est.pop("top_neurons", 1.0)
     if est["sample"] == "balanced":
         src, tgt = equal_counts(src, tgt, est["seed"])
     amap, info = estimator(src, tgt, **est)
+    amap = keep_top(amap, src, top)
     return amap, info, (src.min(0).values, src.max(0).values)
 
 

@@ -181,6 +181,31 @@ def gaussian_act(
     return AffineMap(omega.float(), beta.float()), FitInfo(len(src), len(tgt), int(bad.sum()))
 
 
+def keep_top(amap: AffineMap, src: torch.Tensor, fraction: float) -> AffineMap:
+    """Sparsify a fitted map (actmerge's ``top_neurons``, not in the papers' Linear-AcT): keep the
+    ``fraction`` of neurons the map moves most and make the rest identity (ω = 1, β = 0).
+
+    A neuron's score is ``|log ω| + |β| / rms(source)``: the log-ratio of its scale (a neuron scaled
+    by 2 or by 1/2 moves as much) plus its shift relative to the source activations it moves; for a
+    scale-only map that is ``|log ω|``, for a shift-only map ``|β| / rms``. A non-positive ω (a sign
+    flip) always ranks first. Ties at the cut are broken by index (``torch.topk``), so it is
+    deterministic."""
+    if not 0.0 < fraction <= 1.0:
+        raise ActivationError(f"top_neurons must be in (0, 1], got {fraction}.")
+    if fraction == 1.0:
+        return amap
+    omega, beta = amap.omega.double(), amap.beta.double()
+    rms = src.double().pow(2).mean(0).sqrt()
+    score = omega.abs().clamp_min(1e-300).log().abs() + beta.abs() / rms.clamp_min(1e-12)
+    score = torch.where(omega > 0, score, torch.full_like(score, float("inf")))
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    keep[score.topk(max(1, round(fraction * len(score)))).indices] = True
+    return AffineMap(
+        torch.where(keep, amap.omega, torch.ones_like(amap.omega)),
+        torch.where(keep, amap.beta, torch.zeros_like(amap.beta)),
+    )
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "linear_act": linear_act,
     "mean_act": mean_act,

@@ -231,5 +231,6 @@ def fit_sites(
         max_tokens=recipe.max_tokens, pooling=recipe.pooling, skip_special=recipe.skip_special_tokens,
         fit_shift=recipe.fit_shift, degenerate=recipe.degenerate_neurons, sample=recipe.sample,
         incremental_clamp=recipe.incremental_clamp, incremental_order=recipe.incremental_order,
-        seed=recipe.seed, progress=progress,
+        top_neurons=recipe.top_neurons_for(architecture_for(model.config)), seed=recipe.seed,
+        progress=progress,
     )  # fmt: skip

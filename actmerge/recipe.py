@@ -168,6 +168,13 @@ class Recipe(_Strict):
         "modules", description="incremental: named_modules() order (reference) or forward order"
     )
     fit_shift: bool = Field(True, description="false: fit scale-only maps (β = 0), which fold with no biases")
+    # actmerge's sparsification of the Linear-AcT family (the papers move every neuron; LinEAS has its
+    # own, learned sparsity: lineas.l1): after fitting, each site keeps the fraction of its neurons
+    # whose map moves most (|log ω| + |β|/rms) and leaves the rest untouched. Measured on detox
+    # (recipes/detox.yaml): the top quarter carries the detoxification at a lower perplexity cost.
+    top_neurons: float | dict[str, float] = Field(
+        1.0, description="fraction of each site's neurons moved (the largest moves), 1 = all; or per family"
+    )
     strength: float | dict[str, float] = Field(
         1.0, description="λ; or per family: {<row name or model_type>: λ, default: λ}"
     )
@@ -216,6 +223,13 @@ class Recipe(_Strict):
     def strength_for(self, arch) -> float:
         return _for_family(self.strength, arch, "strength")
 
+    def top_neurons_for(self, arch) -> float:
+        """The ``top_neurons`` fraction for an architecture row; ``arch=None`` (a diffusers pipeline,
+        which has no family rows): a plain fraction, or the ``default`` entry."""
+        if arch is None:
+            return self.top_neurons.get("default", 1.0) if isinstance(self.top_neurons, dict) else self.top_neurons
+        return _for_family(self.top_neurons, arch, "top_neurons")
+
     @model_validator(mode="before")
     @classmethod
     def _skip_special_alias(cls, data):
@@ -230,6 +244,26 @@ class Recipe(_Strict):
             )
             data.setdefault("pooling_special_tokens", "exclude" if old else "include")
         return data
+
+    @field_validator("top_neurons")
+    @classmethod
+    def _top_neurons_range(cls, v):
+        for f in v.values() if isinstance(v, dict) else [v]:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"top_neurons must be a fraction in (0, 1], got {f}")
+        if isinstance(v, dict):
+            _check_families(v)
+        return v
+
+    @model_validator(mode="after")
+    def _top_neurons_method(self):
+        fractions = self.top_neurons.values() if isinstance(self.top_neurons, dict) else [self.top_neurons]
+        if self.method == "lineas" and min(fractions) < 1.0:
+            raise ValueError(
+                "top_neurons is for linear_act / mean_act / gaussian_act; LinEAS learns its own "
+                "sparsity: set lineas.l1 (and lineas.group) instead."
+            )
+        return self
 
     @property
     def skip_special_tokens(self) -> bool:
@@ -247,7 +281,10 @@ class Recipe(_Strict):
 
     def content_hash(self) -> str:
         """sha256 over the recipe and the sentence files it fits on (first 16 hex digits)."""
-        h = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
+        fields = self.model_dump(mode="json")
+        if fields.get("top_neurons") == 1.0:  # added later: recipes without it keep their hash
+            del fields["top_neurons"]
+        h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
         for p in (self.source, self.target):
             h.update(self.path(p).read_bytes())
         return h.hexdigest()[:16]

@@ -259,3 +259,25 @@ def test_shipped_recipes_fit_and_plan(sd, recipe):
     r = runner.invoke(app, ["bake", str(source.path), "--recipe", recipe, "--dry-run"])  # built-in
     assert r.exit_code == 0, r.output
     assert "exact" in r.output
+
+
+def test_top_neurons_on_the_pipeline_fit(sd):
+    """The diffusers fit sparsifies with the same ``top_neurons`` as the LLM fit: half of each site's
+    channels keep the dense fit's values (the largest moves), the rest are identity."""
+    from actmerge.diffusion.collect import fit_pipeline
+    from actmerge.diffusion.recipe import load_diffusion_recipe
+
+    source, pipe = sd
+    dense = load_diffusion_recipe("diffusion-watercolor.yaml")
+    top = dense.model_copy(update={"top_neurons": 0.5})
+    quiet = lambda *_: None  # noqa: E731
+    a = fit_pipeline(source, dense, pipe=pipe, log=quiet).maps
+    b = fit_pipeline(source, top, pipe=pipe, log=quiet).maps
+    sparsified = 0
+    for k, d in a.maps.items():
+        m = b.maps[k]
+        moved, dense_moved = (m.omega != 1) | (m.beta != 0), (d.omega != 1) | (d.beta != 0)
+        assert int(moved.sum()) == min(round(0.5 * d.dim), int(dense_moved.sum())), k
+        sparsified += int(moved.sum()) < int(dense_moved.sum())
+        assert torch.equal(m.omega[moved], d.omega[moved]) and torch.equal(m.beta[moved], d.beta[moved])
+    assert sparsified, "no site was sparsified: the test proves nothing"

@@ -73,3 +73,28 @@ def test_bad_inputs():
         linear_act(torch.randn(4, 2), torch.randn(4, 3))
     with pytest.raises(ActivationError, match="at least 2"):
         linear_act(torch.randn(1, 2), torch.randn(4, 2))
+
+
+def test_keep_top_hand_checked():
+    """Scores |log ω| + |β|/rms(source): with rms = 2 for every neuron, the scores below are
+    [log 2, log 2, 0.05, 0 + 1.5, log 1.1, inf (ω < 0)]; the top half keeps neurons 5, 3 and one of
+    the log 2 pair (ties broken deterministically), the rest become identity."""
+    from actmerge.estimators import keep_top
+    from actmerge.maps import AffineMap
+
+    omega = torch.tensor([2.0, 0.5, 1.0, 1.0, 1.1, -0.3])
+    beta = torch.tensor([0.0, 0.0, 0.1, 3.0, 0.0, 0.2])
+    src = torch.full((4, 6), 2.0)
+    kept = keep_top(AffineMap(omega, beta), src, 0.5)
+    moved = [i for i in range(6) if kept.omega[i] != 1 or kept.beta[i] != 0]
+    assert 5 in moved and 3 in moved and len(moved) == 3 and len({0, 1} & set(moved)) == 1
+    for i in moved:
+        assert kept.omega[i] == omega[i] and kept.beta[i] == beta[i]
+    assert kept.omega[2] == 1 and kept.beta[2] == 0 and kept.omega[4] == 1
+    # scale-only maps rank by |log ω| alone: 1/4 and 4 tie above 1.5 and 0.9
+    k = keep_top(AffineMap(torch.tensor([1.5, 0.25, 4.0, 0.9]), torch.zeros(4)), torch.ones(3, 4), 0.5)
+    assert k.omega.tolist() == [1.0, 0.25, 4.0, 1.0]
+    full = AffineMap(omega, beta)
+    assert keep_top(full, src, 1.0) is full
+    with pytest.raises(ActivationError, match="top_neurons"):
+        keep_top(full, src, 0.0)

@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__
 from ..errors import ActivationError, NotFoldableError
-from ..estimators import ESTIMATORS
+from ..estimators import ESTIMATORS, keep_top
 from ..maps import AffineMap, MapSet
 from ..placement import pick_device
 from .hooks import attach
@@ -230,6 +230,7 @@ def fit_pipeline(
     source_prompts = recipe.read_source()[: recipe.max_sentences]
     target_prompts = recipe.read_target()[: recipe.max_sentences]
     pipe = pipe if pipe is not None else load_pipeline(source, device)
+    top = recipe.top_neurons_for(None)
     t0 = time.perf_counter()
     src = collect(pipe, source, sites, source_prompts, recipe)
     tgt = collect(pipe, source, sites, target_prompts, recipe)
@@ -244,7 +245,7 @@ def fit_pipeline(
             degenerate=recipe.degenerate_neurons,
             sample=recipe.sample,
         )
-        maps[site.key] = amap
+        maps[site.key] = keep_top(amap, src[site.key], top)
         degenerate += info.degenerate
     seconds = time.perf_counter() - t0
     log(
