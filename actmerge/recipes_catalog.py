@@ -133,6 +133,17 @@ def _diffusion_families(names: list[str]) -> list[str]:
     return [c.name for c in COMPONENTS if any(n in c.sites for n in bare)]
 
 
+def _names_file(base: Path, value) -> bool:
+    """Whether a recipe field's value is a file beside the recipe (a description longer than a file
+    name can be is not: the OS refuses to even look it up)."""
+    if not isinstance(value, str) or "\n" in value:
+        return False
+    try:
+        return (base / value).is_file()
+    except OSError:
+        return False
+
+
 def copy(name: str, dest: str | Path, *, force: bool = False) -> list[Path]:
     """Write the built-in recipe ``name`` and the files it names into ``dest`` (same relative
     layout, so its relative paths keep working). Returns the written paths, recipe first."""
@@ -143,7 +154,7 @@ def copy(name: str, dest: str | Path, *, force: bool = False) -> list[Path]:
     data = yaml.safe_load(src.read_text()) or {}
     files = [(src, dest / src.name)]
     for key, rel in data.items():  # every field naming a file beside the recipe (source, target, …)
-        if not isinstance(rel, str) or not (src.parent / rel).is_file():
+        if not _names_file(src.parent, rel):
             continue
         rel_path = Path(rel)
         if rel_path.is_absolute() or ".." in rel_path.parts:  # the shipped recipes never do this

@@ -19,7 +19,7 @@ def loaded():
 def test_detox_sweep(loaded, tmp_path):
     rep = pipeline.evaluate(
         loaded,
-        recipe="detox",
+        recipe="detox-act",  # Linear-AcT: its fit also gives ml-act's clamped row
         strengths=[0.0, 1.0],
         out=tmp_path,
         progress=False,

@@ -1,5 +1,5 @@
 """KL(base ‖ steered) on the real Gemma-3-270M (slow; runs in CI): exactly 0 at λ = 0, growing with
-λ, measured on the tuning neutral text with the detox recipe's maps as hooks."""
+λ, measured on the tuning neutral text with the detox-act recipe's maps as hooks."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from actmerge.recipe import load_recipe, read_sentences
 from actmerge.sweep import EvalConfig, _steered, drift
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "detox.yaml"
+RECIPE = ROOT / "recipes" / "detox-act.yaml"  # Linear-AcT: a fit of seconds
 
 pytestmark = pytest.mark.slow
 

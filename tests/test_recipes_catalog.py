@@ -23,7 +23,7 @@ from .common import make_pico
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = {"detox", "detox-lineas", "football", "diffusion-watercolor", "diffusion-no-elephant"}
+SHIPPED = {"detox", "detox-act", "detox-lineas", "football", "diffusion-watercolor", "diffusion-no-elephant"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +91,7 @@ def test_recipes_list_show(monkeypatch):
     assert max(len(line) for line in lines) <= 80
     for e in catalog():
         assert e.name in r.output and e.method in r.output
-    assert all(x in r.output for x in ("attn_post", "50%-100%", "mlp_post", "33.3%-66.7%"))  # detox
+    assert all(x in r.output for x in ("attn_post", "50%-100%", "mlp_post", "33.3%-66.7%"))  # detox-act
     assert "default" in r.output  # portable recipes: a default row for the other families
     detox = next(e for e in catalog() if e.name == "detox")
     assert detox.families == ["gemma", "gemma3", "every other family"] and detox.strength == 1.0
@@ -110,13 +110,13 @@ def pico_gemma2(tmp_path_factory):
 
 
 def test_copy_loads_and_bakes(pico_gemma2, tmp_path, monkeypatch):
-    r = runner.invoke(app, ["recipes", "copy", "detox", str(tmp_path / "mine")])
+    r = runner.invoke(app, ["recipes", "copy", "detox-act", str(tmp_path / "mine")])
     assert r.exit_code == 0, r.output
-    copied = tmp_path / "mine" / "detox.yaml"
-    assert copied.read_text() == (BUILTIN_DIR / "detox.yaml").read_text()
+    copied = tmp_path / "mine" / "detox-act.yaml"
+    assert copied.read_text() == (BUILTIN_DIR / "detox-act.yaml").read_text()
     for rel in ("data/detox/toxic.txt", "data/detox/nontoxic.txt", "data/detox/eval_prompts.txt"):
         assert (tmp_path / "mine" / rel).read_bytes() == (BUILTIN_DIR / rel).read_bytes()
-    r = runner.invoke(app, ["recipes", "copy", "detox", str(tmp_path / "mine")])
+    r = runner.invoke(app, ["recipes", "copy", "detox-act", str(tmp_path / "mine")])
     assert r.exit_code == 2 and "--force" in r.output
     # edit the copy (fewer sentences, another layer range); relative paths work from any cwd
     copied.write_text(
@@ -127,7 +127,7 @@ def test_copy_loads_and_bakes(pico_gemma2, tmp_path, monkeypatch):
     (tmp_path / "mine" / "data" / "detox" / "toxic.txt").write_text("you utter idiot, shut up\n" * 48)
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(
-        app, ["bake", str(pico_gemma2), "--recipe", "mine/detox.yaml", "-o", "out", "--strength", "1"]
+        app, ["bake", str(pico_gemma2), "--recipe", "mine/detox-act.yaml", "-o", "out", "--strength", "1"]
     )
     assert r.exit_code == 0, r.output
     assert "built-in" not in r.output

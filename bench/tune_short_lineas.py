@@ -1,0 +1,80 @@
+"""Probe: can a *short* fold-aware LinEAS fit (a couple of minutes on 2 CPU cores) make the README's
+main command (`detox.yaml`, λ = 1) stronger? Fits variants of `detox-lineas.yaml` and measures each
+at λ = 1 on the hard *tuning* split and the tuning neutral text (never eval prompts).
+
+    python bench/tune_short_lineas.py gemma-3-270m 'steps=40,lr=0.05' 'steps=60,lr=0.03,max_tokens=64'
+
+``LAMS=0.8,1`` (environment): the strengths measured. Keys: any ``lineas:`` option, ``max_tokens``,
+``max_sentences``, ``sites=attn_post+mlp_post`` (Gemma row, all layers).
+
+Measured 2026-11-26 (2 CPU cores, fit seconds include activation collection; 190 hard tuning
+prompts, greedy 24 tokens, alt-profanity-check > 0.5; perplexity ratio on neutral_tune.txt):
+Gemma-3-270M, base 39.5 % toxic, λ = 1:
+  steps=40,lr=0.05 (128 tokens)                    8.4 % ×1.080  245 s (another job running)
+  steps=40,lr=0.05,max_tokens=64,post-norms only   8.4 % ×1.098   79 s
+  steps=60,lr=0.03,max_tokens=64                   7.4 % ×1.073  124 s
+  steps=40,lr=0.05,max_tokens=64                   8.4 % ×1.080   78 s  ← recipes/detox.yaml
+  steps=45,lr=0.04,max_tokens=64                   8.4 % ×1.076   97 s
+SmolLM2-135M-Instruct, base 21.1 % toxic:
+  steps=40,lr=0.05 (128 tokens)   λ = 0.8 4.7 % ×1.080, λ = 1 2.6 % ×1.129   93 s
+  steps=40,lr=0.05,max_tokens=64  λ = 0.8 4.7 % ×1.080, λ = 1 2.6 % ×1.129  100 s
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from actmerge import pipeline  # noqa: E402
+from actmerge.evaluate import perplexity, profanity_scorer, toxicity  # noqa: E402
+from actmerge.hooks import steer  # noqa: E402
+from actmerge.recipe import SiteSpec, load_recipe, read_sentences  # noqa: E402
+
+DATA = ROOT / "recipes" / "data"
+
+
+def variant(base, spec: str):
+    top, lin = {}, {}
+    for kv in filter(None, spec.split(",")):
+        k, v = kv.split("=")
+        if k in ("max_tokens", "max_sentences"):
+            top[k] = int(v)
+        elif k == "sites":
+            top["sites"] = {"gemma": [SiteSpec(site=v.split("+"), layers="all")], "default": base.sites["default"]}
+        else:
+            lin[k] = type(getattr(base.lineas, k))(v)
+    return base.model_copy(update={**top, "lineas": base.lineas.model_copy(update=lin)})
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    loaded = pipeline.load(sys.argv[1], log=lambda *a: None)
+    model, tok = loaded.get()
+    prompts = read_sentences(DATA / "detox" / "tune_prompts_hard.txt")
+    neutral = read_sentences(DATA / "neutral_tune.txt")
+    scorer = profanity_scorer()
+    base = load_recipe("detox-lineas")
+    bppl = perplexity(model, tok, neutral)
+    btox = toxicity(model, tok, prompts, scorer, progress=False)
+    print(f"base toxic {btox.fraction:6.1%} ppl {bppl:.2f}", flush=True)
+    for spec in sys.argv[2:]:
+        r = variant(base, spec)
+        t0 = time.perf_counter()
+        maps = pipeline.fit(loaded, r, progress=False, log=lambda *a: None).maps
+        fit_s = time.perf_counter() - t0
+        for lam in [float(x) for x in os.environ.get("LAMS", "1").split(",")]:
+            with steer(model, maps, lam):
+                tox = toxicity(model, tok, prompts, scorer, progress=False)
+                ppl = perplexity(model, tok, neutral)
+            print(f"{spec:45s} fit {fit_s:5.0f}s λ={lam} toxic {tox.fraction:6.1%} "
+                  f"({btox.fraction / max(tox.fraction, 1e-9):4.1f}x) ppl ×{ppl / bppl:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
