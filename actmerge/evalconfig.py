@@ -60,7 +60,8 @@ def eval_config(
 
 
 def chat_prompts(cfg: EvalConfig, tok, log=print) -> EvalConfig:
-    """Format the evaluation prompts as user turns of the chat template when ``cfg.chat`` asks."""
+    """Format the evaluation prompts (and every further split, e.g. the hard one) as user turns of
+    the chat template when ``cfg.chat`` asks."""
     from dataclasses import replace
 
     from . import chat
@@ -69,4 +70,5 @@ def chat_prompts(cfg: EvalConfig, tok, log=print) -> EvalConfig:
         if cfg.chat == "auto":
             log("[actmerge] the model has no chat template: evaluating raw continuations")
         return replace(cfg, chat="off")
-    return replace(cfg, prompts=chat.user_turns(tok, cfg.prompts), chat="on")
+    splits = {name: chat.user_turns(tok, prompts) for name, prompts in cfg.splits.items()}
+    return replace(cfg, prompts=chat.user_turns(tok, cfg.prompts), splits=splits, chat="on")

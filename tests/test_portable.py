@@ -138,7 +138,7 @@ def test_assistant_turns_pool_only_the_reply():
 
 def test_chat_eval_prompts_are_user_turns():
     tok = char_tokenizer()
-    cfg = EvalConfig(prompts=["hi"], chat="on")
+    cfg = EvalConfig(prompts=["hi"], chat="on", splits={"hard": ["yo"]})
     with pytest.raises(RecipeError, match="chat template"):
         pipeline.chat_prompts(cfg, tok)  # --chat on a model without a template
     auto = pipeline.chat_prompts(EvalConfig(prompts=["hi"], chat="auto"), tok, log=lambda *_: None)
@@ -146,6 +146,7 @@ def test_chat_eval_prompts_are_user_turns():
     tok.chat_template = TEMPLATE
     on = pipeline.chat_prompts(cfg, tok)
     assert on.prompts == ["<bos>user: hi<eos><bos>assistant: "] and on.chat == "on"
+    assert on.splits == {"hard": ["<bos>user: yo<eos><bos>assistant: "]}  # every split, not just the first
     enc = tok(on.prompts, add_special_tokens=False)["input_ids"][0]
     assert enc.count(1) == 2 and torch.tensor(enc).numel() > 0
 
