@@ -227,7 +227,11 @@ class Recipe(_Strict):
         """The ``top_neurons`` fraction for an architecture row; ``arch=None`` (a diffusers pipeline,
         which has no family rows): a plain fraction, or the ``default`` entry."""
         if arch is None:
-            return self.top_neurons.get("default", 1.0) if isinstance(self.top_neurons, dict) else self.top_neurons
+            return (
+                self.top_neurons.get("default", 1.0)
+                if isinstance(self.top_neurons, dict)
+                else self.top_neurons
+            )
         return _for_family(self.top_neurons, arch, "top_neurons")
 
     @model_validator(mode="before")

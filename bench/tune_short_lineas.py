@@ -46,7 +46,10 @@ def variant(base, spec: str):
         if k in ("max_tokens", "max_sentences"):
             top[k] = int(v)
         elif k == "sites":
-            top["sites"] = {"gemma": [SiteSpec(site=v.split("+"), layers="all")], "default": base.sites["default"]}
+            top["sites"] = {
+                "gemma": [SiteSpec(site=v.split("+"), layers="all")],
+                "default": base.sites["default"],
+            }
         else:
             lin[k] = type(getattr(base.lineas, k))(v)
     return base.model_copy(update={**top, "lineas": base.lineas.model_copy(update=lin)})
@@ -72,8 +75,11 @@ def main() -> None:
             with steer(model, maps, lam):
                 tox = toxicity(model, tok, prompts, scorer, progress=False)
                 ppl = perplexity(model, tok, neutral)
-            print(f"{spec:45s} fit {fit_s:5.0f}s λ={lam} toxic {tox.fraction:6.1%} "
-                  f"({btox.fraction / max(tox.fraction, 1e-9):4.1f}x) ppl ×{ppl / bppl:.3f}", flush=True)
+            print(
+                f"{spec:45s} fit {fit_s:5.0f}s λ={lam} toxic {tox.fraction:6.1%} "
+                f"({btox.fraction / max(tox.fraction, 1e-9):4.1f}x) ppl ×{ppl / bppl:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

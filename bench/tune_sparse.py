@@ -31,9 +31,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from actmerge.collect import collect  # noqa: E402
 import os  # noqa: E402
 
+from actmerge.collect import collect  # noqa: E402
 from actmerge.estimators import ESTIMATORS  # noqa: E402
 from actmerge.evaluate import perplexity, profanity_scorer, toxicity  # noqa: E402
 from actmerge.hooks import steer  # noqa: E402
@@ -73,8 +73,13 @@ def main() -> None:
         for p in spec.split("+"):
             name, layers = p.split("@")
             parts += resolve_sites(arch, src.config, [name], layers)
-        specs.append((spec, sorted({s.key: s for s in parts}.values(), key=lambda s: s.order),
-                      [(float(f.rstrip("d")), "d" if f.endswith("d") else "l") for f in fracs.split(",")]))
+        specs.append(
+            (
+                spec,
+                sorted({s.key: s for s in parts}.values(), key=lambda s: s.order),
+                [(float(f.rstrip("d")), "d" if f.endswith("d") else "l") for f in fracs.split(",")],
+            )
+        )
     keys = sorted({s.key for _, ss, _ in specs for s in ss})
     t0 = time.perf_counter()
     pooling = os.environ.get("POOLING", "mean")
@@ -94,8 +99,11 @@ def main() -> None:
             with steer(model, ms, 1.0):
                 tox = toxicity(model, tok, prompts, scorer, progress=False)
                 ppl = perplexity(model, tok, neutral)
-            print(f"{spec:50s} top {f:<5}{rank} toxic {tox.fraction:6.1%} ({base.fraction / max(tox.fraction, 1e-9):4.1f}x)"
-                  f" ppl ×{ppl / bppl:.3f}", flush=True)
+            print(
+                f"{spec:50s} top {f:<5}{rank} toxic {tox.fraction:6.1%} ({base.fraction / max(tox.fraction, 1e-9):4.1f}x)"
+                f" ppl ×{ppl / bppl:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -115,3 +115,24 @@ def _site_dim(config: dict, site, arch) -> int:
 def random_ids(n: int = 3, length: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, VOCAB - 4, (n, length), generator=g)
+
+
+# a pico fitting setup: 12 source / 12 target sentences and a recipe over three Llama-style sites
+PICO_SENTENCES = [f"sentence {i} says{'!' * (i % 5)} something" for i in range(24)]
+PICO_RECIPE = """
+name: {name}
+method: {method}
+sites:
+  - site: [attn_in, attn_ctx, mlp_hidden]
+    layers: all
+source: src.txt
+target: tgt.txt
+batch_size: 8
+min_sentences: 12
+"""
+
+
+def write_pico_fit_data(root: Path) -> None:
+    """The source and target sentence files that ``PICO_RECIPE`` names, in ``root``."""
+    (root / "src.txt").write_text("\n".join(PICO_SENTENCES[:12]))
+    (root / "tgt.txt").write_text("\n".join(PICO_SENTENCES[12:]))

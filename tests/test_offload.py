@@ -16,20 +16,10 @@ from actmerge.models import ModelSource, load_model
 from actmerge.placement import Placement, from_pretrained_kwargs, input_device, parse_max_memory
 from actmerge.sites import architecture_for, resolve_sites
 
-from .common import make_pico
+from .common import PICO_RECIPE, make_pico, write_pico_fit_data
+from .common import PICO_SENTENCES as SENTENCES
 
-SENTENCES = [f"sentence {i} says{'!' * (i % 5)} something" for i in range(24)]
-RECIPE = """
-name: pico-offload
-method: {method}
-sites:
-  - site: [attn_in, attn_ctx, mlp_hidden]
-    layers: all
-source: src.txt
-target: tgt.txt
-batch_size: 8
-min_sentences: 12
-"""
+RECIPE = PICO_RECIPE.replace("{name}", "pico-offload")
 
 
 def _size(path) -> int:
@@ -40,8 +30,7 @@ def _size(path) -> int:
 def pico(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"offload-{request.param}")
     path = make_pico(request.param, root / "model")
-    (root / "src.txt").write_text("\n".join(SENTENCES[:12]))
-    (root / "tgt.txt").write_text("\n".join(SENTENCES[12:]))
+    write_pico_fit_data(root)
     return root, ModelSource(request.param, path)
 
 

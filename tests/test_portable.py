@@ -68,7 +68,8 @@ def test_gemma_rows_keep_the_tuned_layers():
     """Gemma-3-270M (18 layers) resolves exactly to the layers tuned before recipes went portable."""
     config = {**_config("gemma3_text"), "num_hidden_layers": 18}
     got = {
-        (s.name, s.layer) for s in pipeline.recipe_sites(load_recipe(ROOT / "recipes" / "detox-act.yaml"), config)
+        (s.name, s.layer)
+        for s in pipeline.recipe_sites(load_recipe(ROOT / "recipes" / "detox-act.yaml"), config)
     }
     assert got == {("attn_post", i) for i in range(9, 18)} | {("mlp_post", i) for i in range(6, 12)}
     football = pipeline.recipe_sites(load_recipe(ROOT / "recipes" / "football.yaml"), config)

@@ -8,20 +8,9 @@ from actmerge import pipeline
 from actmerge.errors import RecipeError
 from actmerge.recipe import load_recipe
 
-from .common import make_pico
+from .common import PICO_RECIPE, make_pico, write_pico_fit_data
 
-SENTENCES = [f"sentence {i} says{'!' * (i % 5)} something" for i in range(24)]
-RECIPE = """
-name: pico-top
-method: {method}
-sites:
-  - site: [attn_in, attn_ctx, mlp_hidden]
-    layers: all
-source: src.txt
-target: tgt.txt
-batch_size: 8
-min_sentences: 12
-"""
+RECIPE = PICO_RECIPE.replace("{name}", "pico-top")
 QUIET = dict(progress=False, log=lambda _: None)
 
 
@@ -29,8 +18,7 @@ QUIET = dict(progress=False, log=lambda _: None)
 def pico(tmp_path_factory):
     root = tmp_path_factory.mktemp("top")
     path = make_pico("llama", root / "model")
-    (root / "src.txt").write_text("\n".join(SENTENCES[:12]))
-    (root / "tgt.txt").write_text("\n".join(SENTENCES[12:]))
+    write_pico_fit_data(root)
     return root, path
 
 
@@ -43,7 +31,9 @@ def test_top_neurons_keeps_the_largest_scale_moves(pico):
     values are the dense fit's, and a quarter of each site moves."""
     root, path = pico
     (root / "dense.yaml").write_text(RECIPE.format(method="linear_act") + "fit_shift: false\n")
-    (root / "top.yaml").write_text(RECIPE.format(method="linear_act") + "fit_shift: false\ntop_neurons: 0.25\n")
+    (root / "top.yaml").write_text(
+        RECIPE.format(method="linear_act") + "fit_shift: false\ntop_neurons: 0.25\n"
+    )
     dense = pipeline.fit(str(path), root / "dense.yaml", **QUIET).maps
     top = pipeline.fit(str(path), root / "top.yaml", **QUIET).maps
     for k, d in dense.maps.items():
@@ -56,7 +46,9 @@ def test_top_neurons_keeps_the_largest_scale_moves(pico):
 
 def test_top_neurons_incremental_and_shifts(pico):
     root, path = pico
-    (root / "inc.yaml").write_text(RECIPE.format(method="linear_act") + "top_neurons: 0.5\nincremental: true\n")
+    (root / "inc.yaml").write_text(
+        RECIPE.format(method="linear_act") + "top_neurons: 0.5\nincremental: true\n"
+    )
     inc = pipeline.fit(str(path), root / "inc.yaml", **QUIET).maps
     for k, m in inc.maps.items():
         assert int(_moved(m).sum()) == round(0.5 * m.dim), k
