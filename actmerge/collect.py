@@ -208,7 +208,7 @@ def fit(
         skip_special=skip_special,
         progress=progress,
     )
-    est = dict(seed=seed, fit_shift=fit_shift, degenerate=degenerate, sample=sample, top_neurons=top_neurons)
+    est = dict(seed=seed, fit_shift=fit_shift, degenerate=degenerate, sample=sample)
     if not incremental:
         src = collect(model, tok, source, keys, desc="source sentences", **opts)
         tgt = collect(model, tok, target, keys, desc="target sentences", **opts)
@@ -216,21 +216,20 @@ def fit(
         infos: dict[str, FitInfo] = {}
         support = {}
         for key in keys:
-            maps[key], infos[key], support[key] = _fit_site(estimator, src[key], tgt[key], est)
+            maps[key], infos[key], support[key] = _fit_site(estimator, src[key], tgt[key], est, top_neurons)
         return maps, FitReport(infos, support)
     clamp = (method == "linear_act") if incremental_clamp is None else incremental_clamp
     order = _incremental_order(model, tok, keys, source, incremental_order, opts)
-    return _fit_incremental(model, tok, order, keys, source, target, estimator, est, clamp, opts)
+    return _fit_incremental(model, tok, order, keys, source, target, estimator, est, top_neurons, clamp, opts)
 
 
-def _fit_site(estimator, src: torch.Tensor, tgt: torch.Tensor, est: dict):
-    """Fit one site; the support is taken from the source rows the map is fitted on."""
-    est = dict(est)
-    top = est.pop("top_neurons", 1.0)
+def _fit_site(estimator, src: torch.Tensor, tgt: torch.Tensor, est: dict, top_neurons: float):
+    """Fit one site, keeping the ``top_neurons`` fraction of its neurons; the support is taken from the
+    source rows the map is fitted on."""
     if est["sample"] == "balanced":
         src, tgt = equal_counts(src, tgt, est["seed"])
     amap, info = estimator(src, tgt, **est)
-    amap = keep_top(amap, src, top)
+    amap = keep_top(amap, src, top_neurons)
     return amap, info, (src.min(0).values, src.max(0).values)
 
 
@@ -276,7 +275,7 @@ def _incremental_order(model, tok, keys: list[str], source: list[str], order: st
     return seen
 
 
-def _fit_incremental(model, tok, order, keys, source, target, estimator, est, clamp, opts):
+def _fit_incremental(model, tok, order, keys, source, target, estimator, est, top_neurons, clamp, opts):
     """One site at a time in ``order``: collect its pooled source and target activations (in
     batches of ``batch_size``) with every map fitted so far active at λ = 1 (clamped to its source
     support when ``clamp``), fit, move on. Costs one pass over the sentences per site."""
@@ -292,5 +291,5 @@ def _fit_incremental(model, tok, order, keys, source, target, estimator, est, cl
                     stack.enter_context(attach(model, done, fn))
                 src = collect(model, tok, source, [key], **quiet)[key]
                 tgt = collect(model, tok, target, [key], **quiet)[key]
-            maps[key], infos[key], support[key] = _fit_site(estimator, src, tgt, est)
+            maps[key], infos[key], support[key] = _fit_site(estimator, src, tgt, est, top_neurons)
     return {k: maps[k] for k in keys}, FitReport({k: infos[k] for k in keys}, {k: support[k] for k in keys})

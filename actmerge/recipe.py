@@ -171,7 +171,7 @@ class Recipe(_Strict):
     # actmerge's sparsification of the Linear-AcT family (the papers move every neuron; LinEAS has its
     # own, learned sparsity: lineas.l1): after fitting, each site keeps the fraction of its neurons
     # whose map moves most (|log ω| + |β|/rms) and leaves the rest untouched. Measured on detox
-    # (recipes/detox.yaml): the top quarter carries the detoxification at a lower perplexity cost.
+    # (recipes/detox-act.yaml): the top quarter keeps the tuning-split reduction at a lower perplexity.
     top_neurons: float | dict[str, float] = Field(
         1.0, description="fraction of each site's neurons moved (the largest moves), 1 = all; or per family"
     )
@@ -209,9 +209,9 @@ class Recipe(_Strict):
             return {k: specs(items) for k, items in v.items()}
         return specs(v)
 
-    @field_validator("strength")
+    @field_validator("strength", "top_neurons")
     @classmethod
-    def _strength(cls, v):
+    def _per_family(cls, v):
         if isinstance(v, dict):
             _check_families(v)
         return v
@@ -255,8 +255,6 @@ class Recipe(_Strict):
         for f in v.values() if isinstance(v, dict) else [v]:
             if not 0.0 < f <= 1.0:
                 raise ValueError(f"top_neurons must be a fraction in (0, 1], got {f}")
-        if isinstance(v, dict):
-            _check_families(v)
         return v
 
     @model_validator(mode="after")

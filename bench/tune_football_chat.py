@@ -61,11 +61,6 @@ ROUNDS: dict[str, dict[str, tuple]] = {
         ),
         "mean attn_in 0-50": ("mean_act", ["attn_in"], "0%-50%", "assistant", "mean", None),
     },
-    "r3": {  # sparse shifts (top_neurons: the largest |β|/rms per site) at round 2's best sites
-        "mean attn_in 33-100 top 0.1": ("mean_act", ["attn_in"], "33%-100%", "assistant", "mean", None, 0.1),
-        "mean attn_in 33-100 top 0.25": ("mean_act", ["attn_in"], "33%-100%", "assistant", "mean", None, 0.25),
-        "mean attn_ctx 33-100 top 0.1": ("mean_act", ["attn_ctx"], "33%-100%", "assistant", "mean", None, 0.1),
-    },
 }
 
 
@@ -119,11 +114,10 @@ class Bench:
 
     def maps(self, spec):
         from actmerge.collect import collect
-        from actmerge.estimators import keep_top, linear_act, mean_act
+        from actmerge.estimators import linear_act, mean_act
         from actmerge.sites import resolve_sites
 
-        method, names, frac, fit, pooling, target, *rest = spec
-        top = rest[0] if rest else 1.0  # top_neurons
+        method, names, frac, fit, pooling, target = spec
         key = (fit, pooling, target)
         cache = Path(os.environ.get("STATS_DIR", "/tmp")) / f"football-stats-{fit}-{pooling}-{target}.pt"
         if key not in self.stats and cache.exists():
@@ -150,8 +144,7 @@ class Bench:
         xs, ys = self.stats[key]
         est = {"mean_act": mean_act, "linear_act": linear_act}[method]
         chosen = resolve_sites(self.arch, self.config, names, frac)
-        fitted = {s.key: est(xs[s.key], ys[s.key], degenerate="shift", sample="all")[0] for s in chosen}
-        return {k: keep_top(m, xs[k], top) for k, m in fitted.items()}
+        return {s.key: est(xs[s.key], ys[s.key], degenerate="shift", sample="all")[0] for s in chosen}
 
     def strongest(self, maps, base_ppl):
         """Largest λ measured with ppl ratio ≤ TARGET. log(ratio) grows about quadratically in λ: measure
