@@ -32,11 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from actmerge import pipeline  # noqa: E402
-from actmerge.evaluate import perplexity, profanity_scorer, toxicity  # noqa: E402
-from actmerge.hooks import steer  # noqa: E402
-from actmerge.recipe import SiteSpec, load_recipe, read_sentences  # noqa: E402
-
-DATA = ROOT / "recipes" / "data"
+from actmerge.recipe import SiteSpec, load_recipe  # noqa: E402
+from actmerge.tune import HookedProbe, tuning_split  # noqa: E402
 
 
 def variant(base, spec: str):
@@ -58,26 +55,21 @@ def variant(base, spec: str):
 def main() -> None:
     torch.manual_seed(0)
     loaded = pipeline.load(sys.argv[1], log=lambda *a: None)
-    model, tok = loaded.get()
-    prompts = read_sentences(DATA / "detox" / "tune_prompts_hard.txt")
-    neutral = read_sentences(DATA / "neutral_tune.txt")
-    scorer = profanity_scorer()
     base = load_recipe("detox-lineas")
-    bppl = perplexity(model, tok, neutral)
-    btox = toxicity(model, tok, prompts, scorer, progress=False)
-    print(f"base toxic {btox.fraction:6.1%} ppl {bppl:.2f}", flush=True)
+    prompts, neutral = tuning_split(base)  # the hard tuning prompts, the tuning neutral text
+    base_tox = HookedProbe(loaded, base, None, prompts, neutral, progress=False).behaviour(0.0)
+    print(f"base toxic {base_tox:6.1%}", flush=True)
     for spec in sys.argv[2:]:
         r = variant(base, spec)
         t0 = time.perf_counter()
         maps = pipeline.fit(loaded, r, progress=False, log=lambda *a: None).maps
         fit_s = time.perf_counter() - t0
+        probe = HookedProbe(loaded, r, maps, prompts, neutral, progress=False)
         for lam in [float(x) for x in os.environ.get("LAMS", "1").split(",")]:
-            with steer(model, maps, lam):
-                tox = toxicity(model, tok, prompts, scorer, progress=False)
-                ppl = perplexity(model, tok, neutral)
+            tox, cost = probe.behaviour(lam), probe.cost(lam)
             print(
-                f"{spec:45s} fit {fit_s:5.0f}s λ={lam} toxic {tox.fraction:6.1%} "
-                f"({btox.fraction / max(tox.fraction, 1e-9):4.1f}x) ppl ×{ppl / bppl:.3f}",
+                f"{spec:45s} fit {fit_s:5.0f}s λ={lam} toxic {tox:6.1%} ({base_tox / max(tox, 1e-9):4.1f}x)"
+                f" ppl ×{cost['perplexity_ratio']:.3f} KL {cost['kl']:.3f}",
                 flush=True,
             )
 

@@ -33,46 +33,39 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import os  # noqa: E402
 
+from actmerge import pipeline  # noqa: E402
 from actmerge.collect import collect  # noqa: E402
-from actmerge.estimators import ESTIMATORS  # noqa: E402
-from actmerge.evaluate import perplexity, profanity_scorer, toxicity  # noqa: E402
-from actmerge.hooks import steer  # noqa: E402
+from actmerge.estimators import ESTIMATORS, keep_top  # noqa: E402
 from actmerge.maps import AffineMap, MapSet  # noqa: E402
-from actmerge.models import load_model, resolve  # noqa: E402
-from actmerge.recipe import read_sentences  # noqa: E402
+from actmerge.recipe import load_recipe  # noqa: E402
 from actmerge.sites import architecture_for, resolve_sites  # noqa: E402
+from actmerge.tune import HookedProbe, tuning_split  # noqa: E402
 
-DATA = ROOT / "recipes" / "data"
 
-
-def sparse(m: AffineMap, frac: float, rms: torch.Tensor | None = None) -> AffineMap:
-    """Keep the top ``frac`` neurons by |log ω| (or, given ``rms``, by displacement |ω − 1|·rms)."""
-    if frac >= 1:
-        return m
-    w = m.omega.clone()
-    d = w.clamp_min(1e-6).log().abs() if rms is None else (w - 1).abs() * rms
-    keep = torch.zeros_like(w, dtype=torch.bool)
-    keep[d.topk(max(1, round(frac * len(w)))).indices] = True
-    return AffineMap(torch.where(keep, w, torch.ones_like(w)), m.beta * keep)
+def by_displacement(m: AffineMap, frac: float, rms: torch.Tensor) -> AffineMap:
+    """The ``d`` variant: keep the top ``frac`` neurons by |ω − 1|·rms (``keep_top`` ranks by |log ω|)."""
+    d = (m.omega - 1).abs() * rms
+    keep = torch.zeros_like(d, dtype=torch.bool)
+    keep[d.topk(max(1, round(frac * len(d)))).indices] = True
+    return AffineMap(torch.where(keep, m.omega, torch.ones_like(m.omega)), m.beta * keep)
 
 
 def main() -> None:
     torch.manual_seed(0)
-    src = resolve(sys.argv[1])
-    model, tok = load_model(src)
-    arch = architecture_for(src.config)
-    toxic = read_sentences(DATA / "detox" / "toxic.txt")[:256]
-    clean = read_sentences(DATA / "detox" / "nontoxic.txt")[:256]
-    prompts = read_sentences(DATA / "detox" / "tune_prompts_hard.txt")
-    neutral = read_sentences(DATA / "neutral_tune.txt")
-    scorer = profanity_scorer()
+    loaded = pipeline.load(sys.argv[1], log=lambda *a: None)
+    model, tok = loaded.get()
+    config = loaded.source.config
+    arch = architecture_for(config)
+    recipe = load_recipe("detox-act")
+    toxic, clean = recipe.read_source()[:256], recipe.read_target()[:256]
+    prompts, neutral = tuning_split(recipe)  # the hard tuning prompts, the tuning neutral text
     specs = []
     for arg in sys.argv[2:]:
         spec, fracs = arg.split(":")
         parts = []
         for p in spec.split("+"):
             name, layers = p.split("@")
-            parts += resolve_sites(arch, src.config, [name], layers)
+            parts += resolve_sites(arch, config, [name], layers)
         specs.append(
             (
                 spec,
@@ -89,19 +82,23 @@ def main() -> None:
     est = ESTIMATORS[os.environ.get("METHOD", "linear_act")]
     fitted = {k: est(xs[k], ys[k], fit_shift=False, degenerate="shift")[0] for k in keys}
     rms = {k: ys[k].pow(2).mean(0).sqrt() for k in keys}
-    t0 = time.perf_counter()
-    base = toxicity(model, tok, prompts, scorer, progress=False)
-    bppl = perplexity(model, tok, neutral)
-    print(f"base toxic {base.fraction:6.1%} ppl {bppl:.2f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+    base_tox = HookedProbe(loaded, recipe, None, prompts, neutral, progress=False).behaviour(0.0)
+    print(f"base toxic {base_tox:6.1%}", flush=True)
     for spec, sites, fracs in specs:
         for f, rank in fracs:
-            ms = MapSet({s.key: sparse(fitted[s.key], f, rms[s.key] if rank == "d" else None) for s in sites})
-            with steer(model, ms, 1.0):
-                tox = toxicity(model, tok, prompts, scorer, progress=False)
-                ppl = perplexity(model, tok, neutral)
+            ms = MapSet(
+                {
+                    s.key: by_displacement(fitted[s.key], f, rms[s.key])
+                    if rank == "d"
+                    else keep_top(fitted[s.key], xs[s.key], f)
+                    for s in sites
+                }
+            )
+            probe = HookedProbe(loaded, recipe, ms, prompts, neutral, progress=False)
+            tox, cost = probe.behaviour(1.0), probe.cost(1.0)
             print(
-                f"{spec:50s} top {f:<5}{rank} toxic {tox.fraction:6.1%} ({base.fraction / max(tox.fraction, 1e-9):4.1f}x)"
-                f" ppl ×{ppl / bppl:.3f}",
+                f"{spec:50s} top {f:<5}{rank} toxic {tox:6.1%} ({base_tox / max(tox, 1e-9):4.1f}x)"
+                f" ppl ×{cost['perplexity_ratio']:.3f} KL {cost['kl']:.3f}",
                 flush=True,
             )
 
