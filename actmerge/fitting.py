@@ -221,7 +221,7 @@ def fit_sites(
         return fit_lineas(
             model, tok, sites, source, target,
             frozen_shift=frozen or {},
-            cfg=LineasConfig.from_options(recipe.lineas, seed=recipe.seed),
+            cfg=LineasConfig.from_options(recipe.lineas_for(architecture_for(model.config)), seed=recipe.seed),
             max_tokens=recipe.max_tokens, pooling=recipe.pooling, skip_special=recipe.skip_special_tokens,
             progress=progress, log=log,
         )  # fmt: skip

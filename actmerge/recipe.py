@@ -89,7 +89,10 @@ class Recipe(_Strict):
     name: str = Field(description="short name, used in output names and model-card tags")
     description: str = ""
     method: Literal["linear_act", "mean_act", "gaussian_act", "lineas"] = "linear_act"
-    lineas: LineasOptions = Field(default_factory=LineasOptions, description="settings for method: lineas")
+    lineas: LineasOptions | dict[str, LineasOptions] = Field(
+        default_factory=LineasOptions,
+        description="settings for method: lineas; or per family: {<row name or model_type>: {...}, default: {...}}",
+    )
     fold_aware: bool = Field(True, description="lineas: freeze the shifts that the fold plan cannot bake")
     allow_config_change: bool = Field(
         True, description="fold-aware: may shifts use config flags (attention_bias)?"
@@ -209,6 +212,25 @@ class Recipe(_Strict):
             return {k: specs(items) for k, items in v.items()}
         return specs(v)
 
+    @field_validator("lineas", mode="before")
+    @classmethod
+    def _lineas_per_family(cls, v):
+        # one block of options, or one per family: the keys say which (a family key is never an option)
+        if isinstance(v, dict) and set(v) & (_family_names() | {"default"}):
+            _check_families(v)  # a mix of options and family keys is refused here, naming the options
+        elif isinstance(v, dict):
+            nested = sorted(
+                k for k, x in v.items() if isinstance(x, dict) and k not in LineasOptions.model_fields
+            )
+            if nested:  # meant as a family's block, under a name the site table does not have
+                _check_families(dict.fromkeys(nested))
+            try:
+                return LineasOptions.model_validate(v)
+            except ValidationError as e:  # say it once, not once per member of the union
+                why = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+                raise ValueError(why) from None
+        return v
+
     @field_validator("strength", "top_neurons")
     @classmethod
     def _per_family(cls, v):
@@ -222,6 +244,23 @@ class Recipe(_Strict):
 
     def strength_for(self, arch) -> float:
         return _for_family(self.strength, arch, "strength")
+
+    def lineas_for(self, arch) -> LineasOptions:
+        """The LinEAS options for an architecture row: the one block, or the family's entry, else
+        ``default``."""
+        return _for_family(self.lineas, arch, "lineas")
+
+    def with_lineas(self, **changes) -> Recipe:
+        """A copy with ``changes`` applied to every family's LinEAS options (bench variants, tests)."""
+        update = lambda o: o.model_copy(update=changes)  # noqa: E731
+        lineas = (
+            {k: update(o) for k, o in self.lineas.items()}
+            if isinstance(self.lineas, dict)
+            else update(self.lineas)
+        )
+        out = self.model_copy(update={"lineas": lineas})
+        out._base_dir, out._file = self._base_dir, self._file
+        return out
 
     def top_neurons_for(self, arch) -> float:
         """The ``top_neurons`` fraction for an architecture row; ``arch=None`` (a diffusers pipeline,

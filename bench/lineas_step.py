@@ -33,6 +33,7 @@ from actmerge.hooks import attach
 from actmerge.lineas import LineasConfig, fit_lineas
 from actmerge.models import resolve
 from actmerge.recipe import load_recipe
+from actmerge.sites import architecture_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,10 +81,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     recipe = load_recipe(args.recipe)
-    batch = args.batch or recipe.lineas.batch
     loaded = pipeline.Loaded(resolve(args.model), args.device)
     model, tok = loaded.get()
     config = loaded.source.config
+    o = recipe.lineas_for(architecture_for(config))
+    batch = args.batch or o.batch
     sites = pipeline.recipe_sites(recipe, config)
     keys = [s.key for s in sites]
     last = max(sites, key=lambda s: s.order).key
@@ -93,7 +95,6 @@ def main() -> None:
         model, tok, recipe.read_target()[:batch], keys, pooling=recipe.pooling, progress=False, **kw
     )
     frozen = pipeline.frozen_shifts(recipe, config, sites)
-    o = recipe.lineas
     cfg = LineasConfig(
         steps=args.steps,
         lr=o.lr,

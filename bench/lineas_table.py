@@ -97,13 +97,7 @@ def main() -> None:
             print(f"... {label}", flush=True)
             recipe = load_recipe(path)
             if sparse or args.steps:
-                upd = {
-                    **recipe.lineas.model_dump(),
-                    **sparse,
-                    **({"steps": args.steps} if args.steps else {}),
-                }
-                recipe = recipe.model_copy(update={"lineas": type(recipe.lineas)(**upd)})
-                recipe._base_dir = path.parent
+                recipe = recipe.with_lineas(**sparse, **({"steps": args.steps} if args.steps else {}))
             t0 = time.perf_counter()
             res = pipeline.fit(loaded, recipe, **quiet)
             fit_s = time.perf_counter() - t0

@@ -36,7 +36,8 @@ DATA = ROOT / "actmerge" / "recipes" / "data"
 TARGET = float(os.environ.get("TARGET", "1.25"))
 SITES = ["attn_ctx", "mlp_hidden", "attn_in", "mlp_in"]
 
-# label: (method, [sites], layer fraction, chat_fit, pooling, target file)
+# label: (method, [sites], layer fraction, chat_fit, pooling, target file[, top_neurons fraction |
+# lineas options])
 ROUNDS: dict[str, dict[str, tuple]] = {
     "r1": {  # sites × layer fractions, mean_act, assistant turns (today's recipe is the first)
         "mean attn_ctx 33-100": ("mean_act", ["attn_ctx"], "33%-100%", "assistant", "mean", None),
@@ -61,7 +62,62 @@ ROUNDS: dict[str, dict[str, tuple]] = {
         ),
         "mean attn_in 0-50": ("mean_act", ["attn_in"], "0%-50%", "assistant", "mean", None),
     },
+    "r3": {  # the two best rows, sparsified (recipe key top_neurons): the largest mean differences only
+        "mean attn_in 33-100 top 0.1": ("mean_act", ["attn_in"], "33%-100%", "assistant", "mean", None, 0.1),
+        "mean attn_in 33-100 top 0.25": (
+            "mean_act",
+            ["attn_in"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            None,
+            0.25,
+        ),
+        "mean attn_ctx 33-100 top 0.1": (
+            "mean_act",
+            ["attn_ctx"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            None,
+            0.1,
+        ),
+        "mean attn_ctx 33-100 top 0.25": (
+            "mean_act",
+            ["attn_ctx"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            None,
+            0.25,
+        ),
+    },
+    "r4": {  # LinEAS (end to end: the maps compensate each other across layers), fold-aware with flags
+        "lineas attn_in 33-100 s40": ("lineas", ["attn_in"], "33%-100%", "assistant", "mean", None, {}),
+        "lineas attn_in 33-100 s40 l1": (
+            "lineas",
+            ["attn_in"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            None,
+            {"l1": 0.3, "group": 0.05},
+        ),
+    },
+    "r5": {  # incremental Mean-AcT: each layer's shift measured with the earlier shifts active
+        "mean attn_in 33-100 incr": ("mean_act", ["attn_in"], "33%-100%", "assistant", "mean", None, "incr"),
+        "mean attn_ctx 33-100 incr": (
+            "mean_act",
+            ["attn_ctx"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            None,
+            "incr",
+        ),
+    },
 }
+LINEAS = {"steps": 40, "lr": 0.05, "batch": 32, "loss_norm": "target_var", "group_mode": "joint"}
 
 
 def _hooks(steer, MapSet, model, maps, lam):
@@ -114,10 +170,17 @@ class Bench:
 
     def maps(self, spec):
         from actmerge.collect import collect
-        from actmerge.estimators import linear_act, mean_act
+        from actmerge.estimators import keep_top, linear_act, mean_act
+        from actmerge.recipe import LineasOptions
         from actmerge.sites import resolve_sites
 
-        method, names, frac, fit, pooling, target = spec
+        method, names, frac, fit, pooling, target, *top = spec
+        if method == "lineas":
+            return self.recipe_maps(
+                names, frac, method="lineas", pooling=pooling, lineas=LineasOptions(**LINEAS, **top[0])
+            )
+        if top == ["incr"]:
+            return self.recipe_maps(names, frac, method=method, pooling=pooling, incremental=True)
         key = (fit, pooling, target)
         cache = Path(os.environ.get("STATS_DIR", "/tmp")) / f"football-stats-{fit}-{pooling}-{target}.pt"
         if key not in self.stats and cache.exists():
@@ -144,7 +207,18 @@ class Bench:
         xs, ys = self.stats[key]
         est = {"mean_act": mean_act, "linear_act": linear_act}[method]
         chosen = resolve_sites(self.arch, self.config, names, frac)
-        return {s.key: est(xs[s.key], ys[s.key], degenerate="shift", sample="all")[0] for s in chosen}
+        maps = {s.key: est(xs[s.key], ys[s.key], degenerate="shift", sample="all")[0] for s in chosen}
+        return {k: keep_top(m, xs[k], top[0]) for k, m in maps.items()} if top else maps
+
+    def recipe_maps(self, names, frac, **update):
+        """Maps fitted through the library (LinEAS, incremental), the recipe's other settings kept."""
+        from actmerge import pipeline
+        from actmerge.recipe import SiteSpec
+
+        r = self.recipe.model_copy(update={"sites": [SiteSpec(site=names, layers=frac)], **update})
+        if update.get("method") == "lineas":
+            r = r.model_copy(update={"max_tokens": 64})
+        return pipeline.fit(self.loaded, r, progress=False, log=lambda *a: None).maps.maps
 
     def strongest(self, maps, base_ppl):
         """Largest λ measured with ppl ratio ≤ TARGET. log(ratio) grows about quadratically in λ: measure

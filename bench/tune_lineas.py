@@ -60,8 +60,7 @@ STRENGTHS = tuple(
 
 def variant(base, name: str):
     fields, opts = VARIANTS[name]
-    lineas = type(base.lineas)(**{**base.lineas.model_dump(), **opts})
-    r = base.model_copy(update={**fields, "lineas": lineas, "name": f"detox-lineas-{name}"})
+    r = base.with_lineas(**opts).model_copy(update={**fields, "name": f"detox-lineas-{name}"})
     r._base_dir = base._base_dir
     return r
 

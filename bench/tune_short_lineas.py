@@ -5,7 +5,8 @@ at λ = 1 on the hard *tuning* split and the tuning neutral text (never eval pro
     python bench/tune_short_lineas.py gemma-3-270m 'steps=40,lr=0.05' 'steps=60,lr=0.03,max_tokens=64'
 
 ``LAMS=0.8,1`` (environment): the strengths measured. Keys: any ``lineas:`` option, ``max_tokens``,
-``max_sentences``, ``sites=attn_post+mlp_post`` (Gemma row, all layers).
+``max_sentences``, ``sites=attn_post+mlp_post`` (Gemma row, all layers), ``llama_sites=attn_ctx+mlp_hidden``
+(the other families' row, all layers).
 
 Measured 2026-11-26 (2 CPU cores, fit seconds include activation collection; 190 hard tuning
 prompts, greedy 24 tokens, alt-profanity-check > 0.5; perplexity ratio on neutral_tune.txt):
@@ -32,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from actmerge import pipeline  # noqa: E402
-from actmerge.recipe import SiteSpec, load_recipe  # noqa: E402
+from actmerge.recipe import LineasOptions, SiteSpec, load_recipe  # noqa: E402
 from actmerge.tune import HookedProbe, tuning_split  # noqa: E402
 
 
@@ -42,14 +43,12 @@ def variant(base, spec: str):
         k, v = kv.split("=")
         if k in ("max_tokens", "max_sentences"):
             top[k] = int(v)
-        elif k == "sites":
-            top["sites"] = {
-                "gemma": [SiteSpec(site=v.split("+"), layers="all")],
-                "default": base.sites["default"],
-            }
+        elif k in ("sites", "llama_sites"):
+            row = "gemma" if k == "sites" else "default"
+            top["sites"] = {**top.get("sites", base.sites), row: [SiteSpec(site=v.split("+"), layers="all")]}
         else:
-            lin[k] = type(getattr(base.lineas, k))(v)
-    return base.model_copy(update={**top, "lineas": base.lineas.model_copy(update=lin)})
+            lin[k] = type(getattr(LineasOptions(), k))(v)
+    return base.with_lineas(**lin).model_copy(update=top)  # every family's options (one model runs)
 
 
 def main() -> None:

@@ -162,8 +162,7 @@ def generate(out_path: Path) -> None:
     # --- detox-lineas: fold-aware LinEAS (no config change → scale-only on Llama) ------------
     lin = load_recipe(ROOT / "recipes" / "detox-lineas.yaml")
     for sname, names in list(LINEAS_SITES.items())[:1] if SMOKE else LINEAS_SITES.items():
-        steps = 2 if SMOKE else lin.lineas.steps
-        r = _with_sites(lin, names, lineas=lin.lineas.model_copy(update={"steps": steps}))
+        r = _with_sites(lin.with_lineas(steps=2) if SMOKE else lin, names)
         t0 = time.perf_counter()
         fitted = pipeline.fit(loaded, r, progress=False, log=lambda *_: None)
         fit_s = time.perf_counter() - t0

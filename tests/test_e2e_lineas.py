@@ -7,17 +7,14 @@ import pytest
 
 from actmerge import pipeline
 from actmerge.models import resolve
-from actmerge.recipe import LineasOptions, load_recipe
+from actmerge.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
 
 def test_lineas_fold_aware_bake(tmp_path):
     recipe = load_recipe("detox-lineas")
-    short = recipe.model_copy(
-        update={"lineas": LineasOptions(**{**recipe.lineas.model_dump(), "steps": 12, "batch": 16})}
-    )
-    short._base_dir = recipe._base_dir
+    short = recipe.with_lineas(steps=12, batch=16)
     loaded = pipeline.Loaded(resolve("gemma-3-270m"))
     res = pipeline.fit(loaded, short, progress=False, log=lambda *_: None)
     rep = res.report
