@@ -76,7 +76,10 @@ def test_gemma_rows_keep_the_tuned_layers():
     assert [(s.name, s.layer) for s in football] == [("attn_ctx", i) for i in range(9, 18)]
     lineas = load_recipe(ROOT / "recipes" / "detox-lineas.yaml")
     assert lineas.strength_for(architecture_for(config)) == 1.0
-    assert lineas.strength_for(architecture_for("llama")) == 0.83  # the tuned Llama strength
+    assert lineas.strength_for(architecture_for("llama")) == 0.8  # the tuned Llama strength
+    # Gemma keeps the 300-step fit it was tuned with; Llama's row is the short fit chosen on SmolLM2
+    assert lineas.lineas_for(architecture_for(config)).steps == 300
+    assert lineas.lineas_for(architecture_for("llama")).steps == 8
 
 
 RECIPE = """

@@ -96,7 +96,7 @@ def test_recipes_list_show(monkeypatch):
     detox = next(e for e in catalog() if e.name == "detox")
     assert detox.families == ["gemma", "gemma3", "every other family"] and detox.strength == 1.0
     lineas = next(e for e in catalog() if e.name == "detox-lineas")
-    assert lineas.strength == "0.83–1"  # per family
+    assert lineas.strength == "0.8–1"  # per family
     r = runner.invoke(app, ["recipes", "show", "detox"])
     assert r.exit_code == 0, r.output
     assert (BUILTIN_DIR / "detox.yaml").read_text().strip() in r.output
