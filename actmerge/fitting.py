@@ -78,9 +78,9 @@ def _pipeline_source(model, revision):
 
 def preflight_recipe(recipe: Recipe, log=print) -> None:
     """Before any model load: the sentence files decode and hold enough sentences."""
-    for chat_model in (False, True) if recipe.chat_source is not None else (False,):
-        src, dst = recipe.fit_sentences(chat_model)
-        check_sentence_counts(len(src), len(dst), recipe.min_sentences, log)
+    n_src = len(recipe.read_source()[: recipe.max_sentences])
+    n_tgt = len(recipe.read_target()[: recipe.max_sentences])
+    check_sentence_counts(n_src, n_tgt, recipe.min_sentences, log)
 
 
 def preflight_checkpoint(source) -> None:
@@ -150,9 +150,10 @@ def fit(
     loaded = load(model, revision=revision, placement=placement, log=log)
     config = loaded.source.config
     sites = recipe_sites(recipe, config)
+    source, target = recipe.read_source(), recipe.read_target()
+    source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
     preflight_checkpoint(loaded.source)
     m, tok = loaded.get()
-    source, target = recipe.fit_sentences(chat_model=chat.has_template(tok))
     if recipe.chat and recipe.chat_fit == "assistant" and chat.has_template(tok):
         # fit where a chat model speaks: each sentence as an assistant reply (pooled over the reply only)
         source, target = chat.assistant_turns(tok, source), chat.assistant_turns(tok, target)

@@ -190,12 +190,6 @@ class Recipe(_Strict):
     chat_fit: Literal["assistant", "raw"] = Field(
         "assistant", description="with chat: fitting sentences as assistant replies, or raw text"
     )
-    chat_source: Path | None = Field(
-        None,
-        description="with chat, on a model with a chat template: the sentences to steer away from "
-        "instead of source (e.g. replies shaped like a chat model's); with chat_target",
-    )
-    chat_target: Path | None = Field(None, description="with chat_source: the sentences to steer towards")
     seed: int = 0
     min_sentences: int = Field(16, ge=2, description="refuse a fit with fewer sentences on either side")
     # set by load_recipe(): the directory that relative paths are resolved against, and the file
@@ -312,12 +306,6 @@ class Recipe(_Strict):
             )
         return self
 
-    @model_validator(mode="after")
-    def _chat_pair(self):
-        if (self.chat_source is None) != (self.chat_target is None):
-            raise ValueError("chat_source and chat_target go together: set both, or neither.")
-        return self
-
     @property
     def skip_special_tokens(self) -> bool:
         """True when the mean pooling leaves special tokens out (``pooling_special_tokens: exclude``)."""
@@ -332,30 +320,14 @@ class Recipe(_Strict):
     def read_target(self) -> list[str]:
         return read_sentences(self.path(self.target), self.text_field)
 
-    def fit_sentences(self, chat_model: bool = False) -> tuple[list[str], list[str]]:
-        """(source, target) sentences a fit uses, ``max_sentences`` each: ``chat_source`` /
-        ``chat_target`` for a chat recipe on a model with a template (``chat_model``), where set;
-        else ``source`` / ``target``."""
-        files = (
-            (self.chat_source, self.chat_target)
-            if chat_model and self.chat and self.chat_source is not None
-            else (self.source, self.target)
-        )
-        src, dst = (read_sentences(self.path(f), self.text_field)[: self.max_sentences] for f in files)
-        return src, dst
-
     def content_hash(self) -> str:
         """sha256 over the recipe and the sentence files it fits on (first 16 hex digits)."""
         fields = self.model_dump(mode="json")
         if fields.get("top_neurons") == 1.0:  # added later: recipes without it keep their hash
             del fields["top_neurons"]
-        for k in ("chat_source", "chat_target"):  # likewise
-            if fields.get(k) is None:
-                fields.pop(k, None)
         h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-        for p in (self.source, self.target, self.chat_source, self.chat_target):
-            if p is not None:  # recipes without chat sentences keep their hash
-                h.update(self.path(p).read_bytes())
+        for p in (self.source, self.target):
+            h.update(self.path(p).read_bytes())
         return h.hexdigest()[:16]
 
     def to_yaml(self) -> str:
@@ -412,9 +384,8 @@ def load_recipe(path: str | Path, cls: type[Recipe] = Recipe, what: str = "recip
     recipe._file = path.resolve()
     if not recipe.sites and not recipe.modules:
         raise RecipeError(f"{path}: give at least one site under `sites:` (or raw `modules:`).")
-    for p in (recipe.source, recipe.target, recipe.chat_source, recipe.chat_target):
-        if p is not None:
-            read_sentences(recipe.path(p), recipe.text_field)  # fail early on missing/empty files
+    for p in (recipe.source, recipe.target):
+        read_sentences(recipe.path(p), recipe.text_field)  # fail early on missing/empty files
     return recipe
 
 

@@ -104,24 +104,6 @@ ROUNDS: dict[str, dict[str, tuple]] = {
         "mean attn_in 33-100 reply": ("mean_act", ["attn_in"], "33%-100%", "reply", "mean", None),
         "mean attn_ctx 33-100 reply": ("mean_act", ["attn_ctx"], "33%-100%", "reply", "mean", None),
     },
-    "r7": {  # chat-shaped sentences: replies to everyday requests, the football ones bring football in
-        "mean attn_in 33-100 chat data": (
-            "mean_act",
-            ["attn_in"],
-            "33%-100%",
-            "assistant",
-            "mean",
-            ["chat_other.txt", "chat_football.txt"],
-        ),
-        "mean attn_ctx 33-100 chat data": (
-            "mean_act",
-            ["attn_ctx"],
-            "33%-100%",
-            "assistant",
-            "mean",
-            ["chat_other.txt", "chat_football.txt"],
-        ),
-    },
 }
 FIT_PROMPTS = Path(os.environ.get("FIT_PROMPTS", DATA / "concept" / "chat_fit_prompts.txt"))
 LINEAS = {"steps": 40, "lr": 0.05, "batch": 32, "loss_norm": "target_var", "group_mode": "joint"}
@@ -188,17 +170,13 @@ class Bench:
             )
         if top == ["incr"]:
             return self.recipe_maps(names, frac, method=method, pooling=pooling, incremental=True)
-        key = (fit, pooling, str(target))
-        tag = "+".join(target) if isinstance(target, list) else target
-        cache = Path(os.environ.get("STATS_DIR", "/tmp")) / f"football-stats-{fit}-{pooling}-{tag}.pt"
+        key = (fit, pooling, target)
+        cache = Path(os.environ.get("STATS_DIR", "/tmp")) / f"football-stats-{fit}-{pooling}-{target}.pt"
         if key not in self.stats and cache.exists():
             self.stats[key] = torch.load(cache)
         if key not in self.stats:
-            if isinstance(target, list):  # [source file, target file] in data/concept
-                src, dst = (_read(DATA / "concept" / f) for f in target)
-            else:
-                src = self.recipe.read_source()
-                dst = _read(DATA / "concept" / target) if target else self.recipe.read_target()
+            src = self.recipe.read_source()
+            dst = _read(DATA / "concept" / target) if target else self.recipe.read_target()
             keys = [s.key for s in resolve_sites(self.arch, self.config, SITES, "all")]
             fmt = reply_turns if fit == "reply" else self.chat.format_fit
             self.stats[key] = tuple(

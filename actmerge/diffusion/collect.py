@@ -227,7 +227,8 @@ def fit_pipeline(
             + "; ".join(f"{k}: {w}" for k, w in scale_only.items())
             + ". Choose biased sites or use linear_act / gaussian_act with fit_shift: false."
         )
-    source_prompts, target_prompts = recipe.fit_sentences()
+    source_prompts = recipe.read_source()[: recipe.max_sentences]
+    target_prompts = recipe.read_target()[: recipe.max_sentences]
     pipe = pipe if pipe is not None else load_pipeline(source, device)
     top = recipe.top_neurons_for(None)
     t0 = time.perf_counter()
