@@ -13,8 +13,9 @@ grid + bisection that this replaced to save time; same rule.) At that λ the mod
 chat requests of data/concept/chat_tune_prompts.txt (user turns of the chat template, greedy, 32
 tokens), scored for football mentions (the recipe's keywords) and MiniLM similarity to the unsteered
 reply. So every row of the table spends the same perplexity and the directions compare on mentions.
-Rounds r1-r2 chose the shipped row; r3-r6 (sparse maps, LinEAS, incremental Mean-AcT, sentences as
-replies to the fit-only requests of data/concept/chat_fit_prompts.txt) found nothing better
+Rounds r1-r2 chose the shipped row; r3-r7 (sparse maps, LinEAS, incremental Mean-AcT, sentences as
+replies to the fit-only requests of data/concept/chat_fit_prompts.txt, chat-shaped paired replies)
+found nothing better
 (results/tune_football_chat.txt). One process loads the model once and loops over the candidates (about 4-7 min each on 2 busy CPU
 cores; the pooled activations are cached in $STATS_DIR, default /tmp). The held-out row of the pick
 is measured once, afterwards, with the shipped recipe (README):
@@ -104,6 +105,24 @@ ROUNDS: dict[str, dict[str, tuple]] = {
         "mean attn_in 33-100 reply": ("mean_act", ["attn_in"], "33%-100%", "reply", "mean", None),
         "mean attn_ctx 33-100 reply": ("mean_act", ["attn_ctx"], "33%-100%", "reply", "mean", None),
     },
+    "r7": {  # chat-shaped sentences: replies to everyday requests, the football ones bring football in
+        "mean attn_in 33-100 chat data": (
+            "mean_act",
+            ["attn_in"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            ["chat_other.txt", "chat_football.txt"],
+        ),
+        "mean attn_ctx 33-100 chat data": (
+            "mean_act",
+            ["attn_ctx"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            ["chat_other.txt", "chat_football.txt"],
+        ),
+    },
 }
 FIT_PROMPTS = Path(os.environ.get("FIT_PROMPTS", DATA / "concept" / "chat_fit_prompts.txt"))
 LINEAS = {"steps": 40, "lr": 0.05, "batch": 32, "loss_norm": "target_var", "group_mode": "joint"}
@@ -170,13 +189,17 @@ class Bench:
             )
         if top == ["incr"]:
             return self.recipe_maps(names, frac, method=method, pooling=pooling, incremental=True)
-        key = (fit, pooling, target)
-        cache = Path(os.environ.get("STATS_DIR", "/tmp")) / f"football-stats-{fit}-{pooling}-{target}.pt"
+        key = (fit, pooling, str(target))
+        tag = "+".join(target) if isinstance(target, list) else target
+        cache = Path(os.environ.get("STATS_DIR", "/tmp")) / f"football-stats-{fit}-{pooling}-{tag}.pt"
         if key not in self.stats and cache.exists():
             self.stats[key] = torch.load(cache)
         if key not in self.stats:
-            src = self.recipe.read_source()
-            dst = _read(DATA / "concept" / target) if target else self.recipe.read_target()
+            if isinstance(target, list):  # [source file, target file] in data/concept
+                src, dst = (_read(DATA / "concept" / f) for f in target)
+            else:
+                src = self.recipe.read_source()
+                dst = _read(DATA / "concept" / target) if target else self.recipe.read_target()
             keys = [s.key for s in resolve_sites(self.arch, self.config, SITES, "all")]
             fmt = reply_turns if fit == "reply" else self.chat.format_fit
             self.stats[key] = tuple(
