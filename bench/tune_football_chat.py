@@ -66,34 +66,9 @@ ROUNDS: dict[str, dict[str, tuple]] = {
         "mean attn_in 0-50": ("mean_act", ["attn_in"], "0%-50%", "assistant", "mean", None),
     },
     "r3": {  # the two best rows, sparsified (recipe key top_neurons): the largest mean differences only
-        "mean attn_in 33-100 top 0.1": ("mean_act", ["attn_in"], "33%-100%", "assistant", "mean", None, 0.1),
-        "mean attn_in 33-100 top 0.25": (
-            "mean_act",
-            ["attn_in"],
-            "33%-100%",
-            "assistant",
-            "mean",
-            None,
-            0.25,
-        ),
-        "mean attn_ctx 33-100 top 0.1": (
-            "mean_act",
-            ["attn_ctx"],
-            "33%-100%",
-            "assistant",
-            "mean",
-            None,
-            0.1,
-        ),
-        "mean attn_ctx 33-100 top 0.25": (
-            "mean_act",
-            ["attn_ctx"],
-            "33%-100%",
-            "assistant",
-            "mean",
-            None,
-            0.25,
-        ),
+        f"mean {site} 33-100 top {top}": ("mean_act", [site], "33%-100%", "assistant", "mean", None, top)
+        for site in ("attn_in", "attn_ctx")
+        for top in (0.1, 0.25)
     },
     "r4": {  # LinEAS (end to end: the maps compensate each other across layers), fold-aware with flags
         "lineas attn_in 33-100 s40": ("lineas", ["attn_in"], "33%-100%", "assistant", "mean", None, {}),
