@@ -13,7 +13,7 @@ grid + bisection that this replaced to save time; same rule.) At that λ the mod
 chat requests of data/concept/chat_tune_prompts.txt (user turns of the chat template, greedy, 32
 tokens), scored for football mentions (the recipe's keywords) and MiniLM similarity to the unsteered
 reply. So every row of the table spends the same perplexity and the directions compare on mentions.
-Rounds r1-r2 chose the shipped row; r3-r7 (sparse maps, LinEAS, incremental Mean-AcT, sentences as
+Rounds r1-r2 chose the shipped row; r3-r8 (sparse maps, LinEAS, incremental Mean-AcT, two sites at once, sentences as
 replies to the fit-only requests of data/concept/chat_fit_prompts.txt, chat-shaped paired replies)
 found nothing better
 (results/tune_football_chat.txt). One process loads the model once and loops over the candidates (about 4-7 min each on 2 busy CPU
@@ -96,6 +96,24 @@ ROUNDS: dict[str, dict[str, tuple]] = {
             "assistant",
             "mean",
             ["chat_other.txt", "chat_football.txt"],
+        ),
+    },
+    "r8": {  # two mechanisms at once: the pre-attention shift with an MLP-hidden or attention-context shift
+        "mean attn_in+mlp_hidden 33-100": (
+            "mean_act",
+            ["attn_in", "mlp_hidden"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            None,
+        ),
+        "mean attn_in+mlp_in 33-100": (
+            "mean_act",
+            ["attn_in", "mlp_in"],
+            "33%-100%",
+            "assistant",
+            "mean",
+            None,
         ),
     },
 }
