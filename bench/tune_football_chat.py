@@ -13,10 +13,10 @@ grid + bisection that this replaced to save time; same rule.) At that λ the mod
 chat requests of data/concept/chat_tune_prompts.txt (user turns of the chat template, greedy, 32
 tokens), scored for football mentions (the recipe's keywords) and MiniLM similarity to the unsteered
 reply. So every row of the table spends the same perplexity and the directions compare on mentions.
-Rounds r1-r2 chose the shipped row; r3-r8 (sparse maps, LinEAS, incremental Mean-AcT, two sites at once, sentences as
-replies to the fit-only requests of data/concept/chat_fit_prompts.txt, chat-shaped paired replies)
-found nothing better
-(results/tune_football_chat.txt). One process loads the model once and loops over the candidates (about 4-7 min each on 2 busy CPU
+Rounds r1-r2 chose the shipped row; r3-r8 (sparse maps, LinEAS, incremental Mean-AcT, two sites at
+once, sentences as replies to the fit-only requests of data/concept/chat_fit_prompts.txt,
+chat-shaped paired replies) found nothing better (results/tune_football_chat.txt).
+One process loads the model once and loops over the candidates (about 4-7 min each on 2 busy CPU
 cores; the pooled activations are cached in $STATS_DIR, default /tmp). The held-out row of the pick
 is measured once, afterwards, with the shipped recipe (README):
     actmerge eval smollm2-135m --recipe football.yaml --chat --metrics concept,similarity,perplexity
