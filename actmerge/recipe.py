@@ -258,9 +258,7 @@ class Recipe(_Strict):
             if isinstance(self.lineas, dict)
             else update(self.lineas)
         )
-        out = self.model_copy(update={"lineas": lineas})
-        out._base_dir, out._file = self._base_dir, self._file
-        return out
+        return self.model_copy(update={"lineas": lineas})  # keeps _base_dir and _file
 
     def top_neurons_for(self, arch) -> float:
         """The ``top_neurons`` fraction for an architecture row; ``arch=None`` (a diffusers pipeline,

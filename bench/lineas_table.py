@@ -52,7 +52,6 @@ def main() -> None:
     mlact = detox.model_copy(
         update={"sites": [SiteSpec(site=["attn_post", "mlp_post"], layers="all")], "fit_shift": True}
     )
-    mlact._base_dir = detox._base_dir
     t0 = time.perf_counter()
     fitted = pipeline.fit(loaded, mlact, **quiet)
     maps, support = fitted.maps, fitted.report.support

@@ -63,7 +63,6 @@ def main() -> None:
         if shipped.method == "lineas":
             update = {"pooling_special_tokens": "include"}
         reference = shipped.model_copy(update=update)
-        reference._base_dir = shipped._base_dir
         concept = "concept" in shipped.metrics
         prompts = read_sentences(DATA / ("concept" if concept else "detox") / "tune_prompts.txt")
         keywords = read_sentences(shipped.path(shipped.keywords)) if concept else []

@@ -178,7 +178,12 @@ class Bench:
         method, names, frac, fit, pooling, target, *top = spec
         if method == "lineas":
             return self.recipe_maps(
-                names, frac, method="lineas", pooling=pooling, lineas=LineasOptions(**LINEAS, **top[0])
+                names,
+                frac,
+                method="lineas",
+                pooling=pooling,
+                max_tokens=64,
+                lineas=LineasOptions(**LINEAS, **top[0]),
             )
         if top == ["incr"]:
             return self.recipe_maps(names, frac, method=method, pooling=pooling, incremental=True)
@@ -221,8 +226,6 @@ class Bench:
         from actmerge.recipe import SiteSpec
 
         r = self.recipe.model_copy(update={"sites": [SiteSpec(site=names, layers=frac)], **update})
-        if update.get("method") == "lineas":
-            r = r.model_copy(update={"max_tokens": 64})
         return pipeline.fit(self.loaded, r, progress=False, log=lambda *a: None).maps.maps
 
     def strongest(self, maps, base_ppl):

@@ -60,9 +60,7 @@ STRENGTHS = tuple(
 
 def variant(base, name: str):
     fields, opts = VARIANTS[name]
-    r = base.with_lineas(**opts).model_copy(update={**fields, "name": f"detox-lineas-{name}"})
-    r._base_dir = base._base_dir
-    return r
+    return base.with_lineas(**opts).model_copy(update={**fields, "name": f"detox-lineas-{name}"})
 
 
 def main() -> None:

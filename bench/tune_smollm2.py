@@ -254,9 +254,7 @@ def _with_sites(recipe, names, **update):
     """A copy of ``recipe`` whose sites are ``names`` at every layer."""
     from actmerge.recipe import SiteSpec
 
-    r = recipe.model_copy(update={"sites": [SiteSpec(site=names, layers="all")], **update})
-    r._base_dir = recipe._base_dir
-    return r
+    return recipe.model_copy(update={"sites": [SiteSpec(site=names, layers="all")], **update})
 
 
 def score(path: Path, *more: Path) -> None:
