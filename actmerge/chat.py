@@ -10,6 +10,11 @@ model's reply to a templated user turn, not a raw continuation. Three formats:
   character span of the sentence, so pooling covers the reply's tokens only (``collect.batches``):
   the template's fixed tokens are identical in source and target and would only dilute the
   difference.
+- ``instruction_pairs``: what an instruction changes where the model speaks: each sentence as the
+  assistant's reply to a user request, once with the request as is (source) and once with the
+  instruction appended (target). The reply is the same on both sides, so the pooled difference is
+  the instruction's effect on how the model reads its own reply (an in-context steering vector),
+  which a constant shift can then reproduce without the instruction.
 - ``raw``: no template (what base models see).
 """
 
@@ -19,7 +24,7 @@ from typing import Literal
 
 from .errors import RecipeError
 
-ChatFit = Literal["raw", "assistant"]
+ChatFit = Literal["raw", "assistant"]  # format_fit; chat_fit: instruction is instruction_pairs
 
 
 class Turn(str):
@@ -55,18 +60,38 @@ def user_turns(tok, prompts: list[str]) -> list[str]:
     ]
 
 
+def _reply(tok, messages: list[dict], reply: str) -> Turn:
+    """``messages`` + ``reply`` as the assistant's turn, remembering the reply's span."""
+    text = tok.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
+    start = text.rfind(reply)
+    if start < 0:  # the template rewrote the content (e.g. stripped it): pool the whole text
+        return Turn(text, (0, len(text)))
+    return Turn(text, (start, start + len(reply)))
+
+
 def assistant_turns(tok, sentences: list[str]) -> list[Turn]:
     """Sentences as assistant replies, each with the span of the sentence in the templated text."""
     _require(tok, "chat-formatted fitting")
-    out = []
-    for s in sentences:
-        text = tok.apply_chat_template([{"role": "assistant", "content": s}], tokenize=False)
-        start = text.rfind(s)
-        if start < 0:  # the template rewrote the content (e.g. stripped it): pool the whole text
-            out.append(Turn(text, (0, len(text))))
-        else:
-            out.append(Turn(text, (start, start + len(s))))
-    return out
+    return [_reply(tok, [], s) for s in sentences]
+
+
+def replies_to(tok, requests: list[str], replies: list[str], suffix: str = "") -> list[Turn]:
+    """Reply i as the assistant's answer to request i (cycling through ``requests``) + ``suffix``,
+    each pooled over the reply only."""
+    _require(tok, "chat-formatted fitting")
+    if not requests:
+        raise RecipeError("chat_fit: instruction found no requests in chat_requests: add some.")
+    return [
+        _reply(tok, [{"role": "user", "content": requests[i % len(requests)] + suffix}], reply)
+        for i, reply in enumerate(replies)
+    ]
+
+
+def instruction_pairs(
+    tok, requests: list[str], replies: list[str], instruction: str
+) -> tuple[list[Turn], list[Turn]]:
+    """(source, target): every reply after its request sent as is, and with ``instruction`` appended."""
+    return replies_to(tok, requests, replies), replies_to(tok, requests, replies, f" {instruction}")
 
 
 def format_fit(tok, sentences: list[str], mode: ChatFit) -> list[str]:

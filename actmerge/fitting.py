@@ -157,6 +157,11 @@ def fit(
     if recipe.chat and recipe.chat_fit == "assistant" and chat.has_template(tok):
         # fit where a chat model speaks: each sentence as an assistant reply (pooled over the reply only)
         source, target = chat.assistant_turns(tok, source), chat.assistant_turns(tok, target)
+    elif recipe.chat and recipe.chat_fit == "instruction" and chat.has_template(tok):
+        # the instruction's effect on every reply, source and target sentences alike
+        source, target = chat.instruction_pairs(
+            tok, recipe.read_requests(), source + target, recipe.instruction or ""
+        )
     lineas = recipe.method == "lineas"
     if lineas and "disk" in offloaded(m):
         raise PlacementError(

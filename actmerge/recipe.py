@@ -187,8 +187,17 @@ class Recipe(_Strict):
         "template, and fit on sentences placed in the template (chat_fit); models without a template "
         "(base models) use raw text",
     )
-    chat_fit: Literal["assistant", "raw"] = Field(
-        "assistant", description="with chat: fitting sentences as assistant replies, or raw text"
+    chat_fit: Literal["assistant", "raw", "instruction"] = Field(
+        "assistant",
+        description="with chat: fitting sentences as assistant replies, or raw text, or (instruction) "
+        "the difference the `instruction` makes: every source and target sentence as the reply to a "
+        "request of `chat_requests`, sent plain (source) and with the instruction appended (target)",
+    )
+    instruction: str | None = Field(
+        None, description="chat_fit: instruction — what the maps should do, as a user would ask for it"
+    )
+    chat_requests: Path | None = Field(
+        None, description="chat_fit: instruction — user requests the sentences are replies to (fit only)"
     )
     seed: int = 0
     min_sentences: int = Field(16, ge=2, description="refuse a fit with fewer sentences on either side")
@@ -295,6 +304,17 @@ class Recipe(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _instruction_fit(self):
+        if self.chat_fit == "instruction" and not (self.instruction and self.chat_requests):
+            raise ValueError(
+                "chat_fit: instruction needs `instruction:` (e.g. 'Relate your answer to football.') "
+                "and `chat_requests:` (a file of user requests to pair the sentences with)."
+            )
+        if self.chat_fit != "instruction" and (self.instruction or self.chat_requests):
+            raise ValueError("`instruction:` and `chat_requests:` are read only with chat_fit: instruction.")
+        return self
+
+    @model_validator(mode="after")
     def _top_neurons_method(self):
         fractions = self.top_neurons.values() if isinstance(self.top_neurons, dict) else [self.top_neurons]
         if self.method == "lineas" and min(fractions) < 1.0:
@@ -318,14 +338,24 @@ class Recipe(_Strict):
     def read_target(self) -> list[str]:
         return read_sentences(self.path(self.target), self.text_field)
 
+    def read_requests(self) -> list[str]:
+        """The user requests of ``chat_fit: instruction``."""
+        if self.chat_requests is None:
+            raise RecipeError("this recipe has no chat_requests: (chat_fit: instruction needs them).")
+        return read_sentences(self.path(self.chat_requests))
+
     def content_hash(self) -> str:
         """sha256 over the recipe and the sentence files it fits on (first 16 hex digits)."""
         fields = self.model_dump(mode="json")
         if fields.get("top_neurons") == 1.0:  # added later: recipes without it keep their hash
             del fields["top_neurons"]
+        for key in ("instruction", "chat_requests"):  # the same, for chat_fit: instruction
+            if fields.get(key) is None:
+                del fields[key]
         h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-        for p in (self.source, self.target):
-            h.update(self.path(p).read_bytes())
+        for p in (self.source, self.target, self.chat_requests):
+            if p is not None:
+                h.update(self.path(p).read_bytes())
         return h.hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -4,6 +4,7 @@
     python bench/football_chat_probes.py sites     # residual writes (attn_out, mlp_out) and site pairs
     python bench/football_chat_probes.py contrast  # instruction contrast: request vs request + INSTRUCTION
     python bench/football_chat_probes.py distill [STEPS LR MU]  # shifts trained by prompt distillation
+    python bench/football_chat_probes.py instruction  # the instruction's effect on the same replies
     python bench/football_chat_probes.py prompted  # no steering: INSTRUCTION added to each tuning request
     python bench/football_chat_probes.py at attn_in+mlp_out 33%-100% 0.45 0.5  # story maps at set λs
 
@@ -14,6 +15,9 @@
   fit-only requests of data/concept/chat_fit_prompts.txt as user turns + generation prompt, with and
   without INSTRUCTION, pooled at the last token, over the assistant header, or over the whole prompt;
   and ``own``: the model's own 64-token replies to both, placed after the plain request.
+- ``instruction``: what the instruction changes where the model reads its reply (what
+  football.yaml ships as chat_fit: instruction): every story sentence as the reply to a fit-only
+  request, the request sent as is (source) and with INSTRUCTION (target), pooled over the reply.
 - ``distill``: a shift per layer at attn_in 33-100 % trained (Adam) so that the model's reply to the
   plain request reproduces its own reply to the instructed request (cross-entropy on the reply
   tokens) + MU × KL to the base model on the fit-only source sentences (other.txt), then λ-searched.
@@ -61,11 +65,11 @@ def _row(b, base, label, maps):
     )
 
 
-def _collect(b, texts, keys, pooling):
+def _collect(b, texts, keys, pooling, max_tokens=256):
     from actmerge.collect import collect
 
     return collect(
-        b.model, b.tok, texts, keys, pooling=pooling, skip_special=True, max_tokens=256, progress=False
+        b.model, b.tok, texts, keys, pooling=pooling, skip_special=True, max_tokens=max_tokens, progress=False
     )
 
 
@@ -86,19 +90,6 @@ def _user(b, requests, span=None):
         )
         start = {"header": t.rfind("assistant"), "all": 0}.get(span)
         out.append(t if start is None else Turn(t, (start, len(t))))
-    return out
-
-
-def _replies(b, requests, replies):
-    from actmerge.chat import Turn
-
-    out = []
-    for r, s in zip(requests, replies, strict=True):
-        t = b.tok.apply_chat_template(
-            [{"role": "user", "content": r}, {"role": "assistant", "content": s}], tokenize=False
-        )
-        start = t.rfind(s)
-        out.append(Turn(t, (start, start + len(s))))
     return out
 
 
@@ -161,6 +152,8 @@ def sites(b, base):
 
 
 def contrast(b, base):
+    from actmerge.chat import replies_to
+
     requests = _read(FIT_PROMPTS)
     instructed = [f"{r} {INSTRUCTION}" for r in requests]
     keys = _keys(b, ["attn_in", "attn_ctx"])
@@ -169,12 +162,35 @@ def contrast(b, base):
         "last": (_user(b, requests), _user(b, instructed), "last"),
         "header": (_user(b, requests, "header"), _user(b, instructed, "header"), "mean"),
         "prompt": (_user(b, requests, "all"), _user(b, instructed, "all"), "mean"),
-        "own": (_replies(b, requests, plain), _replies(b, requests, told), "mean"),
+        "own": (replies_to(b.tok, requests, plain), replies_to(b.tok, requests, told), "mean"),
     }
     for kind, (src, dst, pooling) in kinds.items():
         xs, ys = (_collect(b, t, keys, pooling) for t in (src, dst))
         for names, frac in [(["attn_in"], "33%-100%"), (["attn_ctx"], "33%-100%"), (["attn_in"], "all")]:
             _row(b, base, f"contrast-{kind} {names[0]} {frac}", _maps(_mean, xs, ys, b, names, frac))
+
+
+def instruction(b, base):
+    from actmerge.chat import instruction_pairs
+
+    replies = b.recipe.read_source() + b.recipe.read_target()
+    pairs = instruction_pairs(b.tok, _read(FIT_PROMPTS), replies, INSTRUCTION)
+    keys = _keys(b, ["attn_in", "attn_ctx", "mlp_hidden"])
+    xs, ys = (_collect(b, side, keys, "mean", max_tokens=128) for side in pairs)
+    for names, frac in [
+        (["attn_ctx"], "33%-100%"),
+        (["attn_ctx"], "50%-100%"),
+        (["attn_ctx"], "60%-100%"),
+        (["attn_ctx"], "67%-100%"),
+        (["attn_ctx"], "75%-100%"),  # shipped
+        (["attn_ctx"], "80%-100%"),
+        (["attn_ctx"], "87%-100%"),
+        (["attn_ctx"], "93%-100%"),
+        (["attn_ctx"], "40%-90%"),
+        (["attn_in"], "67%-100%"),
+        (["mlp_hidden"], "75%-100%"),
+    ]:
+        _row(b, base, f"instruction {names[0]} {frac}", _maps(_mean, xs, ys, b, names, frac))
 
 
 def prompted(b, base):
@@ -187,6 +203,7 @@ def prompted(b, base):
 
 
 def distill(b, base, steps="16", lr="0.003", mu="1.0"):
+    from actmerge.chat import replies_to
     from actmerge.hooks import attach
     from actmerge.maps import AffineMap
     from actmerge.sites import resolve_sites
@@ -195,7 +212,7 @@ def distill(b, base, steps="16", lr="0.003", mu="1.0"):
     _, told = own_replies(b, requests)
     tok, model = b.tok, b.model
     model.requires_grad_(False)
-    turns = _replies(b, requests, told)
+    turns = replies_to(b.tok, requests, told)
     tok.padding_side = "right"
     enc = tok(
         [str(t) for t in turns],
@@ -253,6 +270,11 @@ if __name__ == "__main__":
     with torch.inference_mode():
         base = {"ppl": bench.ppl({}, 0.0), "tune": bench.gen({}, 0.0, bench.tune_prompts)}
     print(f"base: concept {_score(base['tune'], base['tune'], bench.keywords)[0]:.1%}", flush=True)
-    {"sites": sites, "contrast": contrast, "distill": distill, "at": at, "prompted": prompted}[cmd](
-        bench, base, *args
-    )
+    {
+        "sites": sites,
+        "contrast": contrast,
+        "distill": distill,
+        "at": at,
+        "prompted": prompted,
+        "instruction": instruction,
+    }[cmd](bench, base, *args)

@@ -13,9 +13,10 @@ grid + bisection that this replaced to save time; same rule.) At that λ the mod
 chat requests of data/concept/chat_tune_prompts.txt (user turns of the chat template, greedy, 32
 tokens), scored for football mentions (the recipe's keywords) and MiniLM similarity to the unsteered
 reply. So every row of the table spends the same perplexity and the directions compare on mentions.
-Rounds r1-r2 chose the shipped row; r3-r8 (sparse maps, LinEAS, incremental Mean-AcT, two sites at
+Rounds r1-r2 chose the former row; r3-r8 (sparse maps, LinEAS, incremental Mean-AcT, two sites at
 once, sentences as replies to the fit-only requests of data/concept/chat_fit_prompts.txt,
-chat-shaped paired replies) found nothing better (results/tune_football_chat.txt).
+chat-shaped paired replies) found nothing better (results/tune_football_chat.txt); the shipped row
+since comes from bench/football_chat_probes.py instruction (chat_fit: instruction).
 One process loads the model once and loops over the candidates (about 4-7 min each on 2 busy CPU
 cores; the pooled activations are cached in $STATS_DIR, default /tmp). The held-out row of the pick
 is measured once, afterwards, with the shipped recipe (README):
@@ -225,7 +226,9 @@ class Bench:
         from actmerge import pipeline
         from actmerge.recipe import SiteSpec
 
-        r = self.recipe.model_copy(update={"sites": [SiteSpec(site=names, layers=frac)], **update})
+        # these rounds fit the sentences as assistant turns (the recipe now fits an instruction's effect)
+        fit = {"chat_fit": "assistant", "instruction": None, "chat_requests": None}
+        r = self.recipe.model_copy(update={"sites": [SiteSpec(site=names, layers=frac)], **fit, **update})
         return pipeline.fit(self.loaded, r, progress=False, log=lambda *a: None).maps.maps
 
     def strongest(self, maps, base_ppl):
@@ -257,16 +260,9 @@ class Bench:
 def reply_turns(tok, sentences, _mode):
     """Each sentence as the assistant's reply to a user request (the i-th sentence of source and
     target get the same request: other.txt and football.txt are line-aligned), pooled on the reply."""
-    from actmerge.chat import Turn
+    from actmerge.chat import replies_to
 
-    prompts = _read(FIT_PROMPTS)
-    out = []
-    for i, s in enumerate(sentences):
-        turns = [{"role": "user", "content": prompts[i % len(prompts)]}, {"role": "assistant", "content": s}]
-        text = tok.apply_chat_template(turns, tokenize=False)
-        start = text.rfind(s)
-        out.append(Turn(text, (start, start + len(s))))
-    return out
+    return replies_to(tok, _read(FIT_PROMPTS), sentences)
 
 
 def _score(texts, base_texts, keywords):

