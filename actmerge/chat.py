@@ -1,7 +1,7 @@
 """Chat templates: format prompts and fitting sentences with the model's own template.
 
 Instruct models are served through their chat template, so the behaviour a user sees is the
-model's reply to a templated user turn, not a raw continuation. Three formats:
+model's reply to a templated user turn, not a raw continuation. The formats:
 
 - ``user_turns``: each prompt as a user turn followed by the generation prompt (the assistant
   header); generation continues with the assistant's reply, and only the reply is scored.
