@@ -81,16 +81,12 @@ def _keys(b, sites):
 
 def _user(b, requests, span=None):
     """Requests as user turns + generation prompt; ``span``: pool over the header or the whole text."""
-    from actmerge.chat import Turn
+    from actmerge.chat import Turn, user_turns
 
-    out = []
-    for r in requests:
-        t = b.tok.apply_chat_template(
-            [{"role": "user", "content": r}], add_generation_prompt=True, tokenize=False
-        )
-        start = {"header": t.rfind("assistant"), "all": 0}.get(span)
-        out.append(t if start is None else Turn(t, (start, len(t))))
-    return out
+    texts = user_turns(b.tok, requests)
+    if span is None:
+        return texts
+    return [Turn(t, (t.rfind("assistant") if span == "header" else 0, len(t))) for t in texts]
 
 
 def own_replies(b, requests):
