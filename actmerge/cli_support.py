@@ -66,7 +66,7 @@ OffloadFolder = Annotated[
 Force = Annotated[
     bool,
     typer.Option(
-        "--force", help="Replace an existing output (only one actmerge wrote; see README Guarantees)."
+        "--force", help="Replace an existing output (only one actmerge wrote; see docs/guarantees.md)."
     ),
 ]
 AllowExtrapolation = Annotated[

@@ -16,7 +16,7 @@ parameters compensate. Optional sparsity by proximal steps after each Adam step,
 ``ω − 1`` and ``β`` separately (site selection); ``group_mode="joint"`` (actmerge's variant)
 shrinks ``[ω − 1, β]`` as one group.
 
-Differences from ml-lineas that remain (README, "Differences from the reference implementations"):
+Differences from ml-lineas that remain (docs/differences.md):
 the loss averages over samples (the reference sums over the batch: only a constant factor, which
 Adam's update ignores); with fewer target samples than the batch, target quantiles are
 interpolated (the reference refuses such a batch).

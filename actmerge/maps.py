@@ -1,4 +1,4 @@
-"""Affine transport maps and the maps file (a contract with other tools, see README).
+"""Affine transport maps and the maps file (a contract with other tools, see docs/formats.md).
 
 A map ``T(a) = ω·a + β`` acts per neuron on one side of one module. At strength λ the model sees
 ``(1 − λ + λω)·a + λβ``: an affine map with scale ``s`` and shift ``c`` (``AffineMap.at``).

@@ -1,6 +1,6 @@
 """actmerge's defaults compute what the authors' reference code computes (apple/ml-act at d2c3560,
 apple/ml-lineas); actmerge's own variants are opt-in. Each reference rule is re-implemented here
-independently, from reading the reference (README: "Differences from the reference implementations"):
+independently, from reading the reference (docs/differences.md):
 
 - ml-act ``LinearProj.optimize``: per neuron, sorted source vs sorted target (``solve_ot_1d``), OLS in
   float64; the ``q_0_100`` clamp moves only values strictly inside the source [min, max], so a
