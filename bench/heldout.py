@@ -1,0 +1,274 @@
+"""Held-out measurements of the shipped recipes, recorded; the results tables rebuilt from the records.
+
+    python bench/heldout.py list                       # the rows
+    python bench/heldout.py run ROW [ROW …] [--work DIR]   # bake, verify, eval once; record it
+    python bench/heldout.py tables [--check]           # write (or check) the tables in README.md and
+                                                       # docs/results.md from bench/results/heldout/
+
+The held-out protocol (bench/results/PROTOCOL.md): candidates are compared on tuning splits only; a
+row is measured here once per shipped change, after the choice, and the record (date, commit,
+commands, numbers) is what the README shows. Nothing here chooses anything: there is no loop over
+candidates. Every step goes through the public command line, exactly as a user types it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = ROOT / "bench" / "results" / "heldout"
+BEGIN, END = "<!-- results:begin (bench/heldout.py tables) -->", "<!-- results:end -->"
+TABLE_FILES = [ROOT / "README.md", ROOT / "docs" / "results.md"]
+MODELS = {"gemma-3-270m": "Gemma-3-270M", "smollm2-135m": "SmolLM2-135M-Instruct"}
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    recipe: str
+    label: str  # what the recipe's row for this family is, for the table
+    kind: str = "detox"  # detox (toxicity, both splits) | football (concept mentions)
+    auto: bool = False  # `--strength auto --max-ppl-ratio 1.10` after `fit` + `tune`
+    chat: bool = False  # eval with prompts as user turns (`--chat`)
+    checkpoint_of: str | None = None  # evaluate another row's checkpoint instead of baking
+    eval_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+ROWS: dict[str, Row] = {
+    "gemma-detox": Row("gemma-3-270m", "detox", "short LinEAS, 40 steps, scale-only post-norms + `attn_ctx`"),
+    "gemma-detox-act": Row(
+        "gemma-3-270m", "detox-act", "Linear-AcT, scale-only post-norms, top 25 % of neurons"
+    ),
+    "gemma-detox-lineas": Row("gemma-3-270m", "detox-lineas", "sparse LinEAS, 300 steps, scale-only"),
+    "gemma-detox-lineas-auto": Row(
+        "gemma-3-270m", "detox-lineas", "sparse LinEAS, `--strength auto` within ×1.10", auto=True
+    ),
+    "gemma-football": Row(
+        "gemma-3-270m",
+        "football",
+        "Mean-AcT at `attn_ctx`, raw story openings",
+        kind="football",
+        eval_args=("--metrics", "concept,perplexity"),
+    ),
+    "smollm2-detox": Row(
+        "smollm2-135m", "detox", "short LinEAS, 40 steps, scale-only `attn_in`+`mlp_in`+`attn_ctx`"
+    ),
+    "smollm2-detox-chat": Row(
+        "smollm2-135m",
+        "detox",
+        "same checkpoint, prompts as user turns",
+        chat=True,
+        checkpoint_of="smollm2-detox",
+    ),
+    "smollm2-detox-act": Row("smollm2-135m", "detox-act", "Linear-AcT, scale-only `attn_ctx`"),
+    "smollm2-detox-lineas": Row(
+        "smollm2-135m", "detox-lineas", "short LinEAS, 8 steps, scale-only `attn_ctx`+`mlp_hidden`"
+    ),
+    "smollm2-detox-lineas-auto": Row(
+        "smollm2-135m", "detox-lineas", "short LinEAS, `--strength auto` within ×1.10", auto=True
+    ),
+    "smollm2-football-chat": Row(
+        "smollm2-135m",
+        "football",
+        "instruction fit at `attn_ctx` 75-100 %, chat",
+        kind="football",
+        chat=True,
+        eval_args=(
+            "--metrics",
+            "concept,similarity,perplexity",
+            "--prompts",
+            "recipes/data/concept/chat_eval_prompts.txt",
+        ),
+    ),
+}
+
+
+def _sh(argv: list[str], log) -> float:
+    log("$ " + shlex.join(argv))
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def run(name: str, work: Path, log=print) -> dict:
+    row = ROWS[name]
+    am = ["actmerge"]
+    d = work / name
+    commands: list[str] = []
+    timings: dict[str, float] = {}
+
+    def step(what: str, argv: list[str]) -> None:
+        commands.append(shlex.join(argv))
+        timings[what] = round(_sh(argv, log), 1)
+
+    if row.checkpoint_of:
+        ckpt = work / row.checkpoint_of / "out"
+        if not ckpt.is_dir():
+            raise SystemExit(f"{name} evaluates the checkpoint of {row.checkpoint_of}: run that row first")
+    else:
+        ckpt = d / "out"
+        if row.auto:
+            maps = d / "maps.safetensors"
+            step("fit", am + ["fit", row.model, "--recipe", row.recipe, "-o", str(maps)])
+            budget = ["--max-ppl-ratio", "1.10"]
+            step(
+                "tune",
+                am
+                + ["tune", row.model, "--recipe", row.recipe, "--maps", str(maps), *budget]
+                + ["--no-curve", "-o", str(d / "tune")],
+            )
+            step(
+                "bake",
+                am
+                + ["bake", row.model, "--maps", str(maps), "--strength", "auto", *budget]
+                + ["-o", str(ckpt)],
+            )
+        else:
+            step("bake", am + ["bake", row.model, "--recipe", row.recipe, "-o", str(ckpt)])
+        step("verify", am + ["verify", str(ckpt)])
+    rep = d / "report"
+    step(
+        "eval",
+        am
+        + ["eval", row.model, "--recipe", row.recipe, "--baked", str(ckpt), "--strengths", ""]
+        + (["--chat"] if row.chat else [])
+        + list(row.eval_args)
+        + ["-o", str(rep)],
+    )
+    report = json.loads((rep / "report.json").read_text())
+    base = next(r for r in report["rows"] if r["label"] == "base")
+    steered = next(r for r in report["rows"] if r["label"] != "base")
+    bake = json.loads((ckpt / "actmerge" / "bake.json").read_text())
+    verify = json.loads((ckpt / "actmerge" / "verify.json").read_text())
+    record = {
+        "row": name,
+        "date": datetime.date.today().isoformat(),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--", "actmerge")),
+        "machine": f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} CPU cores",
+        "commands": commands,
+        "seconds": timings,
+        "model": row.model,
+        "recipe": row.recipe,
+        "strength": bake["strength"],
+        "config_patch": bake.get("config_patch", {}),
+        "verify_max_abs_logit_diff": verify.get("max_abs_logit_diff"),
+        "n_prompts": report["settings"]["n_prompts"],
+        "n_prompts_split": report["settings"].get("n_prompts_split", {}),
+        "base": base["metrics"],
+        "steered": steered["metrics"],
+    }
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    (RECORDS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"recorded {RECORDS / (name + '.json')}")
+    return record
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %".replace(".0 %", " %")
+
+
+def _fold(base: float, steered: float, n: int) -> str:
+    if steered == 0:
+        return f"≥ {round(base * n)}×" if base else "–"
+    return f"{base / steered:.2g}×" if base / steered < 10 else f"{base / steered:.0f}×"
+
+
+def cells(rec: dict) -> list[str]:
+    row = ROWS[rec["row"]]
+    b, s = rec["base"], rec["steered"]
+    if row.kind == "detox":
+        n, n_hard = rec["n_prompts"], rec["n_prompts_split"].get("hard", 0)
+        what = f"{_pct(b['toxic_fraction'])} → {_pct(s['toxic_fraction'])} toxic"
+        if "toxic_fraction_hard" in s:
+            what += (
+                f"; hard split {_pct(b['toxic_fraction_hard'])} → {_pct(s['toxic_fraction_hard'])}"
+                f" (**{_fold(b['toxic_fraction_hard'], s['toxic_fraction_hard'], n_hard)}**)"
+            )
+        del n
+    else:
+        what = f"{_pct(b['concept_presence'])} → **{_pct(s['concept_presence'])}** mentions"
+        if "similarity" in s:
+            what += f", MiniLM similarity to the unsteered reply {s['similarity']:.2f}"
+    ppl = f"×{s['perplexity'] / b['perplexity']:.3f}"
+    patch = rec["config_patch"]
+    flags = ", ".join(f"`{k}`" for k in patch) if patch else ""
+    exact = "exact + " + flags if flags else "exact, no config change"
+    v = rec["verify_max_abs_logit_diff"]
+    bake = f"{exact}; λ = {rec['strength']:.3g}" + (f"; verify {v:.1e}" if v is not None else "")
+    model = MODELS[rec["model"]] + (", chat" if row.chat else "")
+    recipe = f"`{rec['recipe']}.yaml` ({row.label})"
+    return [model, recipe, what, ppl, bake, f"{rec['date']}, `{rec['commit']}`"]
+
+
+def table() -> str:
+    head = "| model | recipe (its row for the family) | base → steered | perplexity | bake | measured |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for name in ROWS:
+        path = RECORDS / f"{name}.json"
+        if path.is_file():
+            lines.append("| " + " | ".join(cells(json.loads(path.read_text()))) + " |")
+    return "\n".join(lines)
+
+
+def tables(check: bool) -> int:
+    new = table()
+    stale = []
+    for path in TABLE_FILES:
+        text = path.read_text()
+        if BEGIN not in text or END not in text:
+            print(f"{path.relative_to(ROOT)}: no {BEGIN} … {END} block", file=sys.stderr)
+            stale.append(path)
+            continue
+        pre, rest = text.split(BEGIN, 1)
+        _, post = rest.split(END, 1)
+        want = f"{pre}{BEGIN}\n{new}\n{END}{post}"
+        if want != text:
+            stale.append(path)
+            if not check:
+                path.write_text(want)
+    if check and stale:
+        names = ", ".join(str(p.relative_to(ROOT)) for p in stale)
+        print(
+            f"results tables out of date with bench/results/heldout/: {names}. Run python bench/heldout.py tables"
+        )
+        return 1
+    print("results tables " + ("match the records" if check else "written"))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list")
+    r = sub.add_parser("run")
+    r.add_argument("rows", nargs="+", choices=list(ROWS))
+    r.add_argument("--work", type=Path, default=ROOT / "out" / "heldout")
+    t = sub.add_parser("tables")
+    t.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    if a.cmd == "list":
+        for name, row in ROWS.items():
+            print(f"{name:28s} {row.model:14s} {row.recipe}.yaml  {row.label}")
+        return 0
+    if a.cmd == "run":
+        for name in a.rows:
+            run(name, a.work)
+        return 0
+    return tables(a.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
