@@ -8,6 +8,7 @@ warnings, not failures."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import warnings
@@ -253,3 +254,50 @@ def test_files_without_a_role_and_manifest_errors_are_reported(tmp_path):
         f"{MANIFEST}: concept/football.txt is named by a recipe already; take it out of the manifest",
         f"recipes/data/concept/new.txt has no role: name it in a recipe or give it one in {MANIFEST}",
     ]
+
+
+# Names by which a script reaches a held-out split: the eval files, the eval neutral text, and the
+# evaluation config (which reads a recipe's eval_prompts).
+HELD_OUT_NAMES = ("eval_prompts", "chat_eval_prompts", "neutral.txt", "NEUTRAL_TEXT", "eval_config")
+# Bench scripts that measure held-out splits and choose nothing (bench/results/PROTOCOL.md):
+MEASURE_ONLY = {"lineas_table.py"}  # issue 4's acceptance table of fixed rows, measured once
+
+
+def held_out_reads(source: str) -> list[int]:
+    """Line numbers where code (not a docstring or a comment) names a held-out split."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            text = node.value
+        elif isinstance(node, ast.Name):
+            text = node.id
+        elif isinstance(node, ast.Attribute):
+            text = node.attr
+        else:
+            continue
+        if any(name in text for name in HELD_OUT_NAMES):
+            lines.add(node.lineno)
+    return sorted(lines)
+
+
+def test_bench_scripts_that_choose_read_no_held_out_split():
+    bench = PACKAGE.parent / "bench"
+    reads = {
+        p.name: held_out_reads(p.read_text(encoding="utf-8"))
+        for p in sorted(bench.glob("*.py"))
+        if p.name not in MEASURE_ONLY
+    }
+    assert {name: lines for name, lines in reads.items() if lines} == {}
+    assert all(held_out_reads((bench / name).read_text(encoding="utf-8")) for name in MEASURE_ONLY)
+
+
+def test_the_bench_check_finds_a_held_out_read():
+    source = '"""Never reads eval_prompts.txt."""\nprompts = read(DATA / "detox" / "eval_prompts.txt")\n'
+    assert held_out_reads(source) == [2]
+    assert held_out_reads("from actmerge import pipeline\nx = pipeline.NEUTRAL_TEXT\n") == [2]
