@@ -147,7 +147,7 @@ def _dim(t: torch.Tensor, n: int) -> None:
 
 
 def compute(e: Edit, read: Callable[[str], torch.Tensor], where: str = "") -> dict[str, torch.Tensor]:
-    """The new tensors of one module (DESIGN.md §4): float32 math, cast back to the checkpoint's
+    """The new tensors of one module (docs/design.md §4): float32 math, cast back to the checkpoint's
     dtype once, NaN/Inf refused. A weight whose ops are all shifts on its input side is only read
     (for ``b + W c``), never rewritten."""
     w0 = read(e.weight)

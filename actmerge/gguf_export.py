@@ -1,4 +1,4 @@
-"""llama.cpp portability: GGUF export with llama.cpp's own converter (DESIGN.md §5).
+"""llama.cpp portability: GGUF export with llama.cpp's own converter (docs/design.md §5).
 
 The round trip lives in ``llamacpp.py``, control vectors in ``control_vector.py``, Mistral's Llama
 layout in ``llama_layout.py``.

@@ -1,4 +1,4 @@
-"""LinEAS: end-to-end affine steering with a distributional loss (DESIGN.md §2), fold-aware.
+"""LinEAS: end-to-end affine steering with a distributional loss (docs/design.md §2), fold-aware.
 
 Every chosen site gets per-neuron ``ω`` (init 1) and ``β`` (init 0). A step runs a batch of source
 sentences through the frozen model *with the maps active* and compares, per neuron, the pooled

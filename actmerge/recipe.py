@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 
 
 class SiteSpec(_Strict):
-    """Abstract site names (DESIGN.md §3) with a layer selection: 'all', '2-5', '0,3,7', '-4:', or
+    """Abstract site names (docs/design.md §3) with a layer selection: 'all', '2-5', '0,3,7', '-4:', or
     relative to depth, '50%-100%' (the second half of the stack of any model)."""
 
     site: str | list[str]
@@ -39,7 +39,7 @@ class SiteSpec(_Strict):
 
 
 class LineasOptions(_Strict):
-    """LinEAS optimisation settings (DESIGN.md §2); defaults are the paper's."""
+    """LinEAS optimisation settings (docs/design.md §2); defaults are the paper's."""
 
     steps: int = Field(1000, gt=0)
     lr: float = Field(1e-3, gt=0)

@@ -7,7 +7,7 @@ load an added bias), the tied tensors, and the pico model the tests build for ea
 (data only: a new row is tested by adding it). Nothing else in the package branches on
 ``model_type``.
 
-Fold kinds (DESIGN.md §4):
+Fold kinds (docs/design.md §4):
   rmsnorm     output of ``x̂·g``          scale → gain,  shift → consumers' biases
   rmsnorm_1p  output of ``x̂·(1+g)``      (Gemma) scale → ``s(1+g)−1``, shift → consumers' biases
   layernorm   output of ``x̂·γ+β``        scale → γ and β, shift → β

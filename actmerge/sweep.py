@@ -191,7 +191,7 @@ def run_sweep(
     """Rows: [base], hooked at each strength, each baked directory (loaded by plain transformers).
 
     With ``support`` (site → source (min, max), from a Linear-AcT fit), also ml-act's clamped variant
-    at each strength: what the paper's hooks do, which no checkpoint can bake (DESIGN.md §2)."""
+    at each strength: what the paper's hooks do, which no checkpoint can bake (docs/design.md §2)."""
     from transformers import AutoModelForCausalLM
 
     if strengths and maps is None:

@@ -1,18 +1,18 @@
 """Choose SmolLM2-135M-Instruct's rows of the portable recipes (Llama architecture), on the tuning
-split only, and measure the held-out rows of the chosen settings.
-
-Two steps, so that nothing is chosen on held-out data:
+split only (bench/results/PROTOCOL.md).
 
     python bench/tune_smollm2.py generate OUT.json   # hooked generations for every candidate
     python bench/tune_smollm2.py score OUT.json      # score them; choose on the tuning columns
 
-``generate`` writes, for every candidate, greedy generations on the *tuning* prompts and on the
-*held-out* prompts plus perplexities (tuning text and the shipped neutral text). ``score`` scores
-toxicity (alt-profanity-check > 0.5), football mentions (the recipe's keywords) and MiniLM
-similarity to the unsteered reply, prints the tuning table, picks each recipe's Llama row by a
-rule on the tuning columns alone, and only then prints the held-out row of the pick. (The
-generations were run on a GPU, where the 2 shared CPU cores could not; ``SMOKE=1`` shrinks
-everything for a CPU check of the script.)
+``generate`` writes, for every candidate, greedy generations on the *tuning* prompts and the
+perplexity of the tuning neutral text; it reads no held-out file. ``score`` scores toxicity
+(alt-profanity-check > 0.5), football mentions (the recipe's keywords) and MiniLM similarity to the
+unsteered reply, prints the tuning table and picks each recipe's Llama row by a rule on it. The
+held-out row of a pick is measured once, afterwards, with the shipped recipe (``actmerge eval``),
+and recorded in bench/results/. (Until 2026-12-06 ``generate`` also wrote held-out generations for
+every candidate and ``score`` printed the picks' held-out rows: bench/results/tune_smollm2.txt is
+that run.) The generations were run on a GPU, where the 2 shared CPU cores could not; ``SMOKE=1``
+shrinks everything for a CPU check of the script.
 
 Candidates:
   detox (linear_act, λ = 1): {attn_ctx, mlp_hidden, attn_ctx+mlp_hidden, attn_in+mlp_in} × layer
@@ -94,12 +94,8 @@ def generate(out_path: Path) -> None:
         out_path.write_text(json.dumps(results))
 
     tune_neutral = _read(DATA / "neutral_tune.txt")
-    held_neutral = _read(pipeline.NEUTRAL_TEXT)
     detox_tune = _read(DATA / "detox" / "tune_prompts.txt")
-    detox_eval = _read(DATA / "detox" / "eval_prompts.txt")
     chat_tune = chat.user_turns(tok, _read(DATA / "concept" / "chat_tune_prompts.txt"))
-    chat_eval = chat.user_turns(tok, _read(DATA / "concept" / "chat_eval_prompts.txt"))
-    detox_eval_chat = chat.user_turns(tok, detox_eval)
 
     def gen(prompts, n):
         return continuations(model, tok, prompts, max_new_tokens=n, batch_size=bs, progress=False)
@@ -111,14 +107,13 @@ def generate(out_path: Path) -> None:
             for name, prompts, n in sets:
                 row[name] = gen(prompts, n)
             row["ppl_tune"] = perplexity(model, tok, tune_neutral)
-            row["ppl_held"] = perplexity(model, tok, held_neutral)
         row["seconds"] = time.perf_counter() - t0
         results["rows"].append(row)
         print(f"{task} {label}: {row['seconds']:.1f}s ppl {row['ppl_tune']:.2f}", flush=True)
         save()
 
-    detox_sets = [("tune", detox_tune, 24), ("held", detox_eval, 24), ("held_chat", detox_eval_chat, 24)]
-    football_sets = [("tune", chat_tune, 32), ("held", chat_eval, 32)]
+    detox_sets = [("tune", detox_tune, 24)]
+    football_sets = [("tune", chat_tune, 32)]
     measure("detox", "base", {}, detox_sets)
     measure("football", "base", {}, football_sets)
 
@@ -185,7 +180,7 @@ ROUND2_FOOTBALL = [
 def round2(out_path: Path, lineas_dir: Path) -> None:
     """Round 2 (after round 1 showed mean_act at λ = 1 too weak for chat on SmolLM2, and the
     LinEAS fits over the perplexity bound): strengths for football (assistant-turn fitting) and for
-    the round-1 LinEAS maps, on the same tuning/held-out sets."""
+    the round-1 LinEAS maps, on the same tuning sets."""
     from actmerge import chat, pipeline
     from actmerge.collect import collect
     from actmerge.estimators import mean_act
@@ -203,17 +198,8 @@ def round2(out_path: Path, lineas_dir: Path) -> None:
     bs = 4 if SMOKE else 64
     results: dict = {"device": str(next(model.parameters()).device), "rows": []}
     tune_neutral = _read(DATA / "neutral_tune.txt")
-    held_neutral = _read(pipeline.NEUTRAL_TEXT)
-    detox_eval = _read(DATA / "detox" / "eval_prompts.txt")
-    detox_sets = [
-        ("tune", _read(DATA / "detox" / "tune_prompts.txt"), 24),
-        ("held", detox_eval, 24),
-        ("held_chat", chat.user_turns(tok, detox_eval), 24),
-    ]
-    football_sets = [
-        ("tune", chat.user_turns(tok, _read(DATA / "concept" / "chat_tune_prompts.txt")), 32),
-        ("held", chat.user_turns(tok, _read(DATA / "concept" / "chat_eval_prompts.txt")), 32),
-    ]
+    detox_sets = [("tune", _read(DATA / "detox" / "tune_prompts.txt"), 24)]
+    football_sets = [("tune", chat.user_turns(tok, _read(DATA / "concept" / "chat_tune_prompts.txt")), 32)]
 
     def measure(task, label, maps, lam, sets):
         row = {"task": task, "label": label, "strength": lam}
@@ -223,7 +209,6 @@ def round2(out_path: Path, lineas_dir: Path) -> None:
                     model, tok, prompts, max_new_tokens=n, batch_size=bs, progress=False
                 )
             row["ppl_tune"] = perplexity(model, tok, tune_neutral)
-            row["ppl_held"] = perplexity(model, tok, held_neutral)
         results["rows"].append(row)
         print(f"{task} {label}: ppl {row['ppl_tune']:.2f}", flush=True)
         out_path.write_text(json.dumps(results))
@@ -271,17 +256,13 @@ def score(path: Path, *more: Path) -> None:
     base = {r["task"]: r for r in rows if r["label"] == "base"}
     for r in rows:
         b = base["football" if r["task"] == "football" else "detox"]
-        for split in ("tune", "held", "held_chat"):
-            if split not in r:
-                continue
-            if r["task"] == "football":
-                r[f"{split}_concept"] = concept_presence(r[split], keywords)
-                r[f"{split}_sim"] = sum(similarity(r[split], b[split])) / len(r[split])
-            else:
-                s = scorer(r[split])
-                r[f"{split}_toxic"] = sum(x > 0.5 for x in s) / len(s)
+        if r["task"] == "football":
+            r["tune_concept"] = concept_presence(r["tune"], keywords)
+            r["tune_sim"] = sum(similarity(r["tune"], b["tune"])) / len(r["tune"])
+        else:
+            s = scorer(r["tune"])
+            r["tune_toxic"] = sum(x > 0.5 for x in s) / len(s)
         r["ppl_tune_ratio"] = r["ppl_tune"] / b["ppl_tune"]
-        r["ppl_held_ratio"] = r["ppl_held"] / b["ppl_held"]
     print(f"device: {data['device']}, {data.get('seconds', 0):.0f}s")
     for task in ("detox", "lineas", "football"):
         print(f"\n## {task} — tuning split")
@@ -324,23 +305,12 @@ def score(path: Path, *more: Path) -> None:
             picks[f"football best fit={mode}"] = max(
                 fam, key=lambda r: (r["tune_concept"], -r["ppl_tune_ratio"])
             )
-    print("\n## picks (tuning columns) and their held-out rows")
-    bd, bf = base["detox"], base["football"]
-    print(
-        f"base detox: held toxic {bd['held_toxic']:.1%} (chat {bd['held_chat_toxic']:.1%}), ppl {bd['ppl_held']:.2f}; "
-        f"base football chat: held concept {bf['held_concept']:.1%}"
-    )
+    print("\n## picks (tuning columns; their held-out rows: `actmerge eval` on the shipped recipe, once)")
     for name, r in picks.items():
         if r["task"] == "football":
-            print(
-                f"{name:28s} {r['label']:36s} tune {r['tune_concept']:.1%} | held concept {r['held_concept']:.1%} "
-                f"sim {r['held_sim']:.3f} ppl ×{r['ppl_held_ratio']:.3f}"
-            )
+            print(f"{name:28s} {r['label']:36s} concept {r['tune_concept']:.1%} sim {r['tune_sim']:.3f}")
         else:
-            print(
-                f"{name:28s} {r['label']:36s} tune {r['tune_toxic']:.1%} | held toxic {r['held_toxic']:.1%} "
-                f"chat {r['held_chat_toxic']:.1%} ppl ×{r['ppl_held_ratio']:.3f}"
-            )
+            print(f"{name:28s} {r['label']:36s} toxic {r['tune_toxic']:.1%}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ tokenizer, and random maps. Nothing is downloaded."""
 from __future__ import annotations
 
 import string
+import zlib
 from pathlib import Path
 
 import torch
@@ -79,6 +80,12 @@ def make_pico(model_type: str, path: Path, seed: int = 0, dtype=torch.float32, l
 
 def load(path: Path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def stable_seed(name: str) -> int:
+    """A seed derived from a name that is the same in every run (``hash()`` of a str is salted per
+    process: a failure seeded with it cannot be reproduced)."""
+    return zlib.crc32(name.encode()) % 1000
 
 
 def random_maps(

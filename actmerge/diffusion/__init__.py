@@ -1,4 +1,4 @@
-"""Text-to-image diffusion: steering maps baked into diffusers pipelines (DESIGN.md §8).
+"""Text-to-image diffusion: steering maps baked into diffusers pipelines (docs/design.md §8).
 
 What is specific to pipelines lives here: the component and pipeline rows (``table``), site
 resolution (``sites``), first-step collection (``collect``), the placement of maps into components

@@ -1,4 +1,4 @@
-"""Collection and fitting for pipelines, per the ml-act protocol (DESIGN.md §8).
+"""Collection and fitting for pipelines, per the ml-act protocol (docs/design.md §8).
 
 Each batch of prompts runs through the pipeline itself (its own prompt encoding, scheduler,
 latents from a seeded generator) and stops right after the FIRST denoiser call: statistics are

@@ -1,7 +1,7 @@
 """The diffusion site table: one row per component class (text encoders, UNets, DiTs) and one row
-per pipeline class (where a text encoder's output goes). Data only; DESIGN.md §8.
+per pipeline class (where a text encoder's output goes). Data only; docs/design.md §8.
 
-Fold kinds (all exact, per element, DESIGN.md §4):
+Fold kinds (all exact, per element, docs/design.md §4):
   layernorm   output of a LayerNorm / GroupNorm with affine ``x̂·γ+β``: γ' = s⊙γ, β' = s⊙β + c.
               On a 4-D feature map ``[B, C, H, W]`` the map is per channel (axis 1): GroupNorm's affine
               is per channel, so a per-channel map folds exactly; a per-pixel (C×H×W) map cannot.
