@@ -4,7 +4,6 @@ sentence files, model card) and the write itself."""
 
 from __future__ import annotations
 
-import math
 import shlex
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, card
+from . import __version__, card, strength
 from .errors import MapsMismatchError, RecipeError
 from .evalconfig import chat_prompts, eval_config
 from .fitting import Loaded
@@ -29,34 +28,6 @@ from .sites import architecture_for
 from .sweep import Report, markdown_table
 from .verify import DEFAULT_PROMPTS, VerifyReport, compare, hooked_outputs
 
-MAX_STRENGTH = 4.0  # beyond this, --allow-extrapolation
-
-
-def check_strengths(
-    strengths: list[float], *, allow_extrapolation: bool = False, warn: Callable[[str], None] = print
-) -> list[float]:
-    """Finite, non-negative, at most ``MAX_STRENGTH`` (unless extrapolation is allowed), duplicates
-    removed (order kept); λ > 1 gets a warning."""
-    out: list[float] = []
-    for lam in strengths:
-        lam = float(lam)
-        if not math.isfinite(lam):
-            raise RecipeError(f"strength {lam} is not a finite number: give e.g. 0.5 or 1.0.")
-        if lam < 0:
-            raise RecipeError(
-                f"strength {lam:g} < 0: use 0 (identity) to 1 (full transport), or >1 to extrapolate."
-            )
-        if lam > MAX_STRENGTH and not allow_extrapolation:
-            raise RecipeError(
-                f"strength {lam:g} is far beyond the fitted transport (λ = 1): norm gains and weights would "
-                f"grow {lam:g}-fold. Use λ ≤ {MAX_STRENGTH:g}, or pass --allow-extrapolation if you mean it."
-            )
-        if lam not in out:
-            out.append(lam)
-    if any(lam > 1 for lam in out):
-        warn(f"warning: strength {max(out):g} > 1 extrapolates the transport beyond the target distribution.")
-    return out
-
 
 def output_size(source) -> int:
     """Bytes a bake of ``source`` writes (its files; new biases are negligible)."""
@@ -64,23 +35,26 @@ def output_size(source) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def out_for(out: Path, lam: float, strengths: list[float]) -> Path:
-    """Where the bake at ``lam`` goes: ``out``, or ``out/lambda-λ`` when several strengths are baked."""
-    return out if len(strengths) == 1 else out / f"lambda-{lam:g}"
-
-
-def compose_all(mapsets: list[MapSet], strengths: list[float]) -> MapSet:
-    """Apply each map set at its strength, in order; the result is meant for strength 1."""
+def compose_all(
+    mapsets: list[MapSet],
+    strengths: list[float],
+    *,
+    allow_extrapolation: bool = False,
+    warn: Callable[[str], None] = print,
+) -> MapSet:
+    """Apply each map set at its strength (each through the strength rules), in order; the result is
+    meant for strength 1."""
     if len(mapsets) != len(strengths) or len(mapsets) < 2:
         raise RecipeError(
             f"compose needs ≥ 2 maps and one strength each (got {len(mapsets)}, {len(strengths)})."
         )
+    strengths = strength.check(strengths, allow_extrapolation=allow_extrapolation, warn=warn, unique=False)
     out = compose(mapsets[0], mapsets[1], (strengths[0], strengths[1]))
     for ms, lam in zip(mapsets[2:], strengths[2:], strict=True):
         out = compose(out, ms, (1.0, lam))
     out.extra = {
         "recipe": "+".join(m.extra.get("recipe", "?") for m in mapsets),
-        "strengths": ",".join(f"{x:g}" for x in strengths),
+        "strengths": ",".join(map(strength.text, strengths)),
     }
     return out
 
@@ -128,7 +102,8 @@ def reproduce_command(info: BakeInfo, *, has_maps_only: bool) -> str:
         how = "--maps model/actmerge/maps.safetensors"
     else:
         how = " ".join(f"--recipe {shlex.quote('model/actmerge/' + f)}" for f in info.recipe_files)
-    lam = ",".join(f"{x:g}" for x in info.strengths) if len(info.recipe_files) > 1 else f"{info.strength:g}"
+    many = len(info.recipe_files) > 1
+    lam = ",".join(map(strength.text, info.strengths)) if many else strength.text(info.strength)
     if info.tuned:  # chosen by `--strength auto` within a budget
         b = info.tuned["budget"]
         lam = "auto" + (f" --max-ppl-ratio {b['max_ppl_ratio']:g}" if b.get("max_ppl_ratio") else "")
@@ -282,7 +257,7 @@ class BakeJob:
     log: Callable[[str], None] = print
     evaluate_after: bool = False
     as_llama: bool = False
-    tuned: dict = field(default_factory=dict)  # how `--strength auto` chose λ (tune.provenance)
+    tuned: dict = field(default_factory=dict)  # how `--strength auto` chose λ (strength.from_record)
 
 
 def bake_one(job: BakeJob, lam: float) -> BakeResult:
@@ -328,7 +303,7 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
             )
         res.notes.append(note)
     if not dry_run:
-        dest = out_for(Path(out), lam, strengths)
+        dest = strength.out_for(Path(out), lam, strengths)
         evaluation = ""
         if evaluate_after:
             report = _evaluate_plan(loaded, held, lam, recipes[0], progress, log)

@@ -245,7 +245,7 @@ def _usage_llm(runtimes: list[str], chat: bool) -> list[str]:
 
 
 def _tuned_line(tuned: dict) -> str:
-    """The card's account of a strength chosen by ``actmerge tune`` (``tune.provenance``)."""
+    """The card's account of a strength chosen by ``actmerge tune`` (``strength.from_record``)."""
     cost = tuned["cost_on_tuning_text"]
     metric = next(k for k in tuned if k.endswith("_on_tuning_prompts"))
     name = metric.removesuffix("_on_tuning_prompts")

@@ -28,7 +28,6 @@ from .cli_support import (
     handled,
     log,
     placement_of,
-    strengths_of,
 )
 from .render import out
 
@@ -146,17 +145,21 @@ def bake(
     Several --recipe options compose: each is fitted and applied at its own strength (--strength
     1.0,0.5), maps at shared sites compose, one checkpoint is baked."""
     from . import pipeline
+    from . import strength as strength_rules
 
     if shift_policy not in (None, "error", "drop"):
         raise typer.BadParameter("--shift-policy must be 'error' or 'drop'.")
     if push_to_hub and dry_run:
         raise typer.BadParameter("--push-to-hub needs a written checkpoint: drop --dry-run.")
-    auto = strength is not None and strength.strip() == "auto"
+    auto = strength_rules.is_auto(strength)
+    # a budget is checked (finite, > 1 / > 0) whenever one is given, before any load
+    given = max_ppl_ratio is not None or max_kl is not None
+    budget = budget_of(max_ppl_ratio, max_kl) if auto or given else None
     results = pipeline.bake(
         model,
         recipe=recipe or None,
         maps=maps,
-        strengths=None if auto else strengths_of(strength),
+        strengths=None if auto else strength_rules.parse(strength),
         out=output,
         targets=target or (),
         shift_policy=shift_policy,
@@ -172,7 +175,7 @@ def bake(
         push_to_hub=push_to_hub,
         private=private,
         allow_extrapolation=allow_extrapolation,
-        tune_budget=budget_of(max_ppl_ratio, max_kl) if auto else None,
+        tune_budget=budget if auto else None,
     )
     from . import render
 

@@ -10,6 +10,7 @@ import typer
 
 from .cli import app
 from .cli_support import (
+    AllowExtrapolation,
     Device,
     DeviceMap,
     MapsOpt,
@@ -21,7 +22,6 @@ from .cli_support import (
     handled,
     log,
     placement_of,
-    strengths_of,
 )
 from .render import out
 
@@ -84,17 +84,20 @@ def eval_(
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
+    allow_extrapolation: AllowExtrapolation = False,
 ):
     """Measure what steering does: base, hooked previews at several strengths and baked checkpoints on
     identical prompts — a table, report.json and sweep.png (each metric vs λ)."""
     from . import pipeline, render
     from .recipe import read_sentences
+    from .strength import parse
 
     report = pipeline.evaluate(
         model,
         recipe=recipe,
         maps=maps,
-        strengths=strengths_of(strengths) or [],
+        strengths=parse(strengths, what="--strengths") or [],
+        allow_extrapolation=allow_extrapolation,
         baked=baked or [],
         out=output,
         clamped=clamped,

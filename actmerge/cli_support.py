@@ -125,17 +125,6 @@ def log(msg: str) -> None:
     err.print(msg, highlight=False, markup=False)  # plain text: "[actmerge] …" is not a style tag
 
 
-def strengths_of(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(
-            f"{text!r}: give a number or a comma-separated list, e.g. 1.0 or 0.5,1.0"
-        ) from None
-
-
 def placement_of(device=None, device_map=None, max_memory=None, offload_folder=None):
     from .placement import Placement
 
@@ -158,6 +147,9 @@ MaxKl = Annotated[
 
 
 def budget_of(max_ppl_ratio: float | None, max_kl: float | None):
+    """The tuning budget of --max-ppl-ratio/--max-kl (checked: finite, > 1 / > 0); neither: ×1.10."""
     from .tune import Budget
 
-    return Budget(max_ppl_ratio if max_ppl_ratio or max_kl else 1.10, max_kl)
+    if max_ppl_ratio is None and max_kl is None:
+        return Budget()
+    return Budget(max_ppl_ratio, max_kl)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .cli import app
-from .cli_support import AllowExtrapolation, Force, handled, log, strengths_of
+from .cli_support import AllowExtrapolation, Force, handled, log
 from .errors import ActmergeError
 from .render import out
 
@@ -44,6 +44,7 @@ def export_control_vector(
     partial: Annotated[
         bool, typer.Option("--partial", help="Export what can be a vector; report the rest.")
     ] = False,
+    allow_extrapolation: AllowExtrapolation = False,
     force: Force = False,
 ):
     """The shifts of maps at layer-end sites (Gemma mlp_post, Llama-like mlp_out) as a llama.cpp control
@@ -53,14 +54,16 @@ def export_control_vector(
     from .maps import MapSet
     from .models import resolve
     from .sites import architecture_for, num_layers
+    from .strength import one
 
+    strength = one(strength, allow_extrapolation=allow_extrapolation)  # before any file is read
     check_output(output, force=force, is_dir=False)
     mapset = MapSet.load(maps)
     name = model or mapset.base_model
     if not name:
         raise ActmergeError("the maps file names no base model: pass --model MODEL.")
     config = resolve(name, log=log).config
-    cv = control_vector(mapset, config, strength, partial=partial)
+    cv = control_vector(mapset, config, strength, partial=partial, allow_extrapolation=allow_extrapolation)
     n = num_layers(architecture_for(config), config)
     write_control_vector(cv, output, model_hint=config.get("model_type", ""), n_layers=n, force=force)
     layers = ", ".join(map(str, sorted(cv.directions)))
@@ -79,14 +82,15 @@ def compose(
     force: Force = False,
 ):
     """Compose maps files (each at its own strength) into one maps file, to bake at strength 1."""
-    from .baking import check_strengths, compose_all
+    from .baking import compose_all
     from .io.output import check_output
     from .maps import MapSet
+    from .strength import parse
 
+    lams = parse(strength)  # one λ per file, repeats kept: compose_all checks them
     check_output(output, force=force, is_dir=False)
-    lams = [float(x) for x in strengths_of(strength)]
-    for lam in lams:  # validated one by one: duplicates are meaningful here (one per file)
-        check_strengths([lam], allow_extrapolation=allow_extrapolation, warn=log)
-    composed = compose_all([MapSet.load(p) for p in maps], lams)
+    composed = compose_all(
+        [MapSet.load(p) for p in maps], lams, allow_extrapolation=allow_extrapolation, warn=log
+    )
     composed.save(output, force=force)
     out.print(f"wrote {len(composed)} composed maps to {output}; bake it with --strength 1")

@@ -10,6 +10,7 @@ import typer
 
 from .cli import app
 from .cli_support import (
+    AllowExtrapolation,
     Device,
     MapsOpt,
     MaxKl,
@@ -34,27 +35,35 @@ def tune(
     max_ppl_ratio: MaxPplRatio = None,
     max_kl: MaxKl = None,
     maps: MapsOpt = None,
-    max_strength: Annotated[float, typer.Option(help="Largest λ tried.")] = 2.0,
-    step: Annotated[float, typer.Option(help="Coarse grid step in λ.")] = 0.25,
-    tol: Annotated[float, typer.Option(help="Bisection tolerance in λ.")] = 0.02,
+    max_strength: Annotated[
+        float, typer.Option(help="Largest λ tried (≤ 4 unless --allow-extrapolation).")
+    ] = 2.0,
+    step: Annotated[float, typer.Option(help="Coarse grid step in λ (at most 64 grid points).")] = 0.25,
+    tol: Annotated[float, typer.Option(help="Bisection tolerance in λ (at most 20 bisection steps).")] = 0.02,
     curve: Annotated[
         bool, typer.Option(help="Measure the behaviour at every grid point (--no-curve: only at the choice).")
     ] = True,
+    allow_extrapolation: AllowExtrapolation = False,
     device: Device = None,
 ):
     """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
     prompts): fit once, hooked previews on a λ grid, then bisection. Bake it with --strength auto."""
     from . import pipeline, render
+    from .tune import check_search
     from .tune import tune as run_tune
 
+    # every option checked before the model is resolved (a built-in may be converted first)
+    check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)
+    budget = budget_of(max_ppl_ratio, max_kl)
     res = run_tune(
         pipeline.load(model, placement=placement_of(device), log=log),
         recipe,
         maps=maps,
-        budget=budget_of(max_ppl_ratio, max_kl),
+        budget=budget,
         max_strength=max_strength,
         step=step,
         tol=tol,
+        allow_extrapolation=allow_extrapolation,
         out=output,
         curve=curve,
         log=log,

@@ -25,15 +25,21 @@ class ControlVector:
     elsewhere: list[str]  # map keys with a shift that is not (it folds into the weights, or nowhere)
 
 
-def control_vector(maps, config: dict, strength: float, *, partial: bool = False) -> ControlVector:
+def control_vector(
+    maps, config: dict, strength: float, *, partial: bool = False, allow_extrapolation: bool = False
+) -> ControlVector:
     """The shifts (λβ) of maps at layer-end sites, as llama.cpp control-vector directions.
 
     A shift at a layer-end site (Gemma's ``mlp_post``, the Llama-like ``mlp_out``) adds into the
     residual after the layer's last block: exactly what llama.cpp adds a control vector to. The scale of
     the same map still has to be baked (``bake --shift-policy drop``). Shifts elsewhere cannot be a
-    control vector: an error unless ``partial`` (then reported in ``elsewhere``)."""
+    control vector: an error unless ``partial`` (then reported in ``elsewhere``). ``strength`` passes
+    the strength rules (``strength.one``)."""
     from .shifts import shift_home
     from .sites import site_for_key
+    from .strength import one
+
+    strength = one(strength, allow_extrapolation=allow_extrapolation)
 
     arch = architecture_for(config)
     n = num_layers(arch, config)

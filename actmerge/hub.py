@@ -114,7 +114,9 @@ def default_repo_id(api, folder: str | Path) -> str:
 
 def strength_repo_id(repo_id: str, strength: float) -> str:
     """The repo of one strength when a bake writes several (``DIR/lambda-0.5`` → ``REPO-lambda-0.5``)."""
-    return f"{repo_id}-lambda-{strength:g}"
+    from .strength import label
+
+    return f"{repo_id}-{label(strength)}"
 
 
 def require_token() -> None:

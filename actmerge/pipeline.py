@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import baking
+from . import strength as strength_rules
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
 from .errors import ActmergeError, MapsMismatchError, ModelResolutionError, RecipeError
@@ -101,23 +102,27 @@ def bake(
             as_llama_config(src.config)  # refuse (not Mistral, a binding sliding window) before the fit
             loaded = replace(loaded, source=LlamaLayout(src.name, src.path, src.revision))
         source = loaded.source
+    given_maps = None
+    if maps is not None:
+        given_maps = maps if isinstance(maps, MapSet) else MapSet.load(maps)
+        if not given_maps.maps:
+            raise MapsMismatchError("the maps file holds no maps.")
+    check = dict(allow_extrapolation=allow_extrapolation, warn=log)
     per_recipe: list[float] = []
-    if len(recipe_objs) > 1:
-        per_recipe = baking.check_strengths(
-            strengths or [_default_strength(r, source) for r in recipe_objs],
-            allow_extrapolation=allow_extrapolation,
-            warn=log,
-        )
+    if len(recipe_objs) > 1:  # one strength per recipe, repeats included
+        typed = strengths or [strength_rules.default_for(r, source) for r in recipe_objs]
+        per_recipe = strength_rules.check(typed, unique=False, **check)
         if len(per_recipe) != len(recipe_objs):
             raise RecipeError(
                 f"{len(recipe_objs)} recipes need {len(recipe_objs)} strengths, got {per_recipe}."
             )
         strengths = [1.0]  # the composed maps already hold each recipe's strength
-    strengths = baking.check_strengths(
-        strengths or [_default_strength(recipe_objs[0], source) if recipe_objs else 1.0],
-        allow_extrapolation=allow_extrapolation,
-        warn=log,
-    )
+    tuned = {}
+    if tune_budget is not None:  # the recorded λ, through the same rules, before any load
+        tuned = _recorded_strength(loaded, recipe_objs, given_maps, tune_budget, allow_extrapolation, log)
+        strengths = [tuned["strength"]] if tuned else None
+    default = [strength_rules.default_for(recipe_objs[0], source) if recipe_objs else 1.0]
+    strengths = strength_rules.check(strengths or default, **check)
     if evaluate_after and (not recipe_objs or recipe_objs[0].eval_prompts is None):
         raise RecipeError("--eval needs a recipe with `eval_prompts:` (use `actmerge eval` for maps files).")
     if push_to_hub:
@@ -134,7 +139,7 @@ def bake(
         if out is None:
             raise RecipeError("give an output directory with -o/--out (or --dry-run to only print the plan).")
         for lam in strengths:  # fail before the (slow) fit if an output cannot be written
-            check_output(baking.out_for(Path(out), lam, strengths), source.path, force=force)
+            check_output(strength_rules.out_for(Path(out), lam, strengths), source.path, force=force)
         check_free_space(Path(out), baking.output_size(source) * len(strengths))
     fit_kw = dict(
         revision=revision, placement=placement, options=options, progress=progress, log=log, pipe=pipe
@@ -142,16 +147,18 @@ def bake(
     target = source if kind == "pipeline" else loaded
     if len(recipe_objs) > 1:
         fitted = [fit(target, r, **fit_kw).maps for r in recipe_objs]
-        mapset = baking.compose_all(fitted, per_recipe)
+        mapset = baking.compose_all(fitted, per_recipe, warn=lambda _: None)  # checked and warned above
     elif recipe_objs:
         mapset = fit(target, recipe_objs[0], **fit_kw).maps
     else:
-        mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
-        if not mapset.maps:
-            raise MapsMismatchError("the maps file holds no maps.")
-    tuned = {}
-    if tune_budget is not None:
-        tuned = _auto_strength(loaded, recipe_objs, mapset, tune_budget, progress, log)
+        mapset = given_maps
+    if tune_budget is not None and not tuned:  # nothing recorded: tune the fitted maps now
+        from .tune import tune
+
+        rec = tune(loaded, recipe_objs[0], maps=mapset, budget=tune_budget, progress=progress, log=log)
+        tuned = strength_rules.from_record(
+            rec.to_dict(), where="this tuning run", allow_extrapolation=allow_extrapolation
+        )
         strengths = [tuned["strength"]]
     job = baking.BakeJob(
         kind,
@@ -193,43 +200,29 @@ def bake(
     return results
 
 
-def _auto_strength(loaded, recipes: list, mapset, budget, progress, log) -> dict:
-    """``--strength auto``: the recorded tuning for (model, recipe, budget), else tune the fitted maps."""
-    from .tune import provenance, recall, tune
-
+def _recorded_strength(loaded, recipes: list, mapset, budget, allow_extrapolation: bool, log) -> dict:
+    """``--strength auto`` before any load: what ``actmerge tune`` recorded (``strength.auto``); {}
+    when nothing is recorded and the recipe can be tuned after its fit."""
     if len(recipes) > 1 or loaded is None:
         raise RecipeError(
-            "--strength auto tunes one recipe: bake a single --recipe (or the --maps file of one)."
+            "--strength auto tunes one recipe of a language model: bake a single --recipe (or the --maps "
+            "file of one)."
         )
+    model = loaded.source.name
     if recipes:
-        recipe = recipes[0]
-        key, name = recipe.content_hash(), recipe.name
+        key, name = recipes[0].content_hash(), recipes[0].name
     else:  # --maps: the strength `actmerge tune --maps` recorded for the recipe the maps came from
         key, name = mapset.recipe_hash, mapset.extra.get("recipe", "these maps")
-    rec = recall(loaded.source.name, key, budget)
-    if rec is None and not recipes:
+    tuned = strength_rules.auto(model, key, budget, allow_extrapolation=allow_extrapolation, log=log)
+    if tuned is None and not recipes:
         raise RecipeError(
-            f"--strength auto with --maps: no strength recorded for {name} on {loaded.source.name} within "
+            f"--strength auto with --maps: no strength recorded for {name} on {model} within "
             f"{budget.describe()}. Run `actmerge tune MODEL --recipe R --maps M` with the same budget first "
             "(it records one), or bake with --recipe R."
         )
-    if rec is None:
-        log(f"no recorded tuning for {name} on {loaded.source.name} within {budget.describe()}: tuning now")
-        rec = tune(loaded, recipe, maps=mapset, budget=budget, progress=progress, log=log).to_dict()
-    else:
-        log(
-            f"--strength auto: λ = {rec['strength']:g} (recorded by actmerge tune within {budget.describe()})"
-        )
-    if not rec["met"]:
-        raise RecipeError(f"--strength auto: {rec['note']}")
-    return provenance(rec)
-
-
-def _default_strength(recipe: Recipe, source) -> float:
-    """The recipe's strength, for this model's family when the recipe gives one per family."""
-    if not isinstance(recipe.strength, dict):
-        return recipe.strength
-    return recipe.strength_for(architecture_for(source.config))
+    if tuned is None:
+        log(f"no recorded tuning for {name} on {model} within {budget.describe()}: tuning after the fit")
+    return tuned or {}
 
 
 def verify(
@@ -268,6 +261,8 @@ def verify(
             )
     if strength is None:
         strength = info.strength if info else _need("--strength")
+    # any λ a bake may have used (an extrapolated one too), and no other
+    strength = strength_rules.one(strength, allow_extrapolation=True)
     mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
     kind = info.kind if info else ("pipeline" if (checkpoint / "model_index.json").is_file() else "llm")
     if kind == "pipeline":
@@ -326,6 +321,7 @@ def evaluate(
     lm_eval: list[str] = (),
     lm_eval_include: str | Path | None = None,
     lm_eval_limit: int | None = None,
+    allow_extrapolation: bool = False,
     **overrides,
 ) -> Report:
     """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png.
@@ -335,6 +331,7 @@ def evaluate(
     from .sweep import plot, run_sweep
 
     _check_baked_dirs(baked)  # before any slow load
+    strengths = strength_rules.check(strengths, allow_extrapolation=allow_extrapolation, warn=log)
     loaded = load(model, revision=revision, placement=placement, log=log)
     recipe_obj = (
         load_recipe(recipe, log=log) if recipe is not None and not isinstance(recipe, Recipe) else recipe

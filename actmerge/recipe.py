@@ -249,15 +249,12 @@ class Recipe(_Strict):
 
     def sites_for(self, arch) -> list[SiteSpec]:
         """The site list for an architecture row (``sites.Architecture``): its own entry, else ``default``."""
-        return _for_family(self.sites, arch, "sites")
-
-    def strength_for(self, arch) -> float:
-        return _for_family(self.strength, arch, "strength")
+        return for_family(self.sites, arch, "sites")
 
     def lineas_for(self, arch) -> LineasOptions:
         """The LinEAS options for an architecture row: the one block, or the family's entry, else
         ``default``."""
-        return _for_family(self.lineas, arch, "lineas")
+        return for_family(self.lineas, arch, "lineas")
 
     def with_lineas(self, **changes) -> Recipe:
         """A copy with ``changes`` applied to every family's LinEAS options (bench variants, tests)."""
@@ -278,7 +275,7 @@ class Recipe(_Strict):
                 if isinstance(self.top_neurons, dict)
                 else self.top_neurons
             )
-        return _for_family(self.top_neurons, arch, "top_neurons")
+        return for_family(self.top_neurons, arch, "top_neurons")
 
     @model_validator(mode="before")
     @classmethod
@@ -377,7 +374,9 @@ def _check_families(v: dict) -> None:
         )
 
 
-def _for_family(value, arch, what: str):
+def for_family(value, arch, what: str):
+    """A per-family field's value for an architecture row: the value itself when it is not a mapping,
+    else the row's entry (its name, a model_type), else ``default``."""
     if not isinstance(value, dict):
         return value
     for key in (arch.name, *arch.model_types, "default"):

@@ -5,26 +5,31 @@ strengths on the recipe's *tuning* split only — ``tune_prompts`` for the behav
 ``tune_neutral`` for the cost (perplexity ratio to the base, KL(base ‖ steered)); the eval prompts are
 never read. The cost grows with λ, so a coarse grid finds the first strength over the budget and
 bisection narrows the boundary down to ``tol``; the chosen strength is the largest one measured
-within the budget. The behaviour metric (toxic fraction, concept presence) is measured at the grid
+within the budget. The search is bounded (at most ``MAX_GRID`` grid points and ``MAX_BISECT``
+bisection steps; ``check_search`` refuses options beyond that before any load). The behaviour metric (toxic fraction, concept presence) is measured at the grid
 points and at the chosen point, for the trade-off curve (``tune.png`` beside ``tune.json``).
 
-The result is also recorded in the cache (``tuned/<model>-<recipe hash>.json``), where
-``bake --strength auto`` picks it up for the same model, recipe and budget.
+The result is also recorded in the cache (``strength.remember``: ``tuned/<model>-<recipe hash>.json``),
+where ``bake --strength auto`` picks it up for the same model, recipe and budget.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
+from . import strength as strength_rules
 from .errors import RecipeError
 from .recipe import Recipe, load_recipe, read_sentences
 
 Cost = dict[str, float]  # {"perplexity_ratio": …, "kl": …, "first_token_kl": …}
+MAX_GRID = 64  # grid points: --max-strength / --step
+MAX_BISECT = 20  # bisection steps below the grid step: log2(step / tol)
+MIN_TOL = 1e-6  # tune records λ to 6 decimals
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,12 @@ class Budget:
     def __post_init__(self):
         if self.max_ppl_ratio is None and self.max_kl is None:
             raise RecipeError("a tuning budget needs --max-ppl-ratio or --max-kl.")
+        for flag, v, eg in (
+            ("--max-ppl-ratio", self.max_ppl_ratio, "1.10"),
+            ("--max-kl", self.max_kl, "0.05"),
+        ):
+            if v is not None and not math.isfinite(v):
+                raise RecipeError(f"{flag} {v} is not a finite number: give a budget, e.g. {eg}.")
         if self.max_ppl_ratio is not None and self.max_ppl_ratio <= 1:
             raise RecipeError(
                 f"--max-ppl-ratio {self.max_ppl_ratio} ≤ 1: only λ = 0 meets it; use e.g. 1.10."
@@ -108,6 +119,35 @@ class TuneResult:
         return path
 
 
+def grid_size(max_strength: float, step: float) -> int:
+    return max(1, round(max_strength / step))
+
+
+def check_search(max_strength: float, step: float, tol: float, *, allow_extrapolation: bool = False) -> None:
+    """The search options, before any load: ``--max-strength`` passes the strength rules and is > 0,
+    ``--step`` and ``--tol`` are finite and > 0, and the search stays bounded (≤ ``MAX_GRID`` grid
+    points, ≤ ``MAX_BISECT`` bisection steps). One-line ``RecipeError`` naming the option and a remedy."""
+    for flag, v, default in (("--step", step, 0.25), ("--tol", tol, 0.02)):
+        if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            shown = f"{v:g}" if isinstance(v, int | float) else repr(v)
+            raise RecipeError(f"{flag} {shown}: give a finite number > 0 (default {default:g}).")
+    top = strength_rules.one(max_strength, allow_extrapolation=allow_extrapolation, what="--max-strength")
+    if top == 0:
+        raise RecipeError("--max-strength 0: only λ = 0 would be tried; give the largest λ to try, e.g. 2.")
+    if grid_size(top, step) > MAX_GRID:
+        raise RecipeError(
+            f"--step {step:g} up to --max-strength {top:g} is {grid_size(top, step)} grid points (at most "
+            f"{MAX_GRID}): use --step ≥ {top / MAX_GRID:.3g}."
+        )
+    steps = math.ceil(math.log2(min(step, top) / tol)) if tol < min(step, top) else 0
+    if tol < MIN_TOL or steps > MAX_BISECT:
+        floor = max(min(step, top) / 2**MAX_BISECT, MIN_TOL)
+        raise RecipeError(
+            f"--tol {tol:g} is finer than tune resolves (at most {MAX_BISECT} bisection steps below "
+            f"--step {step:g}, λ to 6 decimals): use --tol ≥ {floor:.2g}."
+        )
+
+
 def search(
     cost_fn: Callable[[float], Cost],
     budget: Budget,
@@ -115,11 +155,14 @@ def search(
     max_strength: float = 2.0,
     step: float = 0.25,
     tol: float = 0.02,
+    allow_extrapolation: bool = False,
     on_point: Callable[[Point], None] = lambda p: None,
 ) -> tuple[float, bool, list[Point]]:
     """Coarse grid (step, up to ``max_strength``) until the first strength over the budget, then
     bisection between the last one within it and that one until they are ``tol`` apart.
-    Returns (chosen λ, budget met above 0, points in the order measured). Assumes the cost grows with λ."""
+    Returns (chosen λ, budget met above 0, points in the order measured). Assumes the cost grows with λ.
+    Options are checked first (``check_search``); at most ``MAX_GRID + MAX_BISECT`` measurements."""
+    check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)
     points: list[Point] = []
 
     def measure(lam: float, stage: str) -> Point:
@@ -129,9 +172,8 @@ def search(
         on_point(p)
         return p
 
-    n = max(1, round(max_strength / step))
     lo, hi = 0.0, None
-    for i in range(1, n + 1):
+    for i in range(1, grid_size(max_strength, step) + 1):
         lam = min(i * step, max_strength)
         if measure(lam, "grid").within:
             lo = lam
@@ -140,7 +182,9 @@ def search(
             break
     if hi is None:  # within budget all the way: the budget does not bind below max_strength
         return round(lo, 6), True, points
-    while hi - lo > tol:
+    for _ in range(MAX_BISECT):  # check_search keeps log2(step / tol) within this bound
+        if hi - lo <= tol:
+            break
         mid = (lo + hi) / 2
         if measure(mid, "bisect").within:
             lo = mid
@@ -158,6 +202,7 @@ def tune(
     max_strength: float = 2.0,
     step: float = 0.25,
     tol: float = 0.02,
+    allow_extrapolation: bool = False,
     out: str | Path | None = None,
     cost_fn: Callable[[float], Cost] | None = None,
     behaviour_fn: Callable[[float], float] | None = None,
@@ -174,6 +219,7 @@ def tune(
     from . import pipeline
     from .maps import MapSet
 
+    check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)  # before any load
     budget = budget or Budget()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     loaded = pipeline.load(model, log=log)
@@ -203,7 +249,15 @@ def tune(
             f"{'within' if p.within else 'OVER'} budget ({p.stage})"
         )
 
-    lam, met, points = search(cost_fn, budget, max_strength=max_strength, step=step, tol=tol, on_point=show)
+    lam, met, points = search(
+        cost_fn,
+        budget,
+        max_strength=max_strength,
+        step=step,
+        tol=tol,
+        allow_extrapolation=allow_extrapolation,
+        on_point=show,
+    )
     if not met:
         low = min(points, key=lambda p: p.strength)
         note = (
@@ -241,11 +295,11 @@ def tune(
         result.save(out / "tune.json")
         plot_tradeoff(result, out / "tune.png")
     if record:
-        remember(result)
+        strength_rules.remember(result)
         if isinstance(maps, MapSet) and maps.recipe_hash and maps.recipe_hash != result.recipe_hash:
             # also findable from the maps file (`bake --maps M --strength auto`), fitted by an earlier
             # version of the recipe
-            remember(replace(result, recipe_hash=maps.recipe_hash))
+            strength_rules.remember(replace(result, recipe_hash=maps.recipe_hash))
     return result
 
 
@@ -363,43 +417,3 @@ def plot_tradeoff(result: TuneResult, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _record_path(model: str, recipe_hash: str) -> Path:
-    from .models import cache_dir
-
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model)[-80:]
-    return cache_dir() / "tuned" / f"{safe}-{recipe_hash}.json"
-
-
-def remember(result: TuneResult) -> Path:
-    """Record the chosen strength for ``bake --strength auto`` (one entry per budget)."""
-    path = _record_path(result.model, result.recipe_hash)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[result.budget.key()] = result.to_dict()
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
-def recall(model: str, recipe_hash: str, budget: Budget) -> dict | None:
-    """The recorded tuning of this model + recipe for this budget, or None."""
-    path = _record_path(model, recipe_hash)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get(budget.key())
-
-
-def provenance(tuned: dict) -> dict:
-    """What bake.json and the model card record about a tuned strength."""
-    c = tuned["chosen"]
-    return {
-        "strength": tuned["strength"],
-        "budget": tuned["budget"],
-        "met": tuned["met"],
-        "cost_on_tuning_text": c["cost"],
-        tuned["metric"] + "_on_tuning_prompts": c["behaviour"],
-        "base_" + tuned["metric"]: tuned["base_behaviour"],
-        "n_tune_prompts": tuned["n_tune_prompts"],
-        "note": tuned["note"],
-    }

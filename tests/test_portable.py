@@ -2,6 +2,8 @@
 relative to depth, the shipped recipes on every row of the site table; chat-template formatting;
 the built-in SmolLM2's install hint. Pico configs and a char tokenizer only (fast)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from actmerge.collect import batches
 from actmerge.errors import ModelResolutionError, RecipeError, SiteError
 from actmerge.recipe import load_recipe
 from actmerge.sites import architecture_for, parse_layers, resolve_sites
+from actmerge.strength import default_for
 from actmerge.sweep import EvalConfig
 
 from .common import (
@@ -83,8 +86,8 @@ def test_gemma_rows_keep_the_tuned_layers():
     football = pipeline.recipe_sites(load_recipe(ROOT / "recipes" / "football.yaml"), config)
     assert [(s.name, s.layer) for s in football] == [("attn_ctx", i) for i in range(9, 18)]
     lineas = load_recipe(ROOT / "recipes" / "detox-lineas.yaml")
-    assert lineas.strength_for(architecture_for(config)) == 1.0
-    assert lineas.strength_for(architecture_for("llama")) == 0.8  # the tuned Llama strength
+    assert default_for(lineas, SimpleNamespace(config=config)) == 1.0
+    assert default_for(lineas, SimpleNamespace(config=_config("llama"))) == 0.8  # the tuned Llama strength
     # Gemma keeps the 300-step fit it was tuned with; Llama's row is the short fit chosen on SmolLM2
     assert lineas.lineas_for(architecture_for(config)).steps == 300
     assert lineas.lineas_for(architecture_for("llama")).steps == 8
@@ -119,8 +122,8 @@ def test_family_keys_are_checked(tmp_path):
     r = _recipe(tmp_path, "  gemma: [attn_post]", "strength:\n  llama: 0.5\n")
     with pytest.raises(RecipeError, match="no entry for llama.*add `llama:` or `default:`"):
         pipeline.recipe_sites(r, _config("llama"))
-    assert r.strength_for(architecture_for("llama")) == 0.5
-    assert _recipe(tmp_path, "  - attn_ctx").strength_for(architecture_for("gpt2")) == 1.0
+    assert default_for(r, SimpleNamespace(config=_config("llama"))) == 0.5
+    assert default_for(_recipe(tmp_path, "  - attn_ctx"), SimpleNamespace(config=_config("gpt2"))) == 1.0
 
 
 TEMPLATE = (

@@ -104,7 +104,7 @@ def test_tune_on_pico_with_a_synthetic_metric(setup, tmp_path, monkeypatch):
     assert data["strength"] == res.strength and data["budget"]["max_ppl_ratio"] == 1.10
     assert data["chosen"]["within"] and data["base_behaviour"] == pytest.approx(0.3)
     assert (tmp_path / "t" / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from actmerge.tune import recall
+    from actmerge.strength import recall
 
     assert recall("pico", res.recipe_hash, Budget(1.10))["strength"] == res.strength
     assert recall("pico", res.recipe_hash, Budget(1.05)) is None  # another budget: not recorded
