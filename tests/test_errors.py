@@ -80,23 +80,3 @@ def test_tied_tensor_guard():
     with pytest.raises(Exception, match="tied"):
         _guard_tied(arch, {"tie_word_embeddings": True}, edits)
     _guard_tied(arch, {"tie_word_embeddings": False}, edits)  # untied: editing is fine
-
-
-def test_gguf_file_is_converted_once_into_the_cache(tmp_path, monkeypatch):
-    from actmerge import models
-
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    calls = []
-
-    def fake_convert(path, target):
-        calls.append(path)
-        target.mkdir(parents=True)
-        (target / "config.json").write_text("{}")
-        (target / "model.safetensors").write_bytes(b"")
-
-    monkeypatch.setenv("ACTMERGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "gguf_to_safetensors", fake_convert)
-    a = resolve(str(gguf), log=lambda *_: None)
-    b = resolve(str(gguf), log=lambda *_: None)
-    assert a.path == b.path and a.path.is_relative_to(tmp_path / "cache") and calls == [gguf]

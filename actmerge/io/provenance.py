@@ -29,6 +29,9 @@ class BakeInfo:
     actmerge_version: str
     revision: str | None = None
     base_path: str | None = None  # where the base was read from (a snapshot or local directory)
+    # a base converted from a GGUF (built-in alias or .gguf file): alias, package and version, GGUF
+    # file, its sha256 and quantisation, de-quantised dtype (``snapshots.gguf_origin``)
+    origin: dict = field(default_factory=dict)
     recipe: str = ""  # the recipe's name ("a+b" when composed)
     recipe_hash: str = ""
     recipe_files: list[str] = field(default_factory=list)  # under actmerge/, as shipped
