@@ -104,7 +104,8 @@ def _git(*args: str) -> str:
 
 def run(name: str, work: Path, log=print) -> dict:
     row = ROWS[name]
-    am = ["actmerge"]
+    commit = _git("rev-parse", "--short", "HEAD")
+    am = [sys.executable, "-m", "actmerge.cli"]
     d = work / name
     commands: list[str] = []
     timings: dict[str, float] = {}
@@ -155,7 +156,8 @@ def run(name: str, work: Path, log=print) -> dict:
     record = {
         "row": name,
         "date": datetime.date.today().isoformat(),
-        "commit": _git("rev-parse", "--short", "HEAD"),
+        "commit": commit,
+        "commit_after": _git("rev-parse", "--short", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--", "actmerge")),
         "machine": f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} CPU cores",
         "commands": commands,
