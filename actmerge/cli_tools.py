@@ -54,15 +54,24 @@ def export_control_vector(
     from .models import resolve
     from .sites import architecture_for, num_layers
 
-    check_output(output, force=force, is_dir=False)
+    check_output(output, maps, force=force, is_dir=False)
     mapset = MapSet.load(maps)
     name = model or mapset.base_model
     if not name:
         raise ActmergeError("the maps file names no base model: pass --model MODEL.")
-    config = resolve(name, log=log).config
+    source = resolve(name, log=log)
+    check_output(output, [maps, source.path], force=force, is_dir=False)
+    config = source.config
     cv = control_vector(mapset, config, strength, partial=partial)
     n = num_layers(architecture_for(config), config)
-    write_control_vector(cv, output, model_hint=config.get("model_type", ""), n_layers=n, force=force)
+    write_control_vector(
+        cv,
+        output,
+        model_hint=config.get("model_type", ""),
+        n_layers=n,
+        force=force,
+        source=[maps, source.path],
+    )
     layers = ", ".join(map(str, sorted(cv.directions)))
     out.print(f"[green]wrote[/] {output}: {len(cv.directions)} directions (layers {layers})")
     if cv.elsewhere:
@@ -83,10 +92,10 @@ def compose(
     from .io.output import check_output
     from .maps import MapSet
 
-    check_output(output, force=force, is_dir=False)
+    check_output(output, maps, force=force, is_dir=False)
     lams = [float(x) for x in strengths_of(strength)]
     for lam in lams:  # validated one by one: duplicates are meaningful here (one per file)
         check_strengths([lam], allow_extrapolation=allow_extrapolation, warn=log)
     composed = compose_all([MapSet.load(p) for p in maps], lams)
-    composed.save(output, force=force)
+    composed.save(output, force=force, source=maps)
     out.print(f"wrote {len(composed)} composed maps to {output}; bake it with --strength 1")

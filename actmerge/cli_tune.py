@@ -11,6 +11,7 @@ import typer
 from .cli import app
 from .cli_support import (
     Device,
+    Force,
     MapsOpt,
     MaxKl,
     MaxPplRatio,
@@ -41,6 +42,7 @@ def tune(
         bool, typer.Option(help="Measure the behaviour at every grid point (--no-curve: only at the choice).")
     ] = True,
     device: Device = None,
+    force: Force = False,
 ):
     """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
     prompts): fit once, hooked previews on a λ grid, then bisection. Bake it with --strength auto."""
@@ -58,6 +60,7 @@ def tune(
         out=output,
         curve=curve,
         log=log,
+        force=force,
     )
     render.tune_result(res, model, recipe, output, maps)
     if not res.met:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import names
 from .errors import GatedModelError, ModelResolutionError, PlacementError
+from .io.markers import cache_dir  # noqa: F401  (models.cache_dir: the library API)
 from .io.output import atomic_dir
 from .io.tree import read_config
 from .placement import Placement
@@ -54,10 +54,6 @@ HUB_PATTERNS = [
     "README.md",
     "LICENSE*",
 ]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ACTMERGE_CACHE", Path.home() / ".cache" / "actmerge"))
 
 
 @dataclass(frozen=True)
