@@ -200,8 +200,8 @@ def test_eval_lm_eval_edits_only_cards_actmerge_wrote(setup, tmp_path, monkeypat
         "--baked", foreign, "--baked", linked, "--baked", ours, "--lm-eval", "task", "-o", tmp_path / "rep",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "in the report only" in r.output
     assert {p: snapshot(p) for p in before} == before  # nothing foreign or linked was touched
+    assert "in the report only" in r.output
     card = (ours / "README.md").read_text()
     assert "## lm-evaluation-harness" in card and card.index("task:acc") < card.index("## Use")
     assert not [p.name for p in ours.iterdir() if p.name.startswith(".")]
