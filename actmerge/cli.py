@@ -72,12 +72,14 @@ def fit(
 ):
     """Fit transport maps on the recipe's source/target sentences and write a maps file."""
     from . import pipeline
-    from .io.output import check_output
+    from .io.output import check_name, check_output
 
-    check_output(output, force=force, is_dir=False)
+    check_name(output)
     placement = placement_of(device, device_map, max_memory, offload_folder)
-    res = pipeline.fit(model, recipe, revision=revision, placement=placement, log=log)
-    res.maps.save(output, force=force)
+    target = pipeline.resolved(model, revision=revision, placement=placement, log=log)
+    check_output(output, pipeline.source_path(target), force=force, is_dir=False)  # before the fit
+    res = pipeline.fit(target, recipe, revision=revision, placement=placement, log=log)
+    res.maps.save(output, force=force, source=pipeline.source_path(target))
     out.print(f"wrote {len(res.maps)} maps to {output}")
 
 

@@ -13,6 +13,7 @@ from .cli_support import (
     AllowExtrapolation,
     Device,
     DeviceMap,
+    Force,
     MapsOpt,
     MaxMemory,
     Model,
@@ -85,6 +86,7 @@ def eval_(
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
     allow_extrapolation: AllowExtrapolation = False,
+    force: Force = False,
 ):
     """Measure what steering does: base, hooked previews at several strengths and baked checkpoints on
     identical prompts — a table, report.json and sweep.png (each metric vs λ)."""
@@ -117,6 +119,7 @@ def eval_(
         lm_eval=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else [],
         lm_eval_include=lm_eval_include,
         lm_eval_limit=lm_eval_limit,
+        force=force,
     )
     render.eval_report(report)
     out.print(f"wrote {output / 'report.json'} and {output / 'sweep.png'}")

@@ -57,15 +57,24 @@ def export_control_vector(
     from .strength import one
 
     strength = one(strength, allow_extrapolation=allow_extrapolation)  # before any file is read
-    check_output(output, force=force, is_dir=False)
+    check_output(output, maps, force=force, is_dir=False)
     mapset = MapSet.load(maps)
     name = model or mapset.base_model
     if not name:
         raise ActmergeError("the maps file names no base model: pass --model MODEL.")
-    config = resolve(name, log=log).config
+    source = resolve(name, log=log)
+    check_output(output, [maps, source.path], force=force, is_dir=False)
+    config = source.config
     cv = control_vector(mapset, config, strength, partial=partial, allow_extrapolation=allow_extrapolation)
     n = num_layers(architecture_for(config), config)
-    write_control_vector(cv, output, model_hint=config.get("model_type", ""), n_layers=n, force=force)
+    write_control_vector(
+        cv,
+        output,
+        model_hint=config.get("model_type", ""),
+        n_layers=n,
+        force=force,
+        source=[maps, source.path],
+    )
     layers = ", ".join(map(str, sorted(cv.directions)))
     out.print(f"[green]wrote[/] {output}: {len(cv.directions)} directions (layers {layers})")
     if cv.elsewhere:
@@ -88,9 +97,9 @@ def compose(
     from .strength import parse
 
     lams = parse(strength)  # one λ per file, repeats kept: compose_all checks them
-    check_output(output, force=force, is_dir=False)
+    check_output(output, maps, force=force, is_dir=False)
     composed = compose_all(
         [MapSet.load(p) for p in maps], lams, allow_extrapolation=allow_extrapolation, warn=log
     )
-    composed.save(output, force=force)
+    composed.save(output, force=force, source=maps)
     out.print(f"wrote {len(composed)} composed maps to {output}; bake it with --strength 1")

@@ -12,6 +12,7 @@ from .cli import app
 from .cli_support import (
     AllowExtrapolation,
     Device,
+    Force,
     MapsOpt,
     MaxKl,
     MaxPplRatio,
@@ -45,6 +46,7 @@ def tune(
     ] = True,
     allow_extrapolation: AllowExtrapolation = False,
     device: Device = None,
+    force: Force = False,
 ):
     """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
     prompts): fit once, hooked previews on a λ grid, then bisection. Bake it with --strength auto."""
@@ -67,6 +69,7 @@ def tune(
         out=output,
         curve=curve,
         log=log,
+        force=force,
     )
     render.tune_result(res, model, recipe, output, maps)
     if not res.met:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .errors import ExportError
+from .io.markers import GGUF_KEY
 from .io.output import atomic_file
 from .sites import architecture_for, num_layers
 
@@ -75,16 +76,20 @@ def control_vector(
 
 
 def write_control_vector(
-    cv: ControlVector, out: Path, *, model_hint: str, n_layers: int, force: bool = True
+    cv: ControlVector, out: Path, *, model_hint: str, n_layers: int, force: bool = True, source=None
 ) -> Path:
-    """Write the GGUF llama.cpp's ``--control-vector`` reads: arch ``controlvector``, F32 ``direction.N``."""
+    """Write the GGUF llama.cpp's ``--control-vector`` reads: arch ``controlvector``, F32 ``direction.N``
+    (and actmerge's marker key, which ``--force`` looks for)."""
     import gguf
+
+    from . import __version__
 
     if not cv.directions:
         raise ExportError("no shift at a layer-end site: the control vector would be empty.")
     out = Path(out)
-    with atomic_file(out, force=force) as tmp:
+    with atomic_file(out, force=force, source=source) as tmp:
         w = gguf.GGUFWriter(str(tmp), "controlvector")
+        w.add_string(GGUF_KEY, __version__)
         w.add_string("controlvector.model_hint", model_hint)
         w.add_int32("controlvector.layer_count", n_layers)
         for layer in sorted(cv.directions):  # llama.cpp: direction.N is added to the output of layer N

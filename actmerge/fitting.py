@@ -70,6 +70,19 @@ def load(
     return Loaded(resolve(model, revision, log=log), placement or Placement())
 
 
+def resolved(model, *, revision: str | None = None, placement: Placement | None = None, log=print):
+    """The model argument resolved, not loaded: a ``Loaded`` (language model) or a ``PipelineSource``.
+    Cheap after the first use of a built-in model; ``fit`` and the verbs accept either."""
+    if model_kind(model, revision) == "pipeline":
+        return _pipeline_source(model, revision)
+    return load(model, revision=revision, placement=placement, log=log)
+
+
+def source_path(model) -> Path:
+    """The directory a resolved model (``resolved``) is read from: no output may touch it."""
+    return model.source.path if isinstance(model, Loaded) else model.path
+
+
 def _pipeline_source(model, revision):
     from .diffusion.source import PipelineSource, resolve_pipeline
 

@@ -23,15 +23,16 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
+from . import __version__
 from .errors import ExportError
-from .io.output import PROVENANCE_DIR, atomic_dir, atomic_file
+from .io.markers import GGUF_KEY
+from .io.output import PROVENANCE_DIR, atomic_dir, atomic_file, check_output, scratch_dir
 from .io.safetensors import TensorNamer, read_shard, tensor_index, write_shard
 from .io.tree import INDEX
 from .models import ModelSource, cache_dir
@@ -43,6 +44,20 @@ LLAMA_CPP_PYTHON = "0.3.36"
 SCRIPT = "convert_hf_to_gguf.py"
 _VENDORED = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")  # under vendor/llama.cpp/
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# runs the converter (argv[1]) with actmerge's marker key in every GGUF it writes (what --force checks)
+_MARKED = f"""
+import runpy, sys
+from pathlib import Path
+import gguf
+real = gguf.GGUFWriter.write_header_to_file
+def marked(self, *a, **k):
+    self.add_string({GGUF_KEY!r}, {__version__!r})
+    return real(self, *a, **k)
+gguf.GGUFWriter.write_header_to_file = marked
+sys.argv = sys.argv[1:]
+sys.path.insert(0, str(Path(sys.argv[0]).parent))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 # --- the converter ---------------------------------------------------------------------------
@@ -174,21 +189,18 @@ def export_gguf(
         raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}.")
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint directory (no config.json).")
-    from .io.output import check_output
-
-    check_output(out, force=force, is_dir=False)
+    check_output(out, checkpoint, force=force, is_dir=False)
     if importlib.util.find_spec("sentencepiece") is None:  # the converter imports it for every Llama/Gemma
         raise ExportError("llama.cpp's converter needs sentencepiece: `pip install sentencepiece`.")
     root = converter_dir(log=log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".actmerge-gguf-", dir=out.parent) as d:
-        view = Path(d) / "model"
+    with atomic_file(out, force=force, source=checkpoint, log=log) as final, scratch_dir(out) as d:
+        view = d / "model"
         stripped = prepare(checkpoint, view)
         if stripped:
             log(
                 f"left out {len(stripped)} all-zero bias tensors llama.cpp does not load (e.g. {stripped[0]})"
             )
-        tmp_out = Path(d) / "model.gguf"
+        tmp_out = d / "model.gguf"
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(
@@ -197,13 +209,13 @@ def export_gguf(
             "HF_HUB_OFFLINE": "1",
         }
         env.pop("NO_LOCAL_GGUF", None)
-        cmd = [sys.executable, str(root / SCRIPT), str(view), "--outfile", str(tmp_out), "--outtype", outtype]
+        cmd = [sys.executable, "-c", _MARKED, str(root / SCRIPT), str(view), "--outfile", str(tmp_out)]
+        cmd += ["--outtype", outtype]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=d)
         if proc.returncode != 0 or not tmp_out.is_file():
             raise ExportError(
                 f"llama.cpp's converter ({root / SCRIPT}) failed on {checkpoint}:\n"
                 f"{(proc.stderr or proc.stdout)[-3000:]}"
             )
-        with atomic_file(out, force=force) as final:
-            os.replace(tmp_out, final)
+        os.replace(tmp_out, final)
     return ExportResult(out, outtype, stripped, time.perf_counter() - t0)

@@ -90,21 +90,38 @@ def card_section(values: dict[str, float], base: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_to_card(readme: Path, section: str) -> None:
-    """Put (or replace) the lm-evaluation-harness section of a baked checkpoint's card, before `## Use`."""
-    text = readme.read_text() if readme.is_file() else ""
+def with_section(text: str, section: str) -> str:
+    """A card with its lm-evaluation-harness section put (or replaced) before `## Use`."""
     text = re.sub(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip("\n") + "\n"
     if "\n## Use\n" in text:
         head, tail = text.split("\n## Use\n", 1)
         text = head.rstrip("\n") + "\n\n" + section + "\n## Use\n" + tail
     else:
         text = text + "\n" + section
-    readme.write_text(text)
+    return text
+
+
+def add_to_card(checkpoint: Path, section: str, log=print) -> bool:
+    """The lm-eval section into the card of a checkpoint actmerge wrote (through the output rule:
+    atomically, never through a link); any other directory is left as it is (False)."""
+    from .io.output import rewrite_in_output
+
+    readme = Path(checkpoint) / "README.md"
+    try:
+        text = readme.read_text() if readme.is_file() and not readme.is_symlink() else ""
+        done = rewrite_in_output(Path(checkpoint), "README.md", with_section(text, section).encode(), log=log)
+        why = "actmerge did not write this checkpoint (no actmerge/bake.json), or its card is a link"
+    except (OSError, UnicodeDecodeError, ActmergeError) as exc:  # the scores are safe in the report
+        done, why = False, str(exc)
+    if not done:
+        log(f"lm-eval scores of {checkpoint} are in the report only, not its card: {why}")
+    return done
 
 
 def add_rows(report, base_path, model, tasks, baked, include, limit, log) -> None:
     """lm-eval ``tasks`` on the base model (``base_path``) and on each ``baked`` directory: the scores
-    join the base row (or λ = 0) and the baked rows of ``report``, and each baked checkpoint's card."""
+    join the base row (or λ = 0) and the baked rows of ``report``, and the card of each baked
+    checkpoint actmerge wrote (``add_to_card``)."""
     from .placement import input_device
     from .sweep import add_baselines
 
@@ -123,5 +140,5 @@ def add_rows(report, base_path, model, tasks, baked, include, limit, log) -> Non
         log(f"lm-eval {', '.join(tasks)}: {Path(path).name}")
         got = scores(path, tasks, **kw)
         row.metrics |= got
-        add_to_card(Path(path) / "README.md", card_section(got, base))
+        add_to_card(Path(path), card_section(got, base), log=log)
     add_baselines(report.rows)

@@ -91,12 +91,13 @@ class MapSet:
 
         return save(*self._tensors_and_meta())
 
-    def save(self, path: str | Path, *, force: bool = True) -> Path:
-        """Write the maps file atomically (temp file beside it, then rename)."""
+    def save(self, path: str | Path, *, force: bool = True, source=None) -> Path:
+        """Write the maps file atomically (temp file beside it, then rename). ``force`` replaces only a
+        maps file (its ``format`` metadata marks it); ``source``: paths it must not touch."""
         from .io.output import atomic_file
 
         path = Path(path)
-        with atomic_file(path, force=force) as tmp:
+        with atomic_file(path, force=force, source=source) as tmp:
             tmp.write_bytes(self.to_bytes())
         return path
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from . import names
 from .errors import GatedModelError, ModelResolutionError, PlacementError
 from .io import cache
+from .io.markers import cache_dir  # noqa: F401  (models.cache_dir: the library API)
 from .io.tree import read_config
 from .placement import Placement
-from .snapshots import BUILTIN, builtin_snapshot, cache_dir, gguf_snapshot  # noqa: F401 (re-exported)
+from .snapshots import BUILTIN, builtin_snapshot, gguf_snapshot  # noqa: F401 (re-exported)
 
 HUB_PATTERNS = [
     "*.json",

@@ -26,9 +26,11 @@ from .fitting import (  # noqa: F401
     preflight_checkpoint,
     preflight_recipe,
     recipe_sites,
+    resolved,
+    source_path,
 )
 from .fold import FoldOptions
-from .io.output import check_free_space, check_output
+from .io.output import check_free_space, check_output, write_report_dir
 from .io.provenance import MAPS_FILE, read_bake_info
 from .maps import MapSet
 from .models import resolve
@@ -322,17 +324,23 @@ def evaluate(
     lm_eval_include: str | Path | None = None,
     lm_eval_limit: int | None = None,
     allow_extrapolation: bool = False,
+    force: bool = False,
     **overrides,
 ) -> Report:
-    """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png.
+    """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png
+    into the report directory ``out`` (``force``: replace an eval or tune report there).
 
     ``lm_eval``: lm-evaluation-harness tasks run on the base model and on each baked directory
-    (``lmeval.scores``); the scores join those rows' metrics and each baked checkpoint's card."""
+    (``lmeval.scores``); the scores join those rows' metrics, and the card of each checkpoint
+    actmerge wrote."""
     from .sweep import plot, run_sweep
 
     _check_baked_dirs(baked)  # before any slow load
     strengths = strength_rules.check(strengths, allow_extrapolation=allow_extrapolation, warn=log)
     loaded = load(model, revision=revision, placement=placement, log=log)
+    sources = [loaded.source.path, *baked, *([maps] if isinstance(maps, str | Path) else [])]
+    if out is not None:
+        check_output(Path(out), sources, force=force)
     recipe_obj = (
         load_recipe(recipe, log=log) if recipe is not None and not isinstance(recipe, Recipe) else recipe
     )
@@ -368,10 +376,12 @@ def evaluate(
             report, loaded.source.path, m, list(lm_eval), list(baked), lm_eval_include, lm_eval_limit, log
         )
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        report.save(out / "report.json")
-        plot(report, out / "sweep.png")
+
+        def write(tmp: Path) -> None:
+            report.save(tmp / "report.json")
+            plot(report, tmp / "sweep.png")
+
+        write_report_dir(Path(out), "eval", write, source=sources, force=force, log=log)
     return report
 
 

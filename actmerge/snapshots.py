@@ -14,13 +14,13 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .errors import ModelResolutionError, OutputError, OutputExistsError
 from .io import cache
+from .io.markers import cache_dir
 from .io.output import atomic_dir
 
 
@@ -61,10 +61,6 @@ BUILTIN = {
     ),
 }
 GGUF_MAGIC = b"GGUF"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ACTMERGE_CACHE", Path.home() / ".cache" / "actmerge"))
 
 
 def builtin_snapshot(alias: str, *, log=print) -> Path:

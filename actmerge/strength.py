@@ -103,7 +103,7 @@ def default_for(recipe: Recipe, source) -> float:
 
 def record_path(model: str, recipe_hash: str) -> Path:
     """Where tune records its choices for (model, recipe): one entry per budget."""
-    from .models import cache_dir
+    from .io.markers import cache_dir
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model)[-80:]
     return cache_dir() / "tuned" / f"{safe}-{recipe_hash}.json"
@@ -111,11 +111,13 @@ def record_path(model: str, recipe_hash: str) -> Path:
 
 def remember(result) -> Path:
     """Record the strength ``actmerge tune`` chose (a ``tune.TuneResult``) for ``bake --strength auto``."""
+    from .io.output import atomic_file
+
     path = record_path(result.model, result.recipe_hash)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[result.budget.key()] = result.to_dict()
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    with atomic_file(path, force=True, owned=True, log=lambda _msg: None) as tmp:  # a cache entry
+        data = json.loads(path.read_text()) if path.is_file() else {}  # under the lock: no lost entry
+        data[result.budget.key()] = result.to_dict()
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 

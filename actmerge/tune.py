@@ -210,19 +210,25 @@ def tune(
     curve: bool = True,
     progress: bool = True,
     log=print,
+    force: bool = False,
 ) -> TuneResult:
     """Fit the recipe once (or use ``maps``), search the strongest λ within ``budget`` on the tuning
     split, write ``out``/tune.json + tune.png, and record the choice for ``bake --strength auto``.
     ``cost_fn``/``behaviour_fn`` (λ → cost dict / metric value) replace the hooked measurements.
     ``curve=False``: the behaviour only at λ = 0 and the chosen λ (the choice needs only the cost, which
-    takes forwards on the neutral text; the behaviour takes generations)."""
+    takes forwards on the neutral text; the behaviour takes generations). ``force``: replace an eval
+    or tune report directory at ``out``."""
     from . import pipeline
+    from .io.output import check_output, write_report_dir
     from .maps import MapSet
 
     check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)  # before any load
     budget = budget or Budget()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     loaded = pipeline.load(model, log=log)
+    sources = [loaded.source.path, *([maps] if isinstance(maps, str | Path) else [])]
+    if out is not None:
+        check_output(Path(out), sources, force=force)  # before the fit
     prompts, neutral = tuning_split(recipe)
     metric = behaviour_name(recipe)
     if maps is None and (cost_fn is None or behaviour_fn is None):
@@ -290,10 +296,12 @@ def tune(
         maps=maps,
     )
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        result.save(out / "tune.json")
-        plot_tradeoff(result, out / "tune.png")
+
+        def write(tmp: Path) -> None:
+            result.save(tmp / "tune.json")
+            plot_tradeoff(result, tmp / "tune.png")
+
+        write_report_dir(Path(out), "tune", write, source=sources, force=force, log=log)
     if record:
         strength_rules.remember(result)
         if isinstance(maps, MapSet) and maps.recipe_hash and maps.recipe_hash != result.recipe_hash:

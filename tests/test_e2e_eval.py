@@ -21,7 +21,7 @@ def test_detox_sweep(loaded, tmp_path):
         loaded,
         recipe="detox-act",  # Linear-AcT: its fit also gives ml-act's clamped row
         strengths=[0.0, 1.0],
-        out=tmp_path,
+        out=tmp_path / "rep",
         progress=False,
         log=lambda *_: None,
     )
@@ -35,13 +35,13 @@ def test_detox_sweep(loaded, tmp_path):
     assert zero.metrics["toxic_fraction_hard"] > zero.metrics["toxic_fraction"]
     assert zero.metrics["kl"] == 0.0 < one.metrics["kl"]
     assert one.baseline["toxic_fraction_hard"] == zero.metrics["toxic_fraction_hard"]
-    data = json.loads((tmp_path / "report.json").read_text())
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [(r["kind"], r["strength"]) for r in data["rows"]] == [
         ("hooked", 0.0),
         ("hooked", 1.0),
         ("clamped", 1.0),
     ]
-    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "rep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_concept_presence_rises_with_strength(loaded, tmp_path):
@@ -49,7 +49,7 @@ def test_concept_presence_rises_with_strength(loaded, tmp_path):
         loaded,
         recipe="football",
         strengths=[0.0, 0.5, 1.0],
-        out=tmp_path,
+        out=tmp_path / "rep",
         progress=False,
         log=lambda *_: None,
     )
