@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CacheError
+from .output import umask
 
 MANIFEST = ".actmerge-manifest.json"  # hidden: never copied into a bake (``tree.copy_verbatim``)
 VERIFIED = ".actmerge-verified.json"
@@ -40,12 +41,6 @@ def sha256_file(path: Path) -> str:
         while block := f.read(16 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _files(root: Path) -> list[str]:
@@ -66,7 +61,7 @@ def _state(st: os.stat_result) -> list[int]:
 def seal(tmp: Path, origin: dict) -> None:
     """Finish a new entry in its temp dir: modes from the umask (safetensors' writer makes 0600
     files), then the manifest, written last, and the digests as verified."""
-    mask = current_umask()
+    mask = umask()
     for p in [tmp, *tmp.rglob("*")]:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
     files, verified = {}, {}
@@ -84,7 +79,7 @@ def _write_json(path: Path, data: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.chmod(name, 0o666 & ~current_umask())
+        os.chmod(name, 0o666 & ~umask())
         os.replace(name, path)
     finally:
         if os.path.exists(name):

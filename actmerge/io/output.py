@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -324,7 +325,8 @@ def follow_umask(root: Path) -> None:
             continue
         mode = p.stat().st_mode
         full = 0o777 if p.is_dir() or mode & 0o111 else 0o666
-        os.chmod(p, full & ~mask)
+        if stat.S_IMODE(mode) != full & ~mask:  # an unneeded chmod would still change the ctime
+            os.chmod(p, full & ~mask)
 
 
 def umask() -> int:
