@@ -178,3 +178,15 @@ def test_target_gguf_keeps_norm_sites_only(tmp_path):
             config,
             FoldOptions(frozenset({"gguf"})),
         )
+
+
+@needs_llamacpp
+def test_export_gguf_quantises_with_llamacpp(tmp_path):
+    import gguf
+
+    base = pico("llama", tmp_path / "base")
+    out = gguf_export.export_gguf(base, tmp_path / "m.q4_0.gguf", outtype="q4_0", log=lambda *_: None).out
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_output.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
+    with pytest.raises(gguf_export.ExportError, match="choose one of"):
+        gguf_export.export_gguf(base, tmp_path / "x.gguf", outtype="q9_z", log=lambda *_: None)
