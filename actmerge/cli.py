@@ -105,7 +105,9 @@ def bake(
     target: Annotated[
         list[str] | None,
         typer.Option(
-            "--target", "-t", help="Runtime that must load the result: transformers, vllm, llama.cpp."
+            "--target",
+            "-t",
+            help="Runtime that must load the result: transformers, vllm, llama.cpp, gguf (exact in a quantised GGUF).",
         ),
     ] = None,
     shift_policy: Annotated[

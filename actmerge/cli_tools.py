@@ -19,7 +19,9 @@ from .render import out
 def export_gguf(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (e.g. from `actmerge bake`).")],
     output: Annotated[Path, typer.Option("-o", "--out", help="GGUF file to write.")],
-    outtype: Annotated[str, typer.Option(help="f32, f16, bf16 or q8_0.")] = "f32",
+    outtype: Annotated[
+        str, typer.Option(help="f32, f16, bf16, q8_0, or a llama.cpp quantisation (q4_k_m, q5_k_m, q6_k…).")
+    ] = "f32",
     force: Force = False,
 ):
     """Convert a checkpoint to GGUF with llama.cpp's own converter (from the pinned llama-cpp-python

@@ -12,7 +12,7 @@ from typing import Literal
 from . import chat
 from .collect import FitReport
 from .collect import fit as fit_maps
-from .errors import PlacementError
+from .errors import NotFoldableError, PlacementError
 from .fold import FoldOptions
 from .io.provenance import read_bake_info
 from .io.safetensors import tensor_index
@@ -20,7 +20,7 @@ from .maps import MapSet
 from .models import ModelSource, load_model, resolve
 from .placement import Placement, offloaded
 from .recipe import Recipe, check_sentence_counts, load_recipe
-from .shifts import shift_home
+from .shifts import scale_home, shift_home
 from .sites import Site, architecture_for, resolve_sites, site_for_key
 
 Kind = Literal["llm", "pipeline"]
@@ -113,6 +113,24 @@ def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
     return sorted(uniq.values(), key=lambda s: s.order)
 
 
+def gguf_sites(sites: list[Site], config: dict, options: FoldOptions, log=print) -> list[Site]:
+    """``--target gguf``: the recipe's sites whose scale folds exactly into a quantised GGUF (norm
+    gains); the others are left out of the fit with a note, and none left is an error."""
+    arch = architecture_for(config)
+    keep = [s for s in sites if scale_home(arch, s.name, options.targets)[0]]
+    dropped = sorted({s.name for s in sites} - {s.name for s in keep})
+    if dropped:
+        why = scale_home(arch, dropped[0], options.targets)[1]
+        log(f"--target gguf: left out sites {', '.join(dropped)} ({dropped[0]}: {why})")
+    if sites and not keep:
+        raise NotFoldableError(
+            f"--target gguf: none of the recipe's sites ({', '.join(sorted({s.name for s in sites}))}) folds "
+            "exactly into a quantised GGUF. Choose norm sites (see `actmerge sites MODEL --target gguf`), or "
+            "drop --target gguf."
+        )
+    return keep
+
+
 @dataclass
 class FitResult:
     maps: MapSet
@@ -162,7 +180,7 @@ def fit(
         return FitResult(res.maps, None, recipe, res.seconds)
     loaded = load(model, revision=revision, placement=placement, log=log)
     config = loaded.source.config
-    sites = recipe_sites(recipe, config)
+    sites = gguf_sites(recipe_sites(recipe, config), config, options, log)
     source, target = recipe.read_source(), recipe.read_target()
     source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
     preflight_checkpoint(loaded.source)

@@ -185,8 +185,10 @@ def export_gguf(
     """Convert a (baked) checkpoint directory to one GGUF file with llama.cpp's converter."""
     t0 = time.perf_counter()
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()  # the converter runs elsewhere
-    if outtype not in OUTTYPES:
-        raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}.")
+    from .gguf_quantize import QUANT_OUTTYPES, quantize
+
+    if outtype not in OUTTYPES and outtype not in QUANT_OUTTYPES:
+        raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join([*OUTTYPES, *QUANT_OUTTYPES])}.")
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint directory (no config.json).")
     check_output(out, checkpoint, force=force, is_dir=False)
@@ -209,13 +211,17 @@ def export_gguf(
             "HF_HUB_OFFLINE": "1",
         }
         env.pop("NO_LOCAL_GGUF", None)
+        convert = "f32" if outtype in QUANT_OUTTYPES else outtype  # then llama.cpp's quantiser
         cmd = [sys.executable, "-c", _MARKED, str(root / SCRIPT), str(view), "--outfile", str(tmp_out)]
-        cmd += ["--outtype", outtype]
+        cmd += ["--outtype", convert]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=d)
         if proc.returncode != 0 or not tmp_out.is_file():
             raise ExportError(
                 f"llama.cpp's converter ({root / SCRIPT}) failed on {checkpoint}:\n"
                 f"{(proc.stderr or proc.stdout)[-3000:]}"
             )
+        if outtype in QUANT_OUTTYPES:  # llama.cpp's quantiser keeps every key, the marker included
+            quantize(tmp_out, Path(d) / "model.q.gguf", outtype)
+            os.replace(Path(d) / "model.q.gguf", tmp_out)
         os.replace(tmp_out, final)
     return ExportResult(out, outtype, stripped, time.perf_counter() - t0)

@@ -11,7 +11,7 @@ from .errors import MapsMismatchError, NotFoldableError
 from .fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, _nonzero, _not_one, refuse_shifts
 from .io.safetensors import TensorInfo, TensorNamer
 from .maps import MapSet
-from .shifts import _config_get, shift_home
+from .shifts import _config_get, scale_home, shift_home
 from .sites import ALL, Architecture, site_for_key
 
 NORM_EDIT = {"rmsnorm": "norm", "rmsnorm_1p": "norm_1p", "layernorm": "norm"}  # site fold → Edit kind
@@ -38,6 +38,7 @@ def plan(
     site_plans: list[SitePlan] = []
     config_patch: dict[str, Any] = {}
     refused: list[str] = []
+    refused_scales: list[str] = []
 
     def edit(module: str, kind: str, conv1d: bool = False, want_bias: bool = False) -> Edit:
         if ("", module) not in edits:
@@ -60,6 +61,9 @@ def plan(
             sp.exactness = Exactness.IDENTITY
             continue
         rule = site.rule
+        if has_scale and not (ok_scale := scale_home(arch, site.name, options.targets))[0]:
+            refused_scales.append(f"  {key} ({site.name}): {ok_scale[1]}")
+            continue
         flags, runtimes = {}, ALL
         if has_shift:
             ok, why, flags, runtimes = shift_home(
@@ -100,6 +104,13 @@ def plan(
                 sp.scale_into = [e.weight] + ([e.bias] if rule.fold == "linear_out" and e.bias else [])
             if has_shift:
                 sp.shift_into = [e.bias]
+    if refused_scales:
+        raise NotFoldableError(
+            "these maps have scales that cannot fold exactly into a quantised GGUF (--target gguf):\n"
+            + "\n".join(refused_scales)
+            + "\nRemedies: choose norm sites (`actmerge sites MODEL --target gguf`), or drop --target gguf "
+            "(a GGUF output then re-quantises the edited matrices where the gguf package can, or refuses)."
+        )
     if refused:
         raise refuse_shifts(refused, "MODEL")
     new_tensors = _companion_biases(arch, config, config_patch, edits, tensors, name_of)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from . import baking
+from . import baking, gguf_bake
 from . import strength as strength_rules
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
@@ -125,6 +125,12 @@ def bake(
         strengths = [tuned["strength"]] if tuned else None
     default = [strength_rules.default_for(recipe_objs[0], source) if recipe_objs else 1.0]
     strengths = strength_rules.check(strengths or default, **check)
+    gguf_src = gguf_out = None
+    if kind == "llm" and not dry_run and gguf_bake.is_gguf_out(out):  # GGUF in, GGUF out (gguf_bake.py)
+        if as_llama or push_to_hub:
+            raise RecipeError("-o X.gguf: --as-llama and --push-to-hub are for checkpoint directories.")
+        gguf_src = gguf_bake.preflight(source.name, Path(out), strengths, force)
+        gguf_out, out, dry_run = Path(out), None, True  # plan only; the GGUF is written below
     if evaluate_after and (not recipe_objs or recipe_objs[0].eval_prompts is None):
         raise RecipeError("--eval needs a recipe with `eval_prompts:` (use `actmerge eval` for maps files).")
     if push_to_hub:
@@ -186,6 +192,23 @@ def bake(
     except BaseException as exc:  # say exactly which strengths were written before the failure
         exc.actmerge_written = [str(r.out) for r in results if r.out is not None]
         raise
+    if gguf_out is not None:
+        res = results[0]
+        written = gguf_bake.write_gguf(
+            gguf_src,
+            res.plan,
+            gguf_bake.snapshot_reader(source),
+            source.config,
+            gguf_out,
+            force=force,
+            log=log,
+        )
+        res.notes += written.notes()
+        if verify:
+            held = baking.held_maps(mapset, res.plan)
+            res.verification = gguf_bake.verify_gguf(gguf_out, gguf_src, loaded, held, res.strength)
+        res.out = gguf_out
+        return results
     for res in results:
         if res.out is not None and verify:
             res.verification = globals()["verify"](

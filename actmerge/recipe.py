@@ -97,7 +97,7 @@ class Recipe(_Strict):
     allow_config_change: bool = Field(
         True, description="fold-aware: may shifts use config flags (attention_bias)?"
     )
-    targets: list[Literal["transformers", "vllm", "llama.cpp"]] = Field(
+    targets: list[Literal["transformers", "vllm", "llama.cpp", "gguf"]] = Field(
         default_factory=list, description="fold-aware: runtimes the bake must load in"
     )
     sites: list[SiteSpec | str] | dict[str, list[SiteSpec | str]] = Field(

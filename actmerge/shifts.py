@@ -66,6 +66,22 @@ def shift_home(
     return True, "", flags, runtimes
 
 
+# fold kinds whose scale goes into a norm gain: F32 in every GGUF, so exact in a quantised one
+NORM_FOLDS = ("rmsnorm", "rmsnorm_1p", "layernorm")
+
+
+def scale_home(arch: Architecture, site_name: str, targets: frozenset[str] = frozenset()) -> tuple[bool, str]:
+    """Can a scale at this site fold for these targets? → (ok, why not). Everywhere, except that
+    ``gguf`` (a quantised GGUF) takes scales in norm gains only: a linear's weight is quantised."""
+    rule = arch.sites[site_name]
+    if "gguf" in targets and rule.fold not in NORM_FOLDS:
+        return False, (
+            f"its scale goes into {rule.module}'s weight, which a quantised GGUF stores quantised "
+            "(--target gguf keeps norm gains and loadable biases only)"
+        )
+    return True, ""
+
+
 def capabilities(
     arch: Architecture, config: dict, targets: frozenset[str] = frozenset()
 ) -> list[dict[str, str]]:

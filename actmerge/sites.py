@@ -26,7 +26,9 @@ from .layers import parse_layers  # noqa: F401  (recipes' layer selections; diff
 
 Side = Literal["input", "output"]
 FoldKind = Literal["rmsnorm", "rmsnorm_1p", "layernorm", "linear_in", "linear_out"]
-RUNTIMES = ("transformers", "vllm", "llama.cpp")
+# "gguf": llama.cpp running a quantised GGUF written by `bake -o X.gguf` (gguf_bake.py): it loads the
+# biases llama.cpp loads, and only norm gains (F32 in a GGUF) take a scale exactly.
+RUNTIMES = ("transformers", "vllm", "llama.cpp", "gguf")
 ALL = frozenset(RUNTIMES)
 
 # Canonical order of sites inside one decoder layer (forward order), used by incremental fitting.
