@@ -18,7 +18,7 @@ from .evalconfig import chat_prompts, eval_config
 from .fitting import Loaded
 from .fold import Exactness, FoldOptions, FoldPlan
 from .io.provenance import BakeInfo, provenance_files
-from .io.safetensors import tensor_index
+from .io.st_format import tensor_index
 from .io.tree import write_checkpoint, write_pipeline
 from .llm_plan import plan as make_plan
 from .maps import MapSet, compose
@@ -201,7 +201,7 @@ def write(
 def _check_variants(source, fold_plan: FoldPlan, weights: dict) -> None:
     """Every weight set of an edited component (e.g. an ``.fp16`` variant) must hold the edited tensors."""
     from .errors import MapsMismatchError
-    from .io.safetensors import tensor_index
+    from .io.st_format import tensor_index
 
     for component, sets in weights.items():
         edited = fold_plan.edited_tensors(component)

@@ -15,7 +15,7 @@ from .collect import fit as fit_maps
 from .errors import NotFoldableError, PlacementError
 from .fold import FoldOptions
 from .io.provenance import read_bake_info
-from .io.safetensors import tensor_index
+from .io.st_format import tensor_index
 from .maps import MapSet
 from .models import ModelSource, load_model, resolve
 from .placement import Placement, offloaded

@@ -18,7 +18,8 @@ from typing import Any, Literal
 import torch
 
 from .errors import MapsMismatchError, NotFoldableError
-from .io.safetensors import Streamed, TensorInfo
+from .io.st_format import TensorInfo
+from .io.st_rewrite import Streamed
 from .io.weights import WeightEdits
 from .shifts import _config_get, capabilities, shift_home  # noqa: F401  (capabilities: library API)
 from .sites import ALL, RUNTIMES

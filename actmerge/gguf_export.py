@@ -33,9 +33,11 @@ from . import __version__
 from .errors import ExportError
 from .io.markers import GGUF_KEY
 from .io.output import PROVENANCE_DIR, atomic_dir, atomic_file, check_output, scratch_dir
-from .io.safetensors import TensorNamer, read_shard, tensor_index, write_shard
+from .io.st_format import read_shard, tensor_index
+from .io.st_rewrite import write_shard
 from .io.tree import INDEX
 from .models import ModelSource, cache_dir
+from .naming import TensorNamer
 from .sites import Architecture, architecture_for, num_layers
 
 # The llama.cpp converter actmerge runs is the one vendored in this llama-cpp-python sdist (and the

@@ -9,8 +9,9 @@ from typing import Any
 
 from .errors import MapsMismatchError, NotFoldableError
 from .fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, _nonzero, _not_one, refuse_shifts
-from .io.safetensors import TensorInfo, TensorNamer
+from .io.st_format import TensorInfo
 from .maps import MapSet
+from .naming import TensorNamer
 from .shifts import _config_get, scale_home, shift_home
 from .sites import ALL, Architecture, site_for_key
 

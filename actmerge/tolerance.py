@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .io.safetensors import FLOAT_DTYPES
+from .io.st_format import FLOAT_DTYPES
 
 # max |Δlogit|, language models in a fresh transformers process (real models: logits reach ~30, and
 # the folded weights round through many layers; fp32 sits at ~1e-6 relative)

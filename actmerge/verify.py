@@ -283,7 +283,7 @@ def verify_checkpoint(
     """Hooked base (``loaded``: a ``fitting.Loaded``) vs ``checkpoint``; writes ``actmerge/verify.json``
     (or ``verify-llama.cpp.json``) with a digest of the weights it verified."""
     from .io.provenance import write_verify_report
-    from .io.safetensors import tensor_index
+    from .io.st_format import tensor_index
     from .models import ModelSource
 
     prompts = prompts or DEFAULT_PROMPTS

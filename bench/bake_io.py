@@ -147,17 +147,17 @@ print(json.dumps({"seconds": dt, "peak_rss": resource.getrusage(resource.RUSAGE_
 APPEND = r"""
 import sys, time, json, torch
 from pathlib import Path
-from actmerge.io import safetensors as st
-shard = st.read_shard(Path(sys.argv[1]))
+from actmerge.io import st_format, st_rewrite
+shard = st_format.read_shard(Path(sys.argv[1]))
 out, how = Path(sys.argv[2]), sys.argv[3]
 bias = {"model.extra.bias": torch.zeros(3072, dtype=torch.bfloat16)}
 t0 = time.perf_counter()
 if how == "aligned":
-    st.write_shard(shard, bias, out)
+    st_rewrite.write_shard(shard, bias, out)
 else:  # the data section moved by a few bytes (the header padded to 8 only): unaligned copies
-    real = st.encode_header
-    st.encode_header = lambda header, data_start_mod=None: real(header)
-    st.write_shard(shard, bias, out)
+    real = st_rewrite.encode_header  # write_shard's own name for it
+    st_rewrite.encode_header = lambda header, data_start_mod=None: real(header)
+    st_rewrite.write_shard(shard, bias, out)
 print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from actmerge import fold, pipeline
 from actmerge.errors import NotFoldableError
-from actmerge.io import safetensors as st
+from actmerge.io import st_format, st_reader, st_rewrite, st_writer
 from actmerge.io.tree import INDEX
 from actmerge.models import ModelSource
 from actmerge.sites import architecture_for
@@ -24,11 +24,11 @@ QUIET = dict(progress=False, log=lambda *_: None)
 
 
 def _bytes(v) -> bytes:
-    if isinstance(v, st.Streamed):
+    if isinstance(v, st_rewrite.Streamed):
         blocks = list(v.blocks())
         assert len(blocks) >= 1 and all(b.dtype == v.dtype for b in blocks)
-        return b"".join(st.to_bytes(b) for b in blocks)
-    return st.to_bytes(v)
+        return b"".join(st_format.to_bytes(b) for b in blocks)
+    return st_format.to_bytes(v)
 
 
 def _same(e: fold.Edit, read, chunk: int, scratch: fold.Scratch | None = None) -> int:
@@ -37,8 +37,8 @@ def _same(e: fold.Edit, read, chunk: int, scratch: fold.Scratch | None = None) -
     got = fold.compute_chunked(e, read, chunk=chunk, scratch=scratch)
     assert set(got) == set(ref)
     for name in ref:
-        assert _bytes(got[name]) == st.to_bytes(ref[name]), name
-    return sum(isinstance(v, st.Streamed) for v in got.values())
+        assert _bytes(got[name]) == st_format.to_bytes(ref[name]), name
+    return sum(isinstance(v, st_rewrite.Streamed) for v in got.values())
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,12 @@ def test_chunked_fold_same_bytes_for_every_row_site_and_strength(picos):
     scratch = fold.Scratch()  # one buffer for every b + W c, as in a bake
     for mt in MODEL_TYPES:
         src = ModelSource(mt, picos[mt])
-        infos, where = st.tensor_index(src.safetensors_files())
+        infos, where = st_format.tensor_index(src.safetensors_files())
         for site in architecture_for(mt).sites:
             maps = random_maps(src.config, [site], seed=stable_seed(site))
             for lam in STRENGTHS:
                 plan = pipeline.plan(src, maps, lam)
-                with st.Reader(where) as read:
+                with st_reader.Reader(where) as read:
                     for e in plan.edits.values():
                         for chunk in (1, 50):
                             streamed += _same(e, read, chunk, scratch)
@@ -87,7 +87,7 @@ def test_chunked_fold_same_bytes_on_a_tensor_of_many_chunks(dtype, conv1d, new_b
     e, tensors = _linear_edit(700, 384, dtype, conv1d, new_bias)
     chunk = 384 * 64  # ~11 blocks, the last one partial
     got = fold.compute_chunked(e, tensors.__getitem__, chunk=chunk)
-    assert isinstance(got["l.weight"], st.Streamed) and len(list(got["l.weight"].blocks())) > 5
+    assert isinstance(got["l.weight"], st_rewrite.Streamed) and len(list(got["l.weight"].blocks())) > 5
     assert _same(e, tensors.__getitem__, chunk) == 1
     # and through the writer (writer thread, blocks at their offsets) the file bytes are the same
     _same_file(tensors, fold.compute(e, tensors.__getitem__), got)
@@ -100,9 +100,9 @@ def _same_file(tensors, ref, got):
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         save_file({**tensors, "z.other": torch.arange(10.0)}, str(d / "s.safetensors"))
-        shard = st.read_shard(d / "s.safetensors")
-        st.write_shard(shard, ref, d / "a.safetensors")
-        st.write_shard(shard, got, d / "b.safetensors")
+        shard = st_format.read_shard(d / "s.safetensors")
+        st_rewrite.write_shard(shard, ref, d / "a.safetensors")
+        st_rewrite.write_shard(shard, got, d / "b.safetensors")
         assert (d / "a.safetensors").read_bytes() == (d / "b.safetensors").read_bytes()
 
 
@@ -115,7 +115,9 @@ def test_chunked_fold_refuses_overflow_while_writing(tmp_path):
     got = fold.compute_chunked(e, tensors.__getitem__, chunk=2000)
     save_file(tensors, str(tmp_path / "s.safetensors"))
     with pytest.raises(NotFoldableError, match="NaN/Inf"):  # raised from the blocks, writer stopped
-        st.write_shard(st.read_shard(tmp_path / "s.safetensors"), got, tmp_path / "o.safetensors")
+        st_rewrite.write_shard(
+            st_format.read_shard(tmp_path / "s.safetensors"), got, tmp_path / "o.safetensors"
+        )
 
 
 def test_writer_thread_error_reaches_the_caller(tmp_path, monkeypatch):
@@ -124,25 +126,27 @@ def test_writer_thread_error_reaches_the_caller(tmp_path, monkeypatch):
     def broken(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(st, "_pwrite_all", broken)
+    monkeypatch.setattr(st_writer, "pwrite_all", broken)
     with pytest.raises(OSError, match="No space"):
-        st.write_shard(st.read_shard(tmp_path / "s.safetensors"), {"a": torch.ones(1000)}, tmp_path / "o")
+        st_rewrite.write_shard(
+            st_format.read_shard(tmp_path / "s.safetensors"), {"a": torch.ones(1000)}, tmp_path / "o"
+        )
 
 
 @pytest.mark.parametrize("path", ["as found", "no reflink", "no copy_file_range"])
 def test_copy_file_whole(tmp_path, monkeypatch, path):
     """A whole-file copy through the writer: a reflink, else in-kernel ranges, else read + write."""
     if path != "as found":
-        monkeypatch.setattr(st, "_reflink", lambda *_: False)
+        monkeypatch.setattr(st_writer, "reflink", lambda *_: False)
     if path == "no copy_file_range":
 
         def unsupported(*_a):
             raise OSError(18, "Invalid cross-device link")
 
-        monkeypatch.setattr(st.os, "copy_file_range", unsupported)
+        monkeypatch.setattr(st_writer.os, "copy_file_range", unsupported)
     data = torch.randn(300_000).numpy().tobytes()
     (tmp_path / "a").write_bytes(data)
-    with st.Writer() as w:
+    with st_writer.Writer() as w:
         w.copy_file(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "b").read_bytes() == data
 
@@ -151,11 +155,11 @@ def test_copy_file_whole(tmp_path, monkeypatch, path):
 def test_appended_tensors_keep_data_page_aligned(tmp_path, header_pad):
     tensors = {f"t{i}": torch.randn(50 + i, 30) for i in range(4)}
     save_file(tensors, str(tmp_path / "s.safetensors"), metadata={"format": "pt", "pad": "x" * header_pad})
-    shard = st.read_shard(tmp_path / "s.safetensors")
+    shard = st_format.read_shard(tmp_path / "s.safetensors")
     values = {"t2": torch.zeros(52, 30), "new.bias": torch.arange(7.0)}
-    st.write_shard(shard, values, tmp_path / "o.safetensors")
-    out = st.read_shard(tmp_path / "o.safetensors")
-    assert (out.data_start - shard.data_start) % st.ALIGN == 0 and out.data_start % 8 == 0
+    st_rewrite.write_shard(shard, values, tmp_path / "o.safetensors")
+    out = st_format.read_shard(tmp_path / "o.safetensors")
+    assert (out.data_start - shard.data_start) % st_format.ALIGN == 0 and out.data_start % 8 == 0
     got = load_file(str(tmp_path / "o.safetensors"))
     for name, t in {**tensors, **values}.items():
         assert torch.equal(got[name], t), name
@@ -182,10 +186,10 @@ def test_untouched_shards_copied_whole_added_tensors_in_one_shard(tmp_path):
     edited = {n for n in res.plan.edited_tensors() if n not in added}
     whole = 0
     for f in files:
-        a, b = st.read_shard(f), st.read_shard(res.out / f.name)
+        a, b = st_format.read_shard(f), st_format.read_shard(res.out / f.name)
         if f.name == home:
             assert set(b.tensors()) == set(a.tensors()) | added
-            assert (b.data_start - a.data_start) % st.ALIGN == 0
+            assert (b.data_start - a.data_start) % st_format.ALIGN == 0
         elif not edited & set(a.tensors()):
             assert (res.out / f.name).read_bytes() == f.read_bytes()
             whole += 1
@@ -221,8 +225,8 @@ def _fds() -> int:
 def test_one_writer_for_many_shards_same_bytes_and_files_closed(tmp_path, monkeypatch):
     """Shards queued on one Writer (the caller runs ahead, writes blocks itself past the held budget,
     copies at close) give the bytes of one writer per shard; every file is closed."""
-    monkeypatch.setattr(st, "OPEN_FILES", 2)  # the caller must help before opening the third
-    monkeypatch.setattr(st, "_PIECE", 4096)  # many copy jobs per file
+    monkeypatch.setattr(st_writer, "OPEN_FILES", 2)  # the caller must help before opening the third
+    monkeypatch.setattr(st_writer, "PIECE", 4096)  # many copy jobs per file
     g = torch.Generator().manual_seed(0)
     jobs = []
     for k in range(5):
@@ -237,11 +241,11 @@ def test_one_writer_for_many_shards_same_bytes_and_files_closed(tmp_path, monkey
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     for path, values in jobs:
-        st.write_shard(st.read_shard(path), values, tmp_path / "a" / path.name)
+        st_rewrite.write_shard(st_format.read_shard(path), values, tmp_path / "a" / path.name)
     before = _fds()
-    with st.Writer(held=3000) as w:  # a block is 7680 bytes: every block beyond the first waits
+    with st_writer.Writer(held=3000) as w:  # a block is 7680 bytes: every block beyond the first waits
         for path, values in jobs:
-            st.write_shard(st.read_shard(path), values, tmp_path / "b" / path.name, writer=w)
+            st_rewrite.write_shard(st_format.read_shard(path), values, tmp_path / "b" / path.name, writer=w)
             assert len(w.outs) <= 2
     assert _fds() == before and not w.outs
     for path, _ in jobs:
@@ -250,18 +254,18 @@ def test_one_writer_for_many_shards_same_bytes_and_files_closed(tmp_path, monkey
 
 def test_copy_error_in_a_shared_writer_reaches_the_caller(tmp_path, monkeypatch):
     save_file({"a": torch.zeros(1000), "b": torch.ones(1000)}, str(tmp_path / "s.safetensors"))
-    shard = st.read_shard(tmp_path / "s.safetensors")
-    real = st._copy_at
+    shard = st_format.read_shard(tmp_path / "s.safetensors")
+    real = st_writer.copy_at
 
     def broken(src, dst, a, b, n):
         if b > 0:  # the header copies, the data does not
             raise OSError(28, "No space left on device")
         real(src, dst, a, b, n)
 
-    monkeypatch.setattr(st, "_copy_at", broken)
+    monkeypatch.setattr(st_writer, "copy_at", broken)
     before = _fds()
     with pytest.raises(OSError, match="No space"):
-        with st.Writer() as w:
+        with st_writer.Writer() as w:
             for k in range(3):
-                st.write_shard(shard, {"a": torch.ones(1000)}, tmp_path / f"o{k}", writer=w)
+                st_rewrite.write_shard(shard, {"a": torch.ones(1000)}, tmp_path / f"o{k}", writer=w)
     assert _fds() == before

@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM
 from actmerge import pipeline
 from actmerge.errors import OutputExistsError
 from actmerge.hooks import steer
-from actmerge.io import safetensors as st
-from actmerge.io import weights
+from actmerge.io import st_format, st_reader, st_rewrite, weights
 from actmerge.io.tree import INDEX
 from actmerge.models import ModelSource
 
@@ -51,12 +50,12 @@ def test_multi_shard_index_and_bytes(sharded, tmp_path):
     assert index["metadata"]["total_size"] == sum(
         (m["data_offsets"][1] - m["data_offsets"][0])
         for f in files
-        for m in st.read_shard(out / f.name).tensors().values()
+        for m in st_format.read_shard(out / f.name).tensors().values()
     )
     # untouched tensors are byte-identical
     edited = set(res.plan.edited_tensors())
     for f in files:
-        a, b = st.read_shard(f), st.read_shard(out / f.name)
+        a, b = st_format.read_shard(f), st_format.read_shard(out / f.name)
         raw_a, raw_b = f.read_bytes(), (out / f.name).read_bytes()
         for name, meta in a.tensors().items():
             if name in edited:
@@ -122,7 +121,7 @@ def test_streaming_keeps_one_input_shard_open(sharded, tmp_path, monkeypatch):
     src = ModelSource("pico", sharded)
     maps = random_maps(src.config, ["attn_in", "attn_ctx", "mlp_hidden", "mlp_out"], seed=5)
     state = {"open": 0, "max": 0, "tensors": 0}
-    real = st.safe_open
+    real = st_reader.safe_open
 
     class Counting:
         def __init__(self, *a, **k):
@@ -142,7 +141,7 @@ def test_streaming_keeps_one_input_shard_open(sharded, tmp_path, monkeypatch):
             state["tensors"] += 1
             return self.h.get_tensor(name)
 
-    monkeypatch.setattr(st, "safe_open", Counting)
+    monkeypatch.setattr(st_reader, "safe_open", Counting)
     (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "o", **QUIET)
     assert state["max"] == 1 and state["open"] == 0
     edited_existing = [n for n in res.plan.edited_tensors() if n not in res.plan.new_tensors]
@@ -156,11 +155,11 @@ def test_write_shard_patches_only_edited_ranges(tmp_path, append):
     torch.manual_seed(0)
     tensors = {f"t{i}": torch.randn(3 + i, 5) for i in range(5)}
     save_file(tensors, str(tmp_path / "s.safetensors"), metadata={"format": "pt"})
-    shard = st.read_shard(tmp_path / "s.safetensors")
+    shard = st_format.read_shard(tmp_path / "s.safetensors")
     values = {"t1": torch.full((4, 5), 7.0), "t3": torch.zeros(6, 5)}  # two edits, not adjacent
     if append:
         values["new.bias"] = torch.arange(4.0)
-    st.write_shard(shard, values, tmp_path / "o.safetensors")
+    st_rewrite.write_shard(shard, values, tmp_path / "o.safetensors")
     got = load_file(str(tmp_path / "o.safetensors"))
     assert set(got) == set(tensors) | set(values)
     for name, t in {**tensors, **values}.items():

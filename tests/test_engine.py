@@ -12,7 +12,7 @@ from actmerge import pipeline
 from actmerge.errors import ModelResolutionError, NotFoldableError
 from actmerge.fold import FoldOptions
 from actmerge.hooks import steer
-from actmerge.io import safetensors as st
+from actmerge.io import st_format
 from actmerge.models import ModelSource
 from actmerge.recipe import Recipe
 
@@ -57,9 +57,9 @@ def test_weight_and_bias_in_different_shards(tmp_path, model_type, sites):
     seen: dict[str, list[str]] = {}
     total = 0
     for f in sorted(res.out.glob("*.safetensors")):
-        for name, meta in st.read_shard(f).tensors().items():
+        for name, meta in st_format.read_shard(f).tensors().items():
             seen.setdefault(name, []).append(f.name)
-            total += st.nbytes(meta)
+            total += st_format.nbytes(meta)
     assert all(len(v) == 1 for v in seen.values()), {k: v for k, v in seen.items() if len(v) > 1}
     assert {k: v[0] for k, v in seen.items()} == index["weight_map"]
     assert index["metadata"]["total_size"] == total

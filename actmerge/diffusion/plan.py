@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from ..errors import MapsMismatchError, NotFoldableError
 from ..fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, refuse_shifts
-from ..io.safetensors import TensorNamer
 from ..maps import MapSet
+from ..naming import TensorNamer
 from .sites import DSite, site_for_key
 from .source import PipelineSource
 from .table import component_for, pipeline_for
 
 
 class _Namer:
-    """Module path + leaf → the component checkpoint's tensor name (``io.safetensors.TensorNamer``
+    """Module path + leaf → the component checkpoint's tensor name (``naming.TensorNamer``
     with the component row's prefix aliases)."""
 
     def __init__(self, source: PipelineSource, component: str):

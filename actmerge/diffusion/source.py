@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import ModelResolutionError
-from ..io.safetensors import TensorInfo, tensor_index
+from ..io.st_format import TensorInfo, tensor_index
 from ..io.tree import WeightSet, read_config
 from ..models import hub_fetch
 

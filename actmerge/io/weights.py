@@ -13,17 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .safetensors import (
-    DTYPES,
-    Reader,
-    TensorInfo,
-    Value,
-    Writer,
-    nbytes,
-    read_shard,
-    tensor_index,
-    write_shard,
-)
+from .st_format import DTYPES, TensorInfo, nbytes, read_shard, tensor_index
+from .st_reader import Reader
+from .st_rewrite import Value, write_shard
+from .st_writer import Writer
 
 Compute = Callable[[str, Callable[[str], torch.Tensor]], dict[str, Value]]
 
