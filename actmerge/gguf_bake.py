@@ -249,7 +249,7 @@ def snapshot_reader(source):
     """HF tensor name → float32 tensor, read from the de-quantised snapshot's safetensors."""
     from safetensors import safe_open
 
-    from .io.safetensors import tensor_index
+    from .io.st_format import tensor_index
 
     _, where = tensor_index(source.safetensors_files())
 
