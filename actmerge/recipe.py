@@ -329,6 +329,12 @@ class Recipe(_Strict):
     def path(self, p: Path) -> Path:
         return p if p.is_absolute() else (self._base_dir / p)
 
+    def based_at(self, base_dir: Path) -> Recipe:
+        """A copy whose relative paths resolve against ``base_dir`` (for a recipe built in code)."""
+        copy = self.model_copy()
+        copy._base_dir = Path(base_dir)
+        return copy
+
     def read_source(self) -> list[str]:
         return read_sentences(self.path(self.source), self.text_field)
 

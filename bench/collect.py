@@ -27,8 +27,8 @@ import argparse
 import statistics
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
+import lab
 import torch
 
 from actmerge.collect import batches, collect
@@ -38,7 +38,6 @@ from actmerge.placement import input_device
 from actmerge.recipe import read_sentences
 from actmerge.sites import architecture_for, resolve_sites
 
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -109,8 +108,8 @@ def main() -> None:
     model, tok = load_model(src, device=args.device, dtype=DTYPES[args.dtype])
     arch = architecture_for(src.config)
     keys = [s.key for s in resolve_sites(arch, src.config, list(arch.sites), "all")]
-    sentences = read_sentences(ROOT / "recipes" / "data" / "detox" / "toxic.txt")
-    sentences += read_sentences(ROOT / "recipes" / "data" / "detox" / "nontoxic.txt")
+    sentences = read_sentences(lab.DATA / "detox" / "toxic.txt")
+    sentences += read_sentences(lab.DATA / "detox" / "nontoxic.txt")
     sentences = sentences[: args.n] if args.n else sentences
     bs, mt = args.batch_size, args.max_tokens
     chunks = [sentences[i : i + bs] for i in range(0, len(sentences), bs)]

@@ -1,5 +1,6 @@
 """Three more kinds of football direction for SmolLM2-135M-Instruct in chat, on the tuning split only
-(each at the largest λ within ×TARGET tuning perplexity, as bench/tune_football_chat.py does):
+(each at the largest λ within ×TARGET tuning perplexity, as bench/tune_football_chat.py does, by the
+library's search: ``lab.strongest``):
 
     python bench/football_chat_probes.py sites     # residual writes (attn_out, mlp_out) and site pairs
     python bench/football_chat_probes.py contrast  # instruction contrast: request vs request + INSTRUCTION
@@ -33,10 +34,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import lab
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tune_football_chat import DATA, FIT_PROMPTS, Bench, _read, _score  # noqa: E402
+from tune_football_chat import DATA, FIT_PROMPTS, TARGET
 
 INSTRUCTION = "Relate your answer to football."
 OUT = Path(os.environ.get("STATS_DIR", "/tmp"))
@@ -57,7 +57,7 @@ def _mean(x, y):
 def _row(b, base, label, maps):
     t0 = time.perf_counter()
     lam, ratio = b.strongest(maps, base["ppl"])
-    concept, sim = _score(b.gen(maps, lam, b.tune_prompts), base["tune"], b.keywords)
+    concept, sim = lab.score(b.gen(maps, lam, b.tune_prompts), base["tune"], b.keywords)
     print(
         f"{label:40s} λ {lam:5.2f}  concept {concept:6.1%}  sim {sim:.3f}  ppl ×{ratio:.3f}"
         f"  ({time.perf_counter() - t0:.0f}s)",
@@ -123,7 +123,7 @@ def at(b, base, names, frac, *strengths):
     for lam in map(float, strengths):
         with torch.inference_mode():
             ratio = b.ppl(maps, lam) / base["ppl"]
-            concept, sim = _score(b.gen(maps, lam, b.tune_prompts), base["tune"], b.keywords)
+            concept, sim = lab.score(b.gen(maps, lam, b.tune_prompts), base["tune"], b.keywords)
         print(f"mean {names} {frac} λ {lam:5.2f}  concept {concept:6.1%}  sim {sim:.3f}  ppl ×{ratio:.3f}")
 
 
@@ -150,7 +150,7 @@ def sites(b, base):
 def contrast(b, base):
     from actmerge.chat import replies_to
 
-    requests = _read(FIT_PROMPTS)
+    requests = lab.read(FIT_PROMPTS)
     instructed = [f"{r} {INSTRUCTION}" for r in requests]
     keys = _keys(b, ["attn_in", "attn_ctx"])
     plain, told = own_replies(b, requests)
@@ -170,7 +170,7 @@ def instruction(b, base):
     from actmerge.chat import instruction_pairs
 
     replies = b.recipe.read_source() + b.recipe.read_target()
-    pairs = instruction_pairs(b.tok, _read(FIT_PROMPTS), replies, INSTRUCTION)
+    pairs = instruction_pairs(b.tok, lab.read(FIT_PROMPTS), replies, INSTRUCTION)
     keys = _keys(b, ["attn_in", "attn_ctx", "mlp_hidden"])
     xs, ys = (_collect(b, side, keys, "mean", max_tokens=128) for side in pairs)
     for names, frac in [
@@ -191,10 +191,10 @@ def instruction(b, base):
 
 def prompted(b, base):
     """The instruction's own effect, unsteered: how often the model follows it on the tuning requests."""
-    requests = _read(DATA / "concept" / "chat_tune_prompts.txt")
+    requests = lab.read(DATA / "concept" / "chat_tune_prompts.txt")
     with torch.inference_mode():
         texts = b.gen({}, 0.0, _user(b, [f"{r} {INSTRUCTION}" for r in requests]))
-    concept, sim = _score(texts, base["tune"], b.keywords)
+    concept, sim = lab.score(texts, base["tune"], b.keywords)
     print(f"prompted ({INSTRUCTION!r}): concept {concept:.1%}  sim {sim:.3f}")
 
 
@@ -204,7 +204,7 @@ def distill(b, base, steps="16", lr="0.003", mu="1.0"):
     from actmerge.maps import AffineMap
     from actmerge.sites import resolve_sites
 
-    requests = _read(FIT_PROMPTS)
+    requests = lab.read(FIT_PROMPTS)
     _, told = own_replies(b, requests)
     tok, model = b.tok, b.model
     model.requires_grad_(False)
@@ -252,7 +252,7 @@ def distill(b, base, steps="16", lr="0.003", mu="1.0"):
     maps = {k: AffineMap(torch.ones_like(p), p.detach().clone()) for k, p in shifts.items()}
     with torch.inference_mode():
         ratio = b.ppl(maps, 1.0) / base["ppl"]
-        concept, sim = _score(b.gen(maps, 1.0, b.tune_prompts), base["tune"], b.keywords)
+        concept, sim = lab.score(b.gen(maps, 1.0, b.tune_prompts), base["tune"], b.keywords)
     print(
         f"distill attn_in 33%-100% at λ 1: concept {concept:.1%}  sim {sim:.3f}  ppl ×{ratio:.3f}", flush=True
     )
@@ -262,10 +262,10 @@ def distill(b, base, steps="16", lr="0.003", mu="1.0"):
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     torch.manual_seed(0)
-    bench = Bench()
+    bench = lab.ChatLab(TARGET)
     with torch.inference_mode():
         base = {"ppl": bench.ppl({}, 0.0), "tune": bench.gen({}, 0.0, bench.tune_prompts)}
-    print(f"base: concept {_score(base['tune'], base['tune'], bench.keywords)[0]:.1%}", flush=True)
+    print(f"base: concept {lab.score(base['tune'], base['tune'], bench.keywords)[0]:.1%}", flush=True)
     {
         "sites": sites,
         "contrast": contrast,

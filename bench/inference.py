@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lab
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -68,7 +69,7 @@ def main() -> None:
         baked_dir = Path(tmp.name) / "baked"
         pipeline.bake(
             pipeline.Loaded(src),
-            recipe=ROOT / "recipes" / "detox.yaml",
+            recipe=lab.RECIPES / "detox.yaml",
             strengths=[1.0],
             out=baked_dir,
             progress=False,

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import lab
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -34,8 +35,6 @@ from actmerge.lineas import LineasConfig, fit_lineas
 from actmerge.models import resolve
 from actmerge.recipe import load_recipe
 from actmerge.sites import architecture_for
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Cut(Exception):
@@ -69,7 +68,7 @@ def plain_step(model, inputs: dict, last: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma-3-270m")
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "detox-lineas.yaml"))
+    ap.add_argument("--recipe", default=str(lab.RECIPES / "detox-lineas.yaml"))
     ap.add_argument("--batch", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="LinEAS steps (and plain passes) per round")

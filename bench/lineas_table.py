@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import lab
+
 from actmerge import pipeline
 from actmerge.hooks import steer
 from actmerge.models import resolve
@@ -38,7 +40,7 @@ def main() -> None:
 
     source = resolve("gemma-3-270m")
     loaded = pipeline.Loaded(source)
-    detox = load_recipe(ROOT / "recipes" / "detox.yaml")
+    detox = load_recipe(lab.RECIPES / "detox.yaml")
     cfg = pipeline.eval_config(detox)
     model, tok = loaded.get()
     rows = []
@@ -72,19 +74,19 @@ def main() -> None:
     variants = [
         (
             "Linear-AcT baked, detox.yaml sites (scale-only post-norms 9-17 / 6-11)",
-            ROOT / "recipes" / "detox.yaml",
+            lab.RECIPES / "detox.yaml",
             {},
             [1.0],
         ),
         (
             "LinEAS fold-aware baked, dense (detox-lineas.yaml with l1 = group = 0)",
-            ROOT / "recipes" / "detox-lineas.yaml",
+            lab.RECIPES / "detox-lineas.yaml",
             {"l1": 0.0, "group": 0.0},
             [1.0, 0.75],
         ),
         (
             "LinEAS fold-aware sparse baked (detox-lineas.yaml: l1 0.3, group 0.05)",
-            ROOT / "recipes" / "detox-lineas.yaml",
+            lab.RECIPES / "detox-lineas.yaml",
             {},
             [1.0],
         ),

@@ -42,11 +42,9 @@ import time
 from pathlib import Path
 
 import torch
+from bake_io import CONFIG, SHARD_BYTES, build
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bake_io import CONFIG, SHARD_BYTES, build  # noqa: E402
-
-from actmerge.models import cache_dir  # noqa: E402
+from actmerge.models import cache_dir
 
 SMALL = {
     **CONFIG,

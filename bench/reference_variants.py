@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
+import lab
 import torch
 
 from actmerge import fitting
@@ -35,8 +35,7 @@ from actmerge.maps import MapSet
 from actmerge.models import load_model, resolve
 from actmerge.recipe import load_recipe, read_sentences
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "recipes" / "data"
+DATA = lab.DATA
 REFERENCE = dict(pooling_special_tokens="include", degenerate_neurons="skip", sample="balanced")
 
 
@@ -58,7 +57,7 @@ def main() -> None:
     neutral = read_sentences(DATA / "neutral_tune.txt")
     names = ["detox", "football"] + (["detox-lineas"] if "--lineas" in sys.argv else [])
     for name in names:
-        shipped = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        shipped = load_recipe(lab.RECIPES / f"{name}.yaml")
         update = dict(REFERENCE)
         if shipped.method == "lineas":
             update = {"pooling_special_tokens": "include"}

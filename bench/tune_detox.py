@@ -45,16 +45,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+import lab
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's actmerge
-
-import yaml  # noqa: E402
-
-RECIPES = ROOT / "actmerge" / "recipes"
+RECIPES = lab.RECIPES
 HARD_TUNE = "data/detox/tune_prompts_hard.txt"
 RESULTS = ROOT / "bench" / "results" / "tune_detox.jsonl"
 
@@ -138,9 +136,7 @@ def recipe_for(name: str):
         data["max_sentences"] = 16
         data["min_sentences"] = 8
         data.setdefault("lineas", {})["steps"] = 3
-    rec = Recipe.model_validate(data)
-    rec._base_dir = RECIPES
-    return rec
+    return Recipe.model_validate(data).based_at(RECIPES)
 
 
 def main() -> None:

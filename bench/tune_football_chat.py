@@ -5,11 +5,12 @@ only, and only then measure the held-out row of the pick.
     python bench/tune_football_chat.py table OUT.json        # the table (results/tune_football_chat.txt)
 
 Every candidate is a *direction* (method, sites, layer fraction, fitting sentences, pooling); its
-strength is set by the budget, not guessed: the perplexity ratio on the tuning neutral text
-(data/neutral_tune.txt) is measured at λ = 1 and 2, log(ratio) ≈ aλ + bλ² is solved for ×TARGET
-(default 1.25, a margin under the acceptance's ×1.3) and corrected twice by secant steps; the
-largest measured λ within the target is kept. (The first row, attn_ctx 33-100 %, was found by a
-grid + bisection that this replaced to save time; same rule.) At that λ the model answers the 60 neutral
+strength is set by the budget, not guessed: the largest measured λ whose perplexity ratio on the
+tuning neutral text (data/neutral_tune.txt) stays within ×TARGET (default 1.25, a margin under the
+acceptance's ×1.3), found by the library's search (``lab.strongest``: ``actmerge.tune.search``, grid
+step 0.5 up to 16, then bisection to 0.02). (The recorded rows were found with the same rule by a
+bench-side search — λ = 1 and 2, log(ratio) ≈ aλ + bλ² solved for the target, two secant steps; the
+first row, attn_ctx 33-100 %, by grid + bisection.) At that λ the model answers the 60 neutral
 chat requests of data/concept/chat_tune_prompts.txt (user turns of the chat template, greedy, 32
 tokens), scored for football mentions (the recipe's keywords) and MiniLM similarity to the unsteered
 reply. So every row of the table spends the same perplexity and the directions compare on mentions.
@@ -18,7 +19,7 @@ once, sentences as replies to the fit-only requests of data/concept/chat_fit_pro
 chat-shaped paired replies) found nothing better (results/tune_football_chat.txt); the shipped row
 since comes from bench/football_chat_probes.py instruction (chat_fit: instruction).
 One process loads the model once and loops over the candidates (about 4-7 min each on 2 busy CPU
-cores; the pooled activations are cached in $STATS_DIR, default /tmp). The held-out row of the pick
+cores; the fitted maps are cached in $STATS_DIR, default /tmp, by recipe hash: ``lab.fit``). The held-out row of the pick
 is measured once, afterwards, with the shipped recipe (README):
     actmerge eval smollm2-135m --recipe football.yaml --chat --metrics concept,similarity,perplexity
         --prompts recipes/data/concept/chat_eval_prompts.txt --strengths 0.53 -o out/eval-football-smollm2
@@ -32,13 +33,17 @@ import sys
 import time
 from pathlib import Path
 
+import lab
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's actmerge, not an installed one
-DATA = ROOT / "actmerge" / "recipes" / "data"
+from actmerge.chat import replies_to
+from actmerge.collect import collect
+from actmerge.estimators import linear_act, mean_act
+from actmerge.recipe import LineasOptions, SiteSpec
+from actmerge.sites import resolve_sites
+
+DATA = lab.DATA
 TARGET = float(os.environ.get("TARGET", "1.25"))
-SITES = ["attn_ctx", "mlp_hidden", "attn_in", "mlp_in"]
 
 # label: (method, [sites], layer fraction, chat_fit, pooling, target file[, top_neurons fraction |
 # lineas options])
@@ -120,166 +125,62 @@ ROUNDS: dict[str, dict[str, tuple]] = {
 }
 FIT_PROMPTS = Path(os.environ.get("FIT_PROMPTS", DATA / "concept" / "chat_fit_prompts.txt"))
 LINEAS = {"steps": 40, "lr": 0.05, "batch": 32, "loss_norm": "target_var", "group_mode": "joint"}
+# these rounds fit the sentences as assistant turns (the recipe now fits an instruction's effect)
+ASSISTANT = {"chat_fit": "assistant", "instruction": None, "chat_requests": None}
 
 
-def _hooks(steer, MapSet, model, maps, lam):
-    from contextlib import nullcontext
-
-    return steer(model, MapSet(maps), lam) if maps else nullcontext()
-
-
-def _read(path):
-    from actmerge.recipe import read_sentences
-
-    return read_sentences(path)
-
-
-class Bench:
-    def __init__(self):
-        from actmerge import chat, pipeline
-        from actmerge.models import resolve
-        from actmerge.recipe import load_recipe
-        from actmerge.sites import architecture_for
-
-        self.chat = chat
-        self.loaded = pipeline.Loaded(resolve("smollm2-135m"))
-        self.model, self.tok = self.loaded.get()
-        self.config = self.loaded.source.config
-        self.arch = architecture_for(self.config)
-        self.recipe = load_recipe(ROOT / "actmerge" / "recipes" / "football.yaml")
-        self.keywords = _read(self.recipe._base_dir / self.recipe.keywords)
-        self.tune_neutral = _read(DATA / "neutral_tune.txt")
-        self.tune_prompts = chat.user_turns(self.tok, _read(DATA / "concept" / "chat_tune_prompts.txt"))
-        self.stats: dict = {}
-
-    def ppl(self, maps, lam, texts=None):
-        from actmerge.evaluate import perplexity
-        from actmerge.hooks import steer
-        from actmerge.maps import MapSet
-
-        with torch.inference_mode(), _hooks(steer, MapSet, self.model, maps, lam):
-            return perplexity(self.model, self.tok, texts or self.tune_neutral)
-
-    def gen(self, maps, lam, prompts):
-        from actmerge.evaluate import continuations
-        from actmerge.hooks import steer
-        from actmerge.maps import MapSet
-
-        with torch.inference_mode(), _hooks(steer, MapSet, self.model, maps, lam):
-            return continuations(
-                self.model, self.tok, prompts, max_new_tokens=32, batch_size=30, progress=False
-            )
-
-    def maps(self, spec):
-        from actmerge.collect import collect
-        from actmerge.estimators import keep_top, linear_act, mean_act
-        from actmerge.recipe import LineasOptions
-        from actmerge.sites import resolve_sites
-
-        method, names, frac, fit, pooling, target, *top = spec
-        if method == "lineas":
-            return self.recipe_maps(
-                names,
-                frac,
-                method="lineas",
-                pooling=pooling,
-                max_tokens=64,
-                lineas=LineasOptions(**LINEAS, **top[0]),
-            )
-        if top == ["incr"]:
-            return self.recipe_maps(names, frac, method=method, pooling=pooling, incremental=True)
-        key = (fit, pooling, str(target))
-        tag = "+".join(target) if isinstance(target, list) else target
-        cache = Path(os.environ.get("STATS_DIR", "/tmp")) / f"football-stats-{fit}-{pooling}-{tag}.pt"
-        if key not in self.stats and cache.exists():
-            self.stats[key] = torch.load(cache)
-        if key not in self.stats:
-            if isinstance(target, list):  # [source file, target file] in data/concept
-                src, dst = (_read(DATA / "concept" / f) for f in target)
-            else:
-                src = self.recipe.read_source()
-                dst = _read(DATA / "concept" / target) if target else self.recipe.read_target()
-            keys = [s.key for s in resolve_sites(self.arch, self.config, SITES, "all")]
-            fmt = reply_turns if fit == "reply" else self.chat.format_fit
-            self.stats[key] = tuple(
-                collect(
-                    self.model,
-                    self.tok,
-                    fmt(self.tok, s, fit),
-                    keys,
-                    pooling=pooling,
-                    skip_special=True,
-                    max_tokens=128,
-                    progress=False,
-                )
-                for s in (src, dst)
-            )
-            torch.save(self.stats[key], cache)
-        xs, ys = self.stats[key]
-        est = {"mean_act": mean_act, "linear_act": linear_act}[method]
-        chosen = resolve_sites(self.arch, self.config, names, frac)
-        maps = {s.key: est(xs[s.key], ys[s.key], degenerate="shift", sample="all")[0] for s in chosen}
-        return {k: keep_top(m, xs[k], top[0]) for k, m in maps.items()} if top else maps
-
-    def recipe_maps(self, names, frac, **update):
-        """Maps fitted through the library (LinEAS, incremental), the recipe's other settings kept."""
-        from actmerge import pipeline
-        from actmerge.recipe import SiteSpec
-
-        # these rounds fit the sentences as assistant turns (the recipe now fits an instruction's effect)
-        fit = {"chat_fit": "assistant", "instruction": None, "chat_requests": None}
-        r = self.recipe.model_copy(update={"sites": [SiteSpec(site=names, layers=frac)], **fit, **update})
-        return pipeline.fit(self.loaded, r, progress=False, log=lambda *a: None).maps.maps
-
-    def strongest(self, maps, base_ppl):
-        """Largest λ measured with ppl ratio ≤ TARGET. log(ratio) grows about quadratically in λ: measure
-        λ = 1 and 2, solve log r = aλ + bλ² for the target, then correct twice (secant)."""
-        import math
-
-        pts = {lam: self.ppl(maps, lam) / base_ppl for lam in (1.0, 2.0)}
-        t = math.log(TARGET)
-        l1, l2 = math.log(pts[1.0]), math.log(pts[2.0])
-        b = max((l2 - 2 * l1) / 2, 1e-6)
-        a = l1 - b
-        lam = (-a + math.sqrt(a * a + 4 * b * t)) / (2 * b)
-        for _ in range(2):
-            lam = round(min(max(lam, 0.05), 16.0), 3)
-            pts[lam] = self.ppl(maps, lam) / base_ppl
-            # secant on log r through the two measured points nearest the target
-            (xa, ra), (xb, rb) = sorted(pts.items(), key=lambda kv: abs(math.log(kv[1]) - t))[:2]
-            ga, gb = math.log(ra), math.log(rb)
-            lam = xa + (t - ga) * (xb - xa) / (gb - ga) if gb != ga else xa
-        ok = {k: v for k, v in pts.items() if v <= TARGET}
-        if not ok:
-            lam = round(min(pts) / 2, 3)
-            ok = {lam: self.ppl(maps, lam) / base_ppl}
-        best = max(ok)
-        return best, ok[best]
+def maps_for(b: lab.ChatLab, spec: tuple) -> dict:
+    """A row's maps: football.yaml with the row's method, sites, layers, pooling, sentences and options,
+    fitted by the library (``lab.fit``: ``pipeline.fit``, maps cached by recipe hash); the ``reply``
+    rows (r6, a probe that did not ship) by ``reply_maps``."""
+    method, names, frac, fit, pooling, target, *extra = spec
+    if fit == "reply":
+        return reply_maps(b, method, names, frac, pooling)
+    update = {**ASSISTANT, "sites": [SiteSpec(site=names, layers=frac)], "method": method, "pooling": pooling}
+    if method == "lineas":
+        update.update(max_tokens=64, lineas=LineasOptions(**LINEAS, **extra[0]))
+    elif extra == ["incr"]:
+        update["incremental"] = True
+    elif extra:
+        update["top_neurons"] = extra[0]
+    if isinstance(target, list):  # [source file, target file] in data/concept
+        update["source"], update["target"] = (DATA / "concept" / f for f in target)
+    elif target:
+        update["target"] = DATA / "concept" / target
+    return b.fit(**update)
 
 
-def reply_turns(tok, sentences, _mode):
-    """Each sentence as the assistant's reply to a user request (the i-th sentence of source and
-    target get the same request: other.txt and football.txt are line-aligned), pooled on the reply."""
-    from actmerge.chat import replies_to
-
-    return replies_to(tok, _read(FIT_PROMPTS), sentences)
-
-
-def _score(texts, base_texts, keywords):
-    from actmerge.evaluate import concept_presence, similarity
-
-    sims = similarity(texts, base_texts)
-    return concept_presence(texts, keywords), sum(sims) / len(sims)
+def reply_maps(b: lab.ChatLab, method: str, names: list[str], frac: str, pooling: str) -> dict:
+    """Each sentence as the assistant's reply to a user request (the i-th sentence of source and target
+    get the same request: other.txt and football.txt are line-aligned), pooled on the reply; the
+    recipe's pooling options (special tokens out, 128 tokens, degenerate neurons shifted, every row)."""
+    requests = lab.read(FIT_PROMPTS)
+    keys = [s.key for s in resolve_sites(b.arch, b.config, names, frac)]
+    xs, ys = (
+        collect(
+            b.model,
+            b.tok,
+            replies_to(b.tok, requests, s),
+            keys,
+            pooling=pooling,
+            skip_special=True,
+            max_tokens=128,
+            progress=False,
+        )
+        for s in (b.recipe.read_source(), b.recipe.read_target())
+    )
+    est = {"mean_act": mean_act, "linear_act": linear_act}[method]
+    return {k: est(xs[k], ys[k], degenerate="shift", sample="all")[0] for k in keys}
 
 
 def tune(out: Path, *rounds: str) -> None:
     torch.manual_seed(0)
-    b = Bench()
+    b = lab.ChatLab(TARGET)
     res = json.loads(out.read_text()) if out.exists() else {"target": TARGET, "rows": {}}
     if "base" not in res:
         t0 = time.perf_counter()
         res["base"] = {"ppl": b.ppl({}, 0.0), "tune": b.gen({}, 0.0, b.tune_prompts)}
-        res["base"]["concept"] = _score(res["base"]["tune"], res["base"]["tune"], b.keywords)[0]
+        res["base"]["concept"] = lab.score(res["base"]["tune"], res["base"]["tune"], b.keywords)[0]
         print(f"base: concept {res['base']['concept']:.1%} ({time.perf_counter() - t0:.0f}s)", flush=True)
         out.write_text(json.dumps(res, indent=1))
     base = res["base"]
@@ -288,10 +189,10 @@ def tune(out: Path, *rounds: str) -> None:
             if label in res["rows"]:
                 continue
             t0 = time.perf_counter()
-            maps = b.maps(spec)
+            maps = maps_for(b, spec)
             lam, ratio = b.strongest(maps, base["ppl"])
             texts = b.gen(maps, lam, b.tune_prompts)
-            concept, sim = _score(texts, base["tune"], b.keywords)
+            concept, sim = lab.score(texts, base["tune"], b.keywords)
             res["rows"][label] = {
                 "spec": spec,
                 "strength": lam,

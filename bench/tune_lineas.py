@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import lab
 import torch
 
 from actmerge import pipeline
@@ -33,7 +34,7 @@ from actmerge.models import resolve
 from actmerge.recipe import SiteSpec, load_recipe, read_sentences
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "recipes" / "data"
+DATA = lab.DATA
 OUT = ROOT / "out" / "tune-lineas"
 
 POST = ["attn_post", "mlp_post"]
@@ -72,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = pipeline.Loaded(resolve("gemma-3-270m"))
     model, tok = loaded.get()
-    base_recipe = load_recipe(ROOT / "recipes" / "detox-lineas.yaml")
+    base_recipe = load_recipe(lab.RECIPES / "detox-lineas.yaml")
     prompts = read_sentences(DATA / "detox" / "tune_prompts.txt")
     neutral = read_sentences(DATA / "neutral_tune.txt")
     scorer = profanity_scorer()

@@ -26,15 +26,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from actmerge import pipeline  # noqa: E402
-from actmerge.recipe import LineasOptions, SiteSpec, load_recipe  # noqa: E402
-from actmerge.tune import HookedProbe, tuning_split  # noqa: E402
+from actmerge import pipeline
+from actmerge.recipe import LineasOptions, SiteSpec, load_recipe
+from actmerge.tune import HookedProbe, tuning_split
 
 
 def variant(base, spec: str):

@@ -34,12 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+import lab
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "recipes" / "data"
+DATA = lab.DATA
 SMOKE = bool(os.environ.get("SMOKE"))
-sys.path.insert(0, str(ROOT))  # this checkout's actmerge, not an installed one
 
 DETOX_SITES = {
     "attn_ctx": ["attn_ctx"],
@@ -118,7 +117,7 @@ def generate(out_path: Path) -> None:
     measure("football", "base", {}, football_sets)
 
     # --- detox: Linear-AcT, scale-only vs scale+shift -----------------------------------------
-    detox = load_recipe(ROOT / "recipes" / "detox.yaml")
+    detox = load_recipe(lab.RECIPES / "detox.yaml")
     toxic, clean = detox.read_source(), detox.read_target()
     if SMOKE:
         toxic, clean = toxic[:8], clean[:8]
@@ -135,7 +134,7 @@ def generate(out_path: Path) -> None:
                 measure("detox", f"{sname} {frac} {kind}", maps, detox_sets)
 
     # --- football in chat: mean_act, fitting sentences raw vs as assistant turns -------------
-    football = load_recipe(ROOT / "recipes" / "football.yaml")
+    football = load_recipe(lab.RECIPES / "football.yaml")
     other, foot = football.read_source(), football.read_target()
     if SMOKE:
         other, foot = other[:8], foot[:8]
@@ -155,7 +154,7 @@ def generate(out_path: Path) -> None:
             measure("football", f"{site} {frac} fit={mode}", maps, football_sets)
 
     # --- detox-lineas: fold-aware LinEAS (no config change → scale-only on Llama) ------------
-    lin = load_recipe(ROOT / "recipes" / "detox-lineas.yaml")
+    lin = load_recipe(lab.RECIPES / "detox-lineas.yaml")
     for sname, names in list(LINEAS_SITES.items())[:1] if SMOKE else LINEAS_SITES.items():
         r = _with_sites(lin.with_lineas(steps=2) if SMOKE else lin, names)
         t0 = time.perf_counter()
@@ -215,7 +214,7 @@ def round2(out_path: Path, lineas_dir: Path) -> None:
 
     measure("detox", "base", {}, 0.0, detox_sets)
     measure("football", "base", {}, 0.0, football_sets)
-    football = load_recipe(ROOT / "recipes" / "football.yaml")
+    football = load_recipe(lab.RECIPES / "football.yaml")
     other, foot = football.read_source(), football.read_target()
     if SMOKE:
         other, foot = other[:8], foot[:8]

@@ -23,23 +23,19 @@ Held out afterwards (README): detox-act on Gemma 11 % → 5 %, hard 41.2 % → 1
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import os  # noqa: E402
-
-from actmerge import pipeline  # noqa: E402
-from actmerge.collect import collect  # noqa: E402
-from actmerge.estimators import ESTIMATORS, keep_top  # noqa: E402
-from actmerge.maps import AffineMap, MapSet  # noqa: E402
-from actmerge.recipe import load_recipe  # noqa: E402
-from actmerge.sites import architecture_for, resolve_sites  # noqa: E402
-from actmerge.tune import HookedProbe, tuning_split  # noqa: E402
+from actmerge import pipeline
+from actmerge.collect import collect
+from actmerge.estimators import ESTIMATORS, keep_top
+from actmerge.maps import AffineMap, MapSet
+from actmerge.recipe import load_recipe
+from actmerge.sites import architecture_for, resolve_sites
+from actmerge.tune import HookedProbe, tuning_split
 
 
 def by_displacement(m: AffineMap, frac: float, rms: torch.Tensor) -> AffineMap:

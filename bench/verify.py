@@ -19,13 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import lab
 import torch
 
 from actmerge import pipeline
 from actmerge.models import ModelSource, load_model, resolve
 from actmerge.verify import DEFAULT_PROMPTS
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @torch.no_grad()
@@ -54,7 +53,7 @@ def main() -> None:
         if not (baked / "config.json").is_file():
             pipeline.bake(
                 pipeline.Loaded(base, args.device),
-                recipe=ROOT / "recipes" / "detox.yaml",
+                recipe=lab.RECIPES / "detox.yaml",
                 out=baked,
                 progress=False,
                 log=lambda *_: None,
