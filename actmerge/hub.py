@@ -22,14 +22,12 @@ from . import __version__
 from .errors import PublishError
 from .io.output import PROVENANCE_DIR
 from .io.provenance import (
-    NEVER_PUBLISHED,
     VERIFY_JSON,
     changed_since_verify,
     checkpoint_files,
     is_weights_file,
 )
 
-IGNORE_PATTERNS = list(NEVER_PUBLISHED)  # never uploaded (hidden files, temp files, bytecode)
 HUB_URL = "https://huggingface.co"
 _NAME_MAX = 96  # the Hub's limit for "namespace/name" parts
 _REPORT = f"{PROVENANCE_DIR}/{VERIFY_JSON}"
@@ -209,10 +207,7 @@ def push(
         log(f"uploading {len(files)} files to {repo_id}" + (f" (branch {revision})" if revision else ""))
         api.create_commit(  # the explicit list, not a walk of the folder at upload time
             repo_id,
-            operations=[
-                huggingface_hub.CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f))
-                for f in files
-            ],
+            operations=_operations(folder, files),
             commit_message=message,
             revision=revision,
             repo_type="model",
@@ -223,6 +218,17 @@ def push(
             raise
         raise wrapped from exc
     return PushResult(repo_id, url_for(repo_id, revision), files, dry_run=False)
+
+
+def _operations(folder: Path, files: list[str]) -> list:
+    try:
+        return [
+            huggingface_hub.CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files
+        ]
+    except ValueError as exc:  # a listed file vanished after the check
+        raise PublishError(
+            f"{folder} changed during the push ({exc}): run `actmerge verify {folder}` again."
+        ) from None
 
 
 def _with_namespace(api, folder: Path, name: str | None, dry_run: bool) -> str:

@@ -38,13 +38,16 @@ def not_regular(path: str | Path) -> str | None:
     return None if stat.S_ISREG(mode) else f"is {file_kind(mode)}, not a regular file"
 
 
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+
+
 def read_regular(path: str | Path) -> bytes:
-    """The bytes of a regular file. Opened non-blocking and checked again after opening (the type may
-    change between the two), so a FIFO never blocks and a device is never read. Raises ValueError
+    """The bytes of a regular file. Opened non-blocking and checked after opening (the type may
+    change after a ``stat``), so a FIFO never blocks and a device is never read. Raises ValueError
     naming what the path is when it is not a regular file; OSError when it cannot be read."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
+    with open(path, "rb", opener=_nonblocking) as f:
+        mode = os.fstat(f.fileno()).st_mode
         if not stat.S_ISREG(mode):
             raise ValueError(f"is {file_kind(mode)}, not a regular file")
         return f.read()

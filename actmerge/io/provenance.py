@@ -121,12 +121,15 @@ def checkpoint_files(checkpoint: str | Path) -> tuple[list[str], list[str]]:
     return sorted(files), refused
 
 
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
 def file_digest(path: Path) -> dict:
     """``{"sha256": …, "size": …}`` of one regular file, read without following a symlink."""
     h = hashlib.sha256()
     size = 0
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
+    with open(path, "rb", opener=_no_follow) as f:
         while block := f.read(16 << 20):
             h.update(block)
             size += len(block)
