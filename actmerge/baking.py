@@ -17,6 +17,7 @@ from .errors import MapsMismatchError, RecipeError
 from .evalconfig import chat_prompts, eval_config
 from .fitting import Loaded
 from .fold import Exactness, FoldOptions, FoldPlan
+from .io.files import read_regular
 from .io.provenance import BakeInfo, provenance_files
 from .io.st_format import tensor_index
 from .io.tree import write_checkpoint, write_pipeline
@@ -66,29 +67,46 @@ def held_maps(maps: MapSet, fold_plan: FoldPlan) -> MapSet:
     return MapSet(out, maps.base_model, maps.method, maps.recipe_hash, dict(maps.extra))
 
 
-def recipe_bundle(recipes: list[Recipe]) -> dict[str, bytes]:
-    """Each recipe as shipped inside the checkpoint's ``actmerge/`` folder with its sentence files, so
-    the bake can be reproduced from the checkpoint alone. A recipe whose files sit beside it (relative
-    paths, no ``..``) is shipped verbatim, comments included, with the files at the same relative
-    paths; otherwise its paths are rewritten to ``data/…`` copies. Several recipes: ``recipe-N/``."""
+# names actmerge writes in ``actmerge/`` itself: a data file shipped verbatim must not take one
+_RESERVED = {"recipe.yaml", "bake.json", "maps.safetensors", "verify.json", "verify-llama.cpp.json"}
+
+
+def _prefix(i: int, count: int) -> str:
+    """Where recipe ``i`` of ``count`` ships under ``actmerge/``."""
+    return "" if count == 1 else f"recipe-{i + 1}/"
+
+
+def recipe_bundle(recipes: list[Recipe], *, evaluated: bool = False, tuned: bool = False) -> dict[str, bytes]:
+    """Each recipe as shipped inside the checkpoint's ``actmerge/`` folder with the data files this
+    bake read (``Recipe.used_paths``: the fit's always; the eval files with ``evaluated``, the tuning
+    split with ``tuned``; never a field it did not read), so that the card's Reproduce command works
+    from the checkpoint alone. A recipe whose used files sit beside it (relative paths, no ``..``) is
+    shipped verbatim, comments included, with the files at the same relative paths (fields it did not
+    read keep naming files that are not shipped); otherwise it is rewritten with its used paths
+    pointing at ``data/…`` copies and the other path fields left out. Several recipes: ``recipe-N/``.
+    ``load_recipe`` has already refused any path leaving the recipe's directory."""
     files: dict[str, bytes] = {}
     for i, recipe in enumerate(recipes):
-        prefix = "" if len(recipes) == 1 else f"recipe-{i + 1}/"
-        paths = {
-            f: getattr(recipe, f) for f in type(recipe).model_fields if isinstance(getattr(recipe, f), Path)
-        }
+        prefix = _prefix(i, len(recipes))
+        used = recipe.used_paths(evaluated=evaluated, tuned=tuned)
         verbatim = recipe.source_file is not None and all(
-            not p.is_absolute() and ".." not in p.parts and p.parts[0] != "actmerge" for p in paths.values()
+            not p.is_absolute()
+            and ".." not in p.parts
+            and p.parts[0] != "actmerge"
+            and str(p) not in _RESERVED
+            for p in used.values()
         )
         if verbatim:
             files[f"{prefix}recipe.yaml"] = recipe.source_file.read_bytes()
-            for p in paths.values():
-                files[prefix + p.as_posix()] = recipe.path(p).read_bytes()
+            for p in used.values():
+                files[prefix + p.as_posix()] = read_regular(recipe.path(p))
             continue
         doc = recipe.model_dump(mode="json", exclude_defaults=True)
-        for name, p in paths.items():
+        for name in recipe.data_paths():
+            doc.pop(name, None)
+        for name, p in used.items():
             rel = f"data/{name}-{recipe.path(p).name}"
-            files[prefix + rel] = recipe.path(p).read_bytes()
+            files[prefix + rel] = read_regular(recipe.path(p))
             doc[name] = rel
         files[f"{prefix}recipe.yaml"] = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode()
     return files
@@ -168,7 +186,7 @@ def write(
 ) -> list[str]:
     """Write the baked checkpoint or pipeline with its provenance and card; returns files left out
     (stale weight formats of edited pipeline components)."""
-    bundle = recipe_bundle(recipes)
+    bundle = recipe_bundle(recipes, evaluated=bool(evaluation), tuned=bool(info.tuned))
     description = "\n\n".join(r.description.strip() for r in recipes if r.description)
     readme = card.render(
         info,
@@ -318,7 +336,7 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
             fold_plan=fold_plan,
             maps=held,
             recipes=recipes,
-            recipe_files=[f for f in recipe_bundle(recipes) if f.endswith("recipe.yaml")],
+            recipe_files=[f"{_prefix(i, len(recipes))}recipe.yaml" for i in range(len(recipes))],
             placement=loaded.placement.to_dict() if loaded is not None else {},
             pipeline_class=getattr(source, "pipeline_class", None),
             tuned=job.tuned,

@@ -207,7 +207,11 @@ def push(
         str | None, typer.Option("--commit-message", help="Commit message on the Hub.")
     ] = None,
     no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="Publish without a passing, current actmerge/verify.json.")
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Publish without a passing, current actmerge/verify.json (regular files only, still).",
+        ),
     ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Upload a directory that is not an actmerge output.")
@@ -217,8 +221,9 @@ def push(
     ] = False,
 ):
     """Upload a baked checkpoint (weights, config, tokenizer, card, actmerge/ provenance) to a Hub model
-    repo. Refuses unverified checkpoints, weights changed since verification, and non-actmerge
-    directories; the token comes from HF_TOKEN or `hf auth login`."""
+    repo: exactly the files `actmerge verify` recorded. Refuses unverified checkpoints, any file added,
+    changed or removed since verification, symlinks, and non-actmerge directories; the token comes
+    from HF_TOKEN or `hf auth login`."""
     from . import hub
 
     res = hub.push(

@@ -41,7 +41,7 @@ def eval_config(
     neutral = neutral or from_recipe("neutral_text") or []
     if "perplexity" in metrics and not neutral:
         neutral = read_sentences(NEUTRAL_TEXT)
-    keywords = keywords or from_recipe("keywords") or []
+    keywords = keywords or (from_recipe("keywords") if "concept" in metrics else None) or []
     default_tokens = 32 if sample else (recipe.eval_max_new_tokens if recipe else 24)
     hard = from_recipe("eval_prompts_hard") if explicit_prompts is None else None
     return EvalConfig(

@@ -1,6 +1,12 @@
 """Publishing a baked checkpoint to the Hugging Face Hub: what gets uploaded, when we refuse, and the
 upload itself. ``get_hf_api()`` is the one seam tests replace; the token is left to huggingface_hub
-(HF_TOKEN or ``hf auth login``): we only check that one exists."""
+(HF_TOKEN or ``hf auth login``): we only check that one exists.
+
+What is published is exactly what ``actmerge verify`` recorded: ``actmerge/verify.json`` lists every
+file of the checkpoint with its sha256 and size, and a push refuses any file added, changed or
+removed since, any symlink and anything that is not a regular file; the upload is that explicit
+list (one commit), never a walk of the folder at upload time. ``--no-verify`` publishes without a
+record, but still regular files only, never a symlink."""
 
 from __future__ import annotations
 
@@ -11,19 +17,20 @@ from pathlib import Path
 
 import huggingface_hub
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import filter_repo_objects
 
 from . import __version__
 from .errors import PublishError
 from .io.output import PROVENANCE_DIR
-from .io.provenance import changed_since_verify
+from .io.provenance import (
+    VERIFY_JSON,
+    changed_since_verify,
+    checkpoint_files,
+    is_weights_file,
+)
 
-# Never uploaded: hidden files and folders (.git, .cache, editor files), temp files of interrupted
-# writes, bytecode. Matched like huggingface_hub does (fnmatch on the relative path, `*` crosses `/`),
-# so upload_plan() lists exactly what upload_folder() sends.
-IGNORE_PATTERNS = [".*", "*/.*", "*.tmp", "__pycache__/*", "*/__pycache__/*"]
 HUB_URL = "https://huggingface.co"
 _NAME_MAX = 96  # the Hub's limit for "namespace/name" parts
+_REPORT = f"{PROVENANCE_DIR}/{VERIFY_JSON}"
 
 
 @dataclass
@@ -40,19 +47,29 @@ def get_hf_api() -> huggingface_hub.HfApi:
 
 
 def upload_plan(folder: str | Path) -> list[str]:
-    """The relative paths (posix, sorted) that ``push`` uploads from ``folder``."""
-    folder = Path(folder)
-    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    return sorted(filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS))
+    """The relative paths (posix, sorted) of the regular files ``push`` would upload from ``folder``
+    (symlinks and special files are never among them: ``check_publishable`` refuses them)."""
+    files, _ = checkpoint_files(folder)
+    return files
 
 
-def check_publishable(folder: str | Path, *, verify_required: bool = True, force: bool = False) -> None:
-    """Refuse folders that are not actmerge outputs (unless ``force``) or not verified (unless
-    ``verify_required`` is False, the CLI's --no-verify)."""
+def check_publishable(folder: str | Path, *, verify_required: bool = True, force: bool = False) -> list[str]:
+    """The files to upload from ``folder`` (relative posix paths, sorted), or a PublishError: a folder
+    that holds a symlink or a special file; one that is not an actmerge output (unless ``force``);
+    one not verified, or with any file added, changed or removed since ``actmerge verify`` recorded
+    it (unless ``verify_required`` is False, the CLI's --no-verify)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PublishError(f"{folder} is not a directory: give the output directory of `actmerge bake`.")
-    if not upload_plan(folder):
+    files, refused = checkpoint_files(folder)
+    if refused:
+        raise PublishError(
+            f"{folder}: {refused[0]}"
+            + (f" (+{len(refused) - 1} more)" if len(refused) > 1 else "")
+            + ": push uploads the checkpoint's own regular files only. Replace it with the file itself "
+            f"or remove it, then run `actmerge verify {folder}` again."
+        )
+    if not files:
         raise PublishError(f"{folder} holds no files to upload.")
     if not (folder / PROVENANCE_DIR / "bake.json").is_file() and not force:
         raise PublishError(
@@ -60,9 +77,9 @@ def check_publishable(folder: str | Path, *, verify_required: bool = True, force
             "`actmerge bake ... -o DIR`, or pass --force to upload this directory anyway."
         )
     if not verify_required:
-        return
-    report = folder / PROVENANCE_DIR / "verify.json"
-    if not report.is_file():
+        return files
+    report = folder / _REPORT
+    if _REPORT not in files:
         raise PublishError(
             f"{folder} has not been verified: run `actmerge verify {folder}` first (it checks the "
             "checkpoint against the hooked base model), or pass --no-verify to publish it unverified."
@@ -81,12 +98,19 @@ def check_publishable(folder: str | Path, *, verify_required: bool = True, force
             "it anyway."
         )
     changed = changed_since_verify(folder, data)
+    if changed is None:
+        raise PublishError(
+            f"{report} does not list the checkpoint's files (written by an earlier actmerge): run "
+            f"`actmerge verify {folder}` again."
+        )
     if changed:
+        what = "weights" if any(is_weights_file(c.rsplit(" ", 1)[0]) for c in changed) else "files"
         shown = ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
         raise PublishError(
-            f"weights changed since verification ({shown}): run `actmerge verify {folder}` again, "
+            f"{what} changed since verification ({shown}): run `actmerge verify {folder}` again, "
             "or pass --no-verify to publish it unverified."
         )
+    return files  # exactly the recorded files and the report itself
 
 
 def _slug(text: str) -> str:
@@ -159,8 +183,7 @@ def push(
     folder = Path(folder)
     if repo_id is not None:
         validate_repo_id(repo_id)
-    check_publishable(folder, verify_required=verify_required, force=force)
-    files = upload_plan(folder)
+    files = check_publishable(folder, verify_required=verify_required, force=force)
     if not dry_run:
         require_token()
     # a dry run with a full repo id needs nothing from the Hub; otherwise whoami names the namespace
@@ -184,12 +207,12 @@ def push(
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         log(f"uploading {len(files)} files to {repo_id}" + (f" (branch {revision})" if revision else ""))
-        api.upload_folder(
-            folder_path=folder,
-            repo_id=repo_id,
-            revision=revision,
+        api.create_commit(  # the explicit list, not a walk of the folder at upload time
+            repo_id,
+            operations=_operations(folder, files),
             commit_message=message,
-            ignore_patterns=list(IGNORE_PATTERNS),  # a copy: upload_folder appends to the list
+            revision=revision,
+            repo_type="model",
         )
     except Exception as exc:
         wrapped = _publish_error(exc, repo_id)
@@ -197,6 +220,17 @@ def push(
             raise
         raise wrapped from exc
     return PushResult(repo_id, url_for(repo_id, revision), files, dry_run=False)
+
+
+def _operations(folder: Path, files: list[str]) -> list:
+    try:
+        return [
+            huggingface_hub.CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files
+        ]
+    except ValueError as exc:  # a listed file vanished after the check
+        raise PublishError(
+            f"{folder} changed during the push ({exc}): run `actmerge verify {folder}` again."
+        ) from None
 
 
 def _with_namespace(api, folder: Path, name: str | None, dry_run: bool) -> str:

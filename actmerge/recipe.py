@@ -20,6 +20,12 @@ from pydantic import (
 )
 
 from .errors import RecipeError
+from .recipe_files import (  # noqa: F401  (read_sentences, check_sentence_counts: imported from here)
+    check_data_paths,
+    check_sentence_counts,
+    load_mapping,
+    read_sentences,
+)
 
 
 class _Strict(BaseModel):
@@ -335,6 +341,25 @@ class Recipe(_Strict):
         copy._base_dir = Path(base_dir)
         return copy
 
+    def data_paths(self) -> dict[str, Path]:
+        """Every path field that is set (field → the path as written), used by this run or not."""
+        return {f: v for f in type(self).model_fields if isinstance(v := getattr(self, f), Path)}
+
+    def used_paths(self, *, evaluated: bool = False, tuned: bool = False) -> dict[str, Path]:
+        """The path fields a bake reads (field → the path as written): the fit's sentence files
+        always; with ``evaluated`` (bake --eval) the eval prompts, the neutral text and, for the
+        concept metric, the keywords; with ``tuned`` (--strength auto) the tuning split and, for the
+        concept metric, the keywords. Only these are shipped inside a checkpoint."""
+        fields = ["source", "target", "chat_requests"]
+        if evaluated:
+            fields += ["eval_prompts", "eval_prompts_hard", "neutral_text"]
+        if tuned:
+            fields += ["tune_prompts", "tune_neutral"]
+        if (evaluated or tuned) and "concept" in self.metrics:
+            fields.append("keywords")
+        paths = self.data_paths()
+        return {f: paths[f] for f in fields if f in paths}
+
     def read_source(self) -> list[str]:
         return read_sentences(self.path(self.source), self.text_field)
 
@@ -399,85 +424,23 @@ def load_recipe(path: str | Path, cls: type[Recipe] = Recipe, what: str = "recip
 
     ``path``: a file, or the name of a built-in recipe (``detox``, ``detox.yaml``): a file at that
     path wins (``recipes_catalog.find_recipe``); ``log`` says when a built-in was taken."""
-    from .recipes_catalog import find_recipe
+    from .recipes_catalog import BUILTIN_DIR, find_recipe
 
     path = find_recipe(path, log=log)
-    try:
-        data = yaml.safe_load(read_text(path, what))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, method:, sites:, source:, target: …).")
+    data = load_mapping(path, what)
     try:
         recipe = cls(**data)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise RecipeError(f"{path} is not a valid {what}:\n" + "\n".join(lines)) from None
+    except RecursionError:
+        raise RecipeError(f"{path} is nested too deeply to be a {what}: write a flat mapping.") from None
     recipe._base_dir = path.resolve().parent
     recipe._file = path.resolve()
     if not recipe.sites and not recipe.modules:
         raise RecipeError(f"{path}: give at least one site under `sites:` (or raw `modules:`).")
+    # every path field, used or not: beside the recipe (or in the built-in recipes' data)
+    check_data_paths(path, recipe._base_dir, recipe.data_paths(), also=(BUILTIN_DIR,))
     for p in (recipe.source, recipe.target):
         read_sentences(recipe.path(p), recipe.text_field)  # fail early on missing/empty files
     return recipe
-
-
-def read_sentences(path: Path, text_field: str = "text") -> list[str]:
-    """Sentences from a txt file (one per line; blank lines and '#' comments skipped) or jsonl."""
-    if not path.is_file():
-        raise RecipeError(
-            f"sentence file {path} does not exist (paths in a recipe are relative to the recipe)."
-        )
-    lines = read_text(path, "sentence file").splitlines()
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"{path}:{i}: not valid JSON ({exc}).") from exc
-            text = row.get(text_field) if isinstance(row, dict) else row
-            if not isinstance(text, str):
-                raise RecipeError(
-                    f"{path}:{i}: no string field {text_field!r} (set `text_field:` in the recipe)."
-                )
-            out.append(text.strip())
-    else:
-        out = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not out:
-        raise RecipeError(f"sentence file {path} is empty.")
-    return out
-
-
-def read_text(path: Path, what: str) -> str:
-    """A text file as UTF-8, with a clear error naming the file and the byte offset otherwise."""
-    raw = Path(path).read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise RecipeError(f"{what} {path} is a binary file, not text: give a UTF-8 text file.")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(
-            f"{what} {path} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}): "
-            "re-save it as UTF-8."
-        ) from None
-
-
-def check_sentence_counts(source: int, target: int, minimum: int, log) -> int:
-    """Refuse fewer than ``minimum`` sentences on a side; warn when one side is over 4× the other
-    (the estimators pair samples, so the larger side is subsampled). Returns the count used per side."""
-    for side, n in (("source", source), ("target", target)):
-        if n < minimum:
-            raise RecipeError(
-                f"the recipe's {side} file has {n} sentences; at least {minimum} are needed for a stable fit "
-                "(add sentences, or lower `min_sentences:` in the recipe if you know what you are doing)."
-            )
-    used = min(source, target)
-    if max(source, target) > 4 * used:
-        log(
-            f"warning: {source} source vs {target} target sentences: the fit pairs samples, so only {used} of "
-            "each side are used. Balance the two files for a better fit."
-        )
-    return used

@@ -14,9 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .errors import RecipeError
+from .io.files import not_regular
+from .recipe_files import load_mapping
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "recipes"
 SUFFIXES = (".yaml", ".yml")
@@ -49,6 +49,9 @@ def find_recipe(spec: str | Path, *, log=None) -> Path:
         if log is not None:
             log(f"[actmerge] recipe {text}: the built-in {builtin.stem} ({builtin})")
         return builtin
+    why = not_regular(path)
+    if why is not None and not why.startswith("does not exist"):
+        raise RecipeError(f"recipe {text} {why}: give a recipe YAML file or a built-in recipe name.")
     raise RecipeError(
         f"recipe {text} does not exist: no such file, and no built-in recipe of that name. "
         f"Built-in recipes: {', '.join(builtin_names())} (`actmerge recipes` describes them; "
@@ -75,19 +78,27 @@ def catalog() -> list[Entry]:
 
 
 def _site_lines(specs) -> tuple[list[str], list[str]]:
-    """("site, site: layers" lines, site names) of one list of site specs."""
+    """("site, site: layers" lines, site names) of one list of site specs (entries of another shape
+    are left out: `recipes show` describes any mapping, validation is the bake's job)."""
     lines, names = [], []
-    for spec in specs or []:
-        site = spec if isinstance(spec, str) else spec.get("site")
-        group = [site] if isinstance(site, str) else list(site or [])
+    for spec in specs if isinstance(specs, list) else []:
+        site = spec if isinstance(spec, str) else spec.get("site") if isinstance(spec, dict) else None
+        group = [site] if isinstance(site, str) else [str(s) for s in site] if isinstance(site, list) else []
+        if not group:
+            continue
         layers = "all" if isinstance(spec, str) else str(spec.get("layers", "all"))
         names += group
         lines.append(f"{', '.join(group)}: {layers}")
     return lines, names
 
 
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def describe(path: Path) -> Entry:
-    data = yaml.safe_load(path.read_text()) or {}
+    """A recipe file's summary; a RecipeError (one line) when it is not a readable YAML mapping."""
+    data = load_mapping(path)
     raw = data.get("sites", [])
     diffusion = "diffusion" in data
     if isinstance(raw, dict):  # a portable recipe: sites per architecture row, `default` for the rest
@@ -95,23 +106,28 @@ def describe(path: Path) -> Entry:
         for family, specs in raw.items():
             lines, _ = _site_lines(specs)
             sites += [f"{family} → {line}" for line in lines]
-            families.append("every other family" if family == "default" else family)
+            families.append("every other family" if family == "default" else str(family))
     else:
         sites, names = _site_lines(raw)
         families = _diffusion_families(names) if diffusion else _llm_families(names)
-    sites += list(data.get("modules", []))
+    modules = data.get("modules", [])
+    sites += [str(m) for m in modules] if isinstance(modules, list) else []
     strength = data.get("strength", 1.0)
-    if isinstance(strength, dict):
-        values = sorted(float(v) for v in strength.values())  # per family: the range (`recipes show` has all)
+    if isinstance(strength, dict):  # per family: the range (`recipes show` has all)
+        values = sorted(v for v in map(_number, strength.values()) if v is not None) or [1.0]
         strength = f"{values[0]:g}–{values[-1]:g}" if values[0] != values[-1] else f"{values[0]:g}"
+    elif (number := _number(strength)) is not None:
+        strength = number
+    else:
+        strength = 1.0
     return Entry(
         name=path.stem,
         path=path,
         description=" ".join(str(data.get("description", "")).split()),
-        method=data.get("method", "linear_act"),
+        method=str(data.get("method", "linear_act")),
         sites=sites,
         families=families,
-        strength=strength if isinstance(strength, str) else float(strength),
+        strength=strength,
         diffusion=diffusion,
     )
 
@@ -151,7 +167,7 @@ def copy(name: str, dest: str | Path, *, force: bool = False) -> list[Path]:
     if src is None:
         raise RecipeError(f"no built-in recipe {name!r}. Built-in recipes: {', '.join(builtin_names())}.")
     dest = Path(dest)
-    data = yaml.safe_load(src.read_text()) or {}
+    data = load_mapping(src)
     files = [(src, dest / src.name)]
     for key, rel in data.items():  # every field naming a file beside the recipe (source, target, …)
         if not _names_file(src.parent, rel):

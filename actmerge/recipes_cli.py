@@ -76,12 +76,13 @@ def show(
     name: Annotated[str, typer.Argument(help="Built-in recipe name (detox, detox.yaml) or a recipe file.")],
 ):
     """Print a recipe's YAML and the files it reads."""
+    from .recipe_files import read_text
     from .recipes_catalog import describe, find_recipe
 
     path = find_recipe(name)
     entry = describe(path)
     typer.echo(f"# {path}")
-    typer.echo(path.read_text().rstrip())  # verbatim: comments included, no re-wrapping
+    typer.echo(read_text(path, "recipe").rstrip())  # verbatim: comments included, no re-wrapping
     typer.echo(
         f"# method {entry.method}, default strength {entry.strength}; its sites exist in: "
         f"{', '.join(entry.families) or '-'}"

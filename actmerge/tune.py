@@ -341,7 +341,8 @@ class HookedProbe:
         self.recipe, self.maps, self.prompts, self.neutral = recipe, maps, prompts, neutral
         self.progress = progress
         self.scorer = get_scorer(recipe.scorer) if "toxicity" in recipe.metrics else None
-        self.keywords = read_sentences(recipe.path(recipe.keywords)) if recipe.keywords else []
+        concept = recipe.keywords and "concept" in recipe.metrics  # as Recipe.used_paths ships it
+        self.keywords = read_sentences(recipe.path(recipe.keywords)) if concept else []
         self.base_ppl = perplexity(self.model, self.tok, neutral)
         self.cache: dict[float, float] = {}
 

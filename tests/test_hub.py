@@ -97,8 +97,17 @@ class FakeApi:
     def create_branch(self, repo_id, **kw):
         self.calls.append(("create_branch", repo_id, kw))
 
-    def upload_folder(self, **kw):
-        self.calls.append(("upload_folder", kw))
+    def create_commit(self, repo_id, *, operations, **kw):
+        """The explicit upload: each operation's path in the repo and the bytes it would send."""
+        uploaded = {}
+        for op in operations:
+            with op.as_file() as f:
+                uploaded[op.path_in_repo] = f.read()
+        self.calls.append(("create_commit", repo_id, kw, uploaded))
+
+    def uploaded(self) -> dict[str, bytes]:
+        """path in repo → bytes, over every commit."""
+        return {k: v for c in self.calls if c[0] == "create_commit" for k, v in c[3].items()}
 
     def names(self):
         return [c[0] for c in self.calls]
@@ -202,13 +211,13 @@ def test_push_calls(baked, api):
     res = hub.push(
         baked, "alice/pico-x", private=True, revision="lam-1", commit_message="hi", log=lambda _: 0
     )
-    assert api.names() == ["create_repo", "create_branch", "upload_folder"]
+    assert api.names() == ["create_repo", "create_branch", "create_commit"]
     _, repo, kw = api.calls[0]
     assert repo == "alice/pico-x" and kw == dict(private=True, exist_ok=True, repo_type="model")
     assert api.calls[1][1:] == ("alice/pico-x", dict(branch="lam-1", exist_ok=True))
-    up = api.calls[2][1]
-    assert up["folder_path"] == baked and up["repo_id"] == "alice/pico-x" and up["revision"] == "lam-1"
-    assert up["commit_message"] == "hi" and up["ignore_patterns"] == hub.IGNORE_PATTERNS
+    _, repo, kw, uploaded = api.calls[2]
+    assert repo == "alice/pico-x" and kw == dict(commit_message="hi", revision="lam-1", repo_type="model")
+    assert uploaded == {f: (baked / f).read_bytes() for f in BAKED_FILES}
     assert res.url == "https://huggingface.co/alice/pico-x/tree/lam-1" and not res.dry_run
     assert res.files == BAKED_FILES
 
@@ -218,8 +227,8 @@ def test_push_default_repo_id(baked, api):
     assert (
         res.repo_id == "alice/pico-pico-detox" and res.url == "https://huggingface.co/alice/pico-pico-detox"
     )
-    assert api.names() == ["whoami", "create_repo", "upload_folder"]
-    assert api.calls[1][2]["private"] is False and api.calls[2][1]["revision"] is None
+    assert api.names() == ["whoami", "create_repo", "create_commit"]
+    assert api.calls[1][2]["private"] is False and api.calls[2][2]["revision"] is None
     # a bare name goes under the token's user
     assert hub.push(baked, "my-model", log=lambda _: 0).repo_id == "alice/my-model"
 
@@ -261,7 +270,7 @@ def test_refuses_unverified(copy, api):
         hub.push(copy, "alice/x", log=lambda _: 0)
     assert e.value.exit_code == 6 and api.calls == []
     hub.push(copy, "alice/x", verify_required=False, log=lambda _: 0)
-    assert api.names() == ["create_repo", "upload_folder"]
+    assert api.names() == ["create_repo", "create_commit"]
 
 
 def test_refuses_failed_verification(copy, api):
@@ -329,7 +338,7 @@ def test_cli_push(baked, api):
     r = runner.invoke(app, ["push", str(baked), "--private", "--revision", "v1"])
     assert r.exit_code == 0, r.output
     assert "https://huggingface.co/alice/pico-pico-detox/tree/v1" in r.output
-    assert api.names() == ["whoami", "create_repo", "create_branch", "upload_folder"]
+    assert api.names() == ["whoami", "create_repo", "create_branch", "create_commit"]
     assert api.calls[1][2]["private"] is True
 
 
@@ -351,11 +360,12 @@ def test_cli_bake_push_to_hub(pico, tmp_path, api):
     r = runner.invoke(app, [*args, "--push-to-hub", "alice/pico", "--private"])
     assert r.exit_code == 0, r.output
     assert r.output.count("PASS") == 2
-    uploads = [c[1] for c in api.calls if c[0] == "upload_folder"]
-    assert [(u["repo_id"], u["folder_path"]) for u in uploads] == [
-        ("alice/pico-lambda-0.5", out / "lambda-0.5"),
-        ("alice/pico-lambda-1", out / "lambda-1"),
-    ]
+    uploads = [c for c in api.calls if c[0] == "create_commit"]
+    assert [u[1] for u in uploads] == ["alice/pico-lambda-0.5", "alice/pico-lambda-1"]
+    for u, lam in zip(uploads, ("0.5", "1"), strict=True):  # each strength's own files, as verified
+        assert u[3] == {
+            f: (out / f"lambda-{lam}" / f).read_bytes() for f in hub.upload_plan(out / f"lambda-{lam}")
+        }
     assert all(c[2]["private"] for c in api.calls if c[0] == "create_repo")
     assert (out / "lambda-1" / "actmerge" / "verify.json").is_file()
 

@@ -205,10 +205,9 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path):
     root, model = setup
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02binary")
     (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 20)
+    (tmp_path / "tgt.txt").write_bytes((root / "tgt.txt").read_bytes())  # beside the recipe
     for name, needle in (("latin.txt", "not UTF-8 (byte 3"), ("bin.txt", "binary")):
-        (tmp_path / "r.yaml").write_text(
-            RECIPE.replace("src.txt", str(tmp_path / name)).replace("tgt.txt", str(root / "tgt.txt"))
-        )
+        (tmp_path / "r.yaml").write_text(RECIPE.replace("src.txt", name))
         _one_line_error(_bake(model, "--recipe", tmp_path / "r.yaml", "-o", tmp_path / "o"), 2, needle)
     (tmp_path / "bad.yaml").write_bytes(b"name: \xff\xfe\n")
     _one_line_error(_bake(model, "--recipe", tmp_path / "bad.yaml", "-o", tmp_path / "o"), 2, "not UTF-8")
@@ -245,9 +244,8 @@ def test_sentence_counts_are_checked_before_any_model_load(setup, tmp_path, monk
     root, model = setup
     monkeypatch.setattr(fitting, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "few.txt").write_text("one\ntwo\nthree\nfour\nfive\n")
-    (tmp_path / "r.yaml").write_text(
-        RECIPE.replace("src.txt", str(tmp_path / "few.txt")).replace("tgt.txt", str(root / "tgt.txt"))
-    )
+    (tmp_path / "tgt.txt").write_bytes((root / "tgt.txt").read_bytes())  # beside the recipe
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("src.txt", "few.txt"))
     _one_line_error(_bake(model, "--recipe", tmp_path / "r.yaml", "-o", tmp_path / "o"), 2, "has 5 sentences")
     from actmerge.recipe import check_sentence_counts
 
@@ -302,11 +300,9 @@ def test_duplicate_strengths_and_extrapolation_warning(setup, tmp_path):
 )
 def test_bad_layer_selections(setup, tmp_path, layers, needle):
     root, model = setup
-    (tmp_path / "r.yaml").write_text(
-        RECIPE.replace("layers: all", f'layers: "{layers}"')
-        .replace("src.txt", str(root / "src.txt"))
-        .replace("tgt.txt", str(root / "tgt.txt"))
-    )
+    for name in ("src.txt", "tgt.txt"):  # beside the recipe
+        (tmp_path / name).write_bytes((root / name).read_bytes())
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("layers: all", f'layers: "{layers}"'))
     _one_line_error(_bake(model, "--recipe", tmp_path / "r.yaml", "--dry-run"), 2, needle)
 
 

@@ -4,12 +4,17 @@ Written here only; read through ``read_bake_info`` by verify, push, eval and the
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from ..errors import VerificationError
+from .files import file_kind
 from .output import PROVENANCE_DIR
 
 BAKE_JSON = "bake.json"
@@ -84,46 +89,100 @@ def provenance_files(info: BakeInfo, maps_bytes: bytes, recipe_files: dict[str, 
     return out
 
 
-def weights_digest(checkpoint: str | Path) -> dict[str, str]:
-    """sha256 of every file that decides what the checkpoint computes: safetensors shards and their
-    index, config.json (a pipeline: the same in every component folder, plus model_index.json)."""
-    import hashlib
+# Never published: hidden files and folders (.git, .cache, editor files), temp files of interrupted
+# writes, bytecode. Matched like huggingface_hub matches (fnmatch on the relative posix path, `*`
+# crosses `/`). Everything else in a checkpoint is recorded by verify and uploaded by push.
+NEVER_PUBLISHED = (".*", "*/.*", "*.tmp", "__pycache__/*", "*/__pycache__/*")
+# files that decide what the checkpoint computes: a change to one is "weights changed"
+_WEIGHT_NAMES = ("config.json", "model_index.json")
 
+
+def _never_published(rel: str) -> bool:
+    return any(fnmatch.fnmatch(rel, pattern) for pattern in NEVER_PUBLISHED)
+
+
+def checkpoint_files(checkpoint: str | Path) -> tuple[list[str], list[str]]:
+    """(files, refused) of a checkpoint directory, walked without following links: ``files`` are the
+    regular files that are published (relative posix paths, sorted; ``NEVER_PUBLISHED`` left out),
+    ``refused`` says what may never be published: every symlink, anywhere in the directory (its
+    target is outside what was written, or could be changed behind the record), and every entry that
+    is not a regular file or a directory (a FIFO, a device, a socket)."""
     root = Path(checkpoint)
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if not p.is_file() or rel.parts[0] == PROVENANCE_DIR or any(x.startswith(".") for x in rel.parts):
-            continue
-        if (
-            p.suffix == ".safetensors"
-            or p.name in ("config.json", "model_index.json")
-            or p.name.endswith(".safetensors.index.json")
-        ):
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while block := f.read(16 << 20):
-                    h.update(block)
-            out[rel.as_posix()] = h.hexdigest()
-    return out
+    files, refused = [], []
+    for top, dirs, names in os.walk(root, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(top) / name
+            rel = path.relative_to(root).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                refused.append(f"{rel} is a symlink (to {os.readlink(path)})")
+            elif stat.S_ISREG(mode):
+                if not _never_published(rel):
+                    files.append(rel)
+            elif not stat.S_ISDIR(mode):
+                refused.append(f"{rel} is {file_kind(mode)}, not a regular file")
+    return sorted(files), refused
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
+def file_digest(path: Path) -> dict:
+    """``{"sha256": …, "size": …}`` of one regular file, read without following a symlink."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb", opener=_no_follow) as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "size": size}
+
+
+def files_digest(checkpoint: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """sha256 and size of every published file of the checkpoint (``checkpoint_files``), but ``exclude``."""
+    root = Path(checkpoint)
+    files, _ = checkpoint_files(root)
+    return {rel: file_digest(root / rel) for rel in files if rel not in exclude}
+
+
+def verify_report_name(runtime: str = "transformers") -> str:
+    return VERIFY_JSON if runtime == "transformers" else f"verify-{runtime}.json"
 
 
 def write_verify_report(checkpoint: str | Path, report_json: str, runtime: str = "transformers") -> Path:
-    """``actmerge/verify.json`` (``verify-llama.cpp.json``): the report plus the digest of the weights
-    it verified, so that publishing can refuse weights changed since."""
+    """``actmerge/verify.json`` (``verify-llama.cpp.json``): the report plus ``files``, the sha256 and
+    size of every file of the checkpoint as verified (weights, config, tokenizer, card, provenance;
+    all but this report itself and what is never published), so that ``push`` publishes exactly that."""
+    name = f"{PROVENANCE_DIR}/{verify_report_name(runtime)}"
     data = json.loads(report_json)
-    data["weights_sha256"] = weights_digest(checkpoint)
-    name = VERIFY_JSON if runtime == "transformers" else f"verify-{runtime}.json"
-    path = Path(checkpoint) / PROVENANCE_DIR / name
+    data["files"] = files_digest(checkpoint, exclude=(name,))
+    path = Path(checkpoint) / name
     path.parent.mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)  # a symlink put there is replaced, never written through
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 
-def changed_since_verify(checkpoint: str | Path, report: dict) -> list[str]:
-    """Files whose digest differs from the one recorded by verify (all of them when none was)."""
-    recorded = report.get("weights_sha256")
-    current = weights_digest(checkpoint)
+def changed_since_verify(checkpoint: str | Path, report: dict) -> list[str] | None:
+    """What differs from the files verify recorded ("model.safetensors changed", "evil.py added",
+    "tokenizer.json removed"); None when the report records no file list (an older actmerge)."""
+    recorded = report.get("files")
     if not isinstance(recorded, dict):
-        return sorted(current)
-    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+        return None
+    current = files_digest(checkpoint, exclude=(f"{PROVENANCE_DIR}/{VERIFY_JSON}",))
+    out = []
+    for rel in sorted(set(recorded) | set(current)):
+        if rel not in current:
+            out.append(f"{rel} removed")
+        elif rel not in recorded:
+            out.append(f"{rel} added")
+        elif recorded[rel] != current[rel]:
+            out.append(f"{rel} changed")
+    return out
+
+
+def is_weights_file(rel: str) -> bool:
+    """Whether a checkpoint file decides what it computes: safetensors shards and their index, config."""
+    name = rel.rsplit("/", 1)[-1]
+    return name.endswith((".safetensors", ".safetensors.index.json")) or name in _WEIGHT_NAMES
