@@ -49,6 +49,7 @@ def export_control_vector(
     """The shifts of maps at layer-end sites (Gemma mlp_post, Llama-like mlp_out) as a llama.cpp control
     vector; bake the same maps with --shift-policy drop and run `llama-cli --control-vector cv.gguf`."""
     from .control_vector import control_vector, write_control_vector
+    from .fitting import preflight_maps
     from .io.output import check_output
     from .maps import MapSet
     from .models import resolve
@@ -59,7 +60,9 @@ def export_control_vector(
     name = model or mapset.base_model
     if not name:
         raise ActmergeError("the maps file names no base model: pass --model MODEL.")
-    config = resolve(name, log=log).config
+    source = resolve(name, log=log)
+    config = source.config
+    preflight_maps(mapset, source, log)
     cv = control_vector(mapset, config, strength, partial=partial)
     n = num_layers(architecture_for(config), config)
     write_control_vector(cv, output, model_hint=config.get("model_type", ""), n_layers=n, force=force)

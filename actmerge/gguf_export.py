@@ -33,7 +33,7 @@ from safetensors import safe_open
 from .errors import ExportError
 from .io.output import PROVENANCE_DIR, atomic_dir, atomic_file
 from .io.safetensors import TensorNamer, read_shard, tensor_index, write_shard
-from .io.tree import INDEX
+from .io.tree import INDEX, read_config
 from .models import ModelSource, cache_dir
 from .sites import Architecture, architecture_for, num_layers
 
@@ -123,7 +123,7 @@ def prepare(checkpoint: Path, dest: Path) -> list[str]:
 
     Returns the stripped (all-zero) bias tensors; raises ``ExportError`` for a non-zero one."""
     checkpoint = Path(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_config(checkpoint / "config.json")
     arch = architecture_for(config)
     files = ModelSource("", checkpoint).safetensors_files()
     infos, where = tensor_index(files)
@@ -174,6 +174,7 @@ def export_gguf(
         raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}.")
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint directory (no config.json).")
+    architecture_for(read_config(checkpoint / "config.json"))  # a clear error, before the converter
     from .io.output import check_output
 
     check_output(out, force=force, is_dir=False)

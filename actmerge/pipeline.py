@@ -12,7 +12,7 @@ from . import baking
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
 from .errors import ActmergeError, MapsMismatchError, ModelResolutionError, RecipeError
-from .evalconfig import NEUTRAL_TEXT, chat_prompts, eval_config  # noqa: F401  (library API)
+from .evalconfig import NEUTRAL_TEXT, chat_prompts, check_eval_paths, eval_config  # noqa: F401  (library API)
 from .fitting import (  # noqa: F401
     FitResult,
     Loaded,
@@ -23,6 +23,7 @@ from .fitting import (  # noqa: F401
     load,
     model_kind,
     preflight_checkpoint,
+    preflight_maps,
     preflight_recipe,
     recipe_sites,
 )
@@ -120,6 +121,8 @@ def bake(
     )
     if evaluate_after and (not recipe_objs or recipe_objs[0].eval_prompts is None):
         raise RecipeError("--eval needs a recipe with `eval_prompts:` (use `actmerge eval` for maps files).")
+    if evaluate_after:
+        eval_config(recipe_objs[0])  # its eval files exist and decode: before the (slow) fit, not after
     if push_to_hub:
         from . import hub
 
@@ -149,6 +152,8 @@ def bake(
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
         if not mapset.maps:
             raise MapsMismatchError("the maps file holds no maps.")
+        if kind == "llm":
+            preflight_maps(mapset, source, log)
     tuned = {}
     if tune_budget is not None:
         tuned = _auto_strength(loaded, recipe_objs, mapset, tune_budget, progress, log)
@@ -290,6 +295,7 @@ def verify(
     if base is None:
         base = info.base_model if info else _need("--base")
     loaded = load(base, revision=info.revision if info else None, placement=placement, log=log)
+    preflight_maps(mapset, loaded.source, log)
     return verify_checkpoint(
         checkpoint,
         loaded,
@@ -334,15 +340,16 @@ def evaluate(
     (``lmeval.scores``); the scores join those rows' metrics and each baked checkpoint's card."""
     from .sweep import plot, run_sweep
 
-    _check_baked_dirs(baked)  # before any slow load
-    loaded = load(model, revision=revision, placement=placement, log=log)
+    check_eval_paths(baked, out)  # before any slow load
     recipe_obj = (
         load_recipe(recipe, log=log) if recipe is not None and not isinstance(recipe, Recipe) else recipe
     )
     cfg = config or eval_config(recipe_obj, **overrides)
+    loaded = load(model, revision=revision, placement=placement, log=log)
     mapset, support = None, None
     if maps is not None:
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
+        preflight_maps(mapset, loaded.source, log)
     elif recipe_obj is not None and strengths:
         fitted = fit(loaded, recipe_obj, progress=progress, log=log)
         mapset = fitted.maps
@@ -376,17 +383,6 @@ def evaluate(
         report.save(out / "report.json")
         plot(report, out / "sweep.png")
     return report
-
-
-def _check_baked_dirs(baked) -> None:
-    for b in baked:
-        b = Path(b)
-        if not (b / "config.json").is_file():
-            what = "does not exist" if not b.exists() else "has no config.json (not a checkpoint directory)"
-            raise ModelResolutionError(
-                f"--baked {b}: {what}. Give the output directory of `actmerge bake` (it holds config.json "
-                "and the safetensors), e.g. --baked out/gemma-3-270m-detox."
-            )
 
 
 def sites(
