@@ -6,6 +6,7 @@ and derandomised (the same examples on every run); the suite prints how many exa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -73,7 +74,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("fuzz")
     llama, gpt2 = make_pico("llama", root / "llama"), make_pico("gpt2", root / "gpt2")
     data = root / "data"
@@ -106,10 +107,11 @@ def world(tmp_path_factory):
             list(random_maps(gcfg).maps),
             itertools.count(),
         )
-    sys.__stderr__.write(
-        f"\n[test_fuzz] generated cases this run: {sum(COUNT.values())} "
-        f"({', '.join(f'{k} {v}' for k, v in sorted(COUNT.items()))})\n"
-    )
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(COUNT.items()))
+    line = f"[test_fuzz] generated cases this run: {sum(COUNT.values())} ({counts})"
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + line, file=sys.stderr)  # past the capture: the count shows in every run's log
 
 
 def snapshot(root: Path, skip: Path | None) -> dict[str, tuple]:
