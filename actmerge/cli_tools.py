@@ -52,6 +52,7 @@ def export_control_vector(
     """The shifts of maps at layer-end sites (Gemma mlp_post, Llama-like mlp_out) as a llama.cpp control
     vector; bake the same maps with --shift-policy drop and run `llama-cli --control-vector cv.gguf`."""
     from .control_vector import control_vector, write_control_vector
+    from .fitting import preflight_maps
     from .io.output import check_output
     from .maps import MapSet
     from .models import resolve
@@ -67,6 +68,7 @@ def export_control_vector(
     source = resolve(name, log=log)
     check_output(output, [maps, source.path], force=force, is_dir=False)
     config = source.config
+    preflight_maps(mapset, source, log)
     cv = control_vector(mapset, config, strength, partial=partial, allow_extrapolation=allow_extrapolation)
     n = num_layers(architecture_for(config), config)
     write_control_vector(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import RecipeError
+from .errors import ModelResolutionError, OutputExistsError, RecipeError, UnknownArchitectureError
+from .io.tree import read_config
 from .recipe import Recipe, read_sentences
 from .sweep import EvalConfig
 
@@ -72,3 +73,33 @@ def chat_prompts(cfg: EvalConfig, tok, log=print) -> EvalConfig:
         return replace(cfg, chat="off")
     splits = {name: chat.user_turns(tok, prompts) for name, prompts in cfg.splits.items()}
     return replace(cfg, prompts=chat.user_turns(tok, cfg.prompts), splits=splits, chat="on")
+
+
+def check_eval_paths(baked, out: str | Path | None) -> None:
+    """Before any slow load: the report directory is not an existing file, and each --baked directory
+    is a checkpoint plain transformers can load (config.json valid, a model_type transformers knows)."""
+    if out is not None and (Path(out).exists() or Path(out).is_symlink()) and not Path(out).is_dir():
+        raise OutputExistsError(f"report directory {out} exists and is not a directory: choose another -o.")
+    _check_baked_dirs(baked)
+
+
+def _check_baked_dirs(baked) -> None:
+    """Each --baked directory is a checkpoint plain transformers can load (config.json valid, its
+    model_type one transformers knows)."""
+    from transformers import CONFIG_MAPPING
+
+    for b in baked:
+        b = Path(b)
+        if not (b / "config.json").is_file():
+            what = "does not exist" if not b.exists() else "has no config.json (not a checkpoint directory)"
+            raise ModelResolutionError(
+                f"--baked {b}: {what}. Give the output directory of `actmerge bake` (it holds config.json "
+                "and the safetensors), e.g. --baked out/gemma-3-270m-detox."
+            )
+        model_type = read_config(b / "config.json").get("model_type")
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise UnknownArchitectureError(
+                f"--baked {b}: its config.json has model_type {model_type!r}, which this transformers "
+                f"does not know, so it cannot be loaded. Give a checkpoint of a supported model (e.g. the "
+                "output of `actmerge bake`), or upgrade transformers if the model is newer."
+            )

@@ -103,6 +103,33 @@ def preflight_checkpoint(source) -> None:
         tensor_index(source.safetensors_files())
 
 
+def preflight_maps(maps: MapSet, source, log=print) -> None:
+    """Before any model load: the maps fit this model (every module a site of it, every width its
+    width; an error naming the model they were fitted on), and a warning where they fit but their
+    ``base_model`` names another model."""
+    from .llm_plan import check_maps
+
+    config = source.config
+    tensors, _ = tensor_index(source.safetensors_files())
+    check_maps(architecture_for(config), config, maps, tensors, source.name)
+    if maps.base_model and not same_model(maps.base_model, source):
+        log(
+            f"warning: these maps were fitted on {maps.base_model}, not {source.name}; their modules and "
+            "widths match this model, so they are used as they are."
+        )
+
+
+def same_model(name: str, source) -> bool:
+    """Whether a recorded model name (a maps file's ``base_model``) names ``source``: the same name,
+    or a local directory that is the same one."""
+    if name == source.name:
+        return True
+    try:
+        return Path(name).is_dir() and Path(name).resolve() == Path(source.path).resolve()
+    except OSError:
+        return False
+
+
 def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
     arch = architecture_for(config)
     sites: list[Site] = []

@@ -35,7 +35,7 @@ from .io.markers import GGUF_KEY
 from .io.output import PROVENANCE_DIR, atomic_dir, atomic_file, check_output, scratch_dir
 from .io.st_format import read_shard, tensor_index
 from .io.st_rewrite import write_shard
-from .io.tree import INDEX
+from .io.tree import INDEX, read_config
 from .models import ModelSource, cache_dir
 from .naming import TensorNamer
 from .sites import Architecture, architecture_for, num_layers
@@ -140,7 +140,7 @@ def prepare(checkpoint: Path, dest: Path) -> list[str]:
 
     Returns the stripped (all-zero) bias tensors; raises ``ExportError`` for a non-zero one."""
     checkpoint = Path(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_config(checkpoint / "config.json")
     arch = architecture_for(config)
     files = ModelSource("", checkpoint).safetensors_files()
     infos, where = tensor_index(files)
@@ -193,6 +193,7 @@ def export_gguf(
         raise ExportError(f"--outtype {outtype!r}: choose one of {', '.join([*OUTTYPES, *QUANT_OUTTYPES])}.")
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint directory (no config.json).")
+    architecture_for(read_config(checkpoint / "config.json"))  # a clear error, before the converter
     check_output(out, checkpoint, force=force, is_dir=False)
     if importlib.util.find_spec("sentencepiece") is None:  # the converter imports it for every Llama/Gemma
         raise ExportError("llama.cpp's converter needs sentencepiece: `pip install sentencepiece`.")

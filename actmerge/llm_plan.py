@@ -119,6 +119,48 @@ def plan(
     return FoldPlan(strength, site_plans, edits, config_patch, new_tensors, options.targets)
 
 
+def check_maps(
+    arch: Architecture, config: dict, maps: MapSet, tensors: dict[str, TensorInfo], model: str
+) -> None:
+    """Every map is finite, names a site of this model and has that site's width (read from the
+    checkpoint's tensor headers: cheap, before any model load); else a ``MapsMismatchError`` naming
+    the model the maps were fitted on."""
+    maps.check_finite()
+    namer = TensorNamer(tensors, arch.tensor_prefixes)
+    fitted = f"these maps were fitted on {maps.base_model}, not {model}" if maps.base_model else ""
+    remedy = (
+        f"give the model they were fitted on ({maps.base_model}), or fit maps for {model} with "
+        f"`actmerge fit {model} --recipe R -o MAPS`."
+        if maps.base_model
+        else f"give the model the maps were fitted on, or fit maps for {model} with `actmerge fit`."
+    )
+    for key, amap in maps.items():
+        try:
+            site = site_for_key(arch, config, key)
+        except Exception:
+            why = f"{key!r} is not a module of this {arch.name} model"
+            raise MapsMismatchError(f"{fitted or 'maps do not match'}: {why}; {remedy}") from None
+        width = _site_width(arch, site, namer)
+        if width is not None and width != amap.dim:
+            why = f"the map at {key} has dim {amap.dim}, this model's {site.name} there has dim {width}"
+            raise MapsMismatchError(f"{fitted or 'maps do not match'}: {why}; {remedy}")
+
+
+def _site_width(arch: Architecture, site, namer: TensorNamer) -> int | None:
+    """The width of a site's activation, from its module's weight shape (None: no such tensor)."""
+    found = namer(f"{site.module}.weight")
+    if found is None:
+        return None
+    shape = namer.tensors[found].shape
+    rule = site.rule
+    if rule.fold in NORM_EDIT or not shape:
+        return shape[0] if shape else None
+    conv1d = arch.linears[rule.linear].conv1d
+    if rule.fold == "linear_in":
+        return shape[0] if conv1d else shape[-1]
+    return shape[-1] if conv1d else shape[0]
+
+
 def _bias_name(weight: str) -> str:
     return weight[: -len("weight")] + "bias"
 

@@ -152,9 +152,20 @@ class MapSet:
             for k, v in meta.items()
             if k not in ("format", "base_model", "method", "recipe_hash", "order")
         }
-        return cls(
+        mapset = cls(
             maps, meta.get("base_model", ""), meta.get("method", ""), meta.get("recipe_hash", ""), extra
         )
+        mapset.check_finite(str(path))
+        return mapset
+
+    def check_finite(self, where: str = "") -> None:
+        """Refuse maps holding NaN or Inf (a damaged file: they would bake or steer to garbage)."""
+        for key, m in self.maps.items():
+            if not (bool(m.omega.isfinite().all()) and bool(m.beta.isfinite().all())):
+                raise MapsMismatchError(
+                    f"{where or 'the maps'}: the map at {key} holds NaN/Inf values. Re-create the maps "
+                    "with `actmerge fit` (or `actmerge compose`)."
+                )
 
     def interpolated(self, strength: float) -> MapSet:
         """Maps as seen at strength λ (so that applying them at strength 1 equals this set at λ)."""
@@ -169,6 +180,15 @@ class MapSet:
 
 def compose(first: MapSet, second: MapSet, strengths: tuple[float, float] = (1.0, 1.0)) -> MapSet:
     """Apply ``first`` at strengths[0], then ``second`` at strengths[1]; result is at strength 1."""
+    for key, m in second.items():
+        if key in first.maps and first.maps[key].dim != m.dim:
+            names = (
+                " and ".join(repr(b) for b in (first.base_model, second.base_model) if b) or "unnamed models"
+            )
+            raise MapsMismatchError(
+                f"cannot compose: the maps at {key} have dims {first.maps[key].dim} and {m.dim}, so the files "
+                f"were fitted on different models ({names}). Compose maps fitted on one model."
+            )
     out = dict(first.interpolated(strengths[0]).maps)
     for key, m in second.interpolated(strengths[1]).items():
         out[key] = out[key].then(m) if key in out else m

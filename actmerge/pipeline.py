@@ -13,7 +13,7 @@ from . import strength as strength_rules
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
 from .errors import ActmergeError, MapsMismatchError, ModelResolutionError, RecipeError
-from .evalconfig import NEUTRAL_TEXT, chat_prompts, eval_config  # noqa: F401  (library API)
+from .evalconfig import NEUTRAL_TEXT, chat_prompts, check_eval_paths, eval_config  # noqa: F401  (library API)
 from .fitting import (  # noqa: F401
     FitResult,
     Loaded,
@@ -24,6 +24,7 @@ from .fitting import (  # noqa: F401
     load,
     model_kind,
     preflight_checkpoint,
+    preflight_maps,
     preflight_recipe,
     recipe_sites,
     resolved,
@@ -109,6 +110,8 @@ def bake(
         given_maps = maps if isinstance(maps, MapSet) else MapSet.load(maps)
         if not given_maps.maps:
             raise MapsMismatchError("the maps file holds no maps.")
+        if kind == "llm":
+            preflight_maps(given_maps, source, log)
     check = dict(allow_extrapolation=allow_extrapolation, warn=log)
     per_recipe: list[float] = []
     if len(recipe_objs) > 1:  # one strength per recipe, repeats included
@@ -133,6 +136,8 @@ def bake(
         gguf_out, out, dry_run = Path(out), None, True  # plan only; the GGUF is written below
     if evaluate_after and (not recipe_objs or recipe_objs[0].eval_prompts is None):
         raise RecipeError("--eval needs a recipe with `eval_prompts:` (use `actmerge eval` for maps files).")
+    if evaluate_after:
+        eval_config(recipe_objs[0])  # its eval files exist and decode: before the (slow) fit, not after
     if push_to_hub:
         from . import hub
 
@@ -310,6 +315,7 @@ def verify(
     if base is None:
         base = info.base_model if info else _need("--base")
     loaded = load(base, revision=info.revision if info else None, placement=placement, log=log)
+    preflight_maps(mapset, loaded.source, log)
     return verify_checkpoint(
         checkpoint,
         loaded,
@@ -358,7 +364,7 @@ def evaluate(
     actmerge wrote."""
     from .sweep import plot, run_sweep
 
-    _check_baked_dirs(baked)  # before any slow load
+    check_eval_paths(baked, out)  # before any slow load
     strengths = strength_rules.check(strengths, allow_extrapolation=allow_extrapolation, warn=log)
     loaded = load(model, revision=revision, placement=placement, log=log)
     sources = [loaded.source.path, *baked, *([maps] if isinstance(maps, str | Path) else [])]
@@ -371,6 +377,7 @@ def evaluate(
     mapset, support = None, None
     if maps is not None:
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
+        preflight_maps(mapset, loaded.source, log)
     elif recipe_obj is not None and strengths:
         fitted = fit(loaded, recipe_obj, progress=progress, log=log)
         mapset = fitted.maps
@@ -406,17 +413,6 @@ def evaluate(
 
         write_report_dir(Path(out), "eval", write, source=sources, force=force, log=log)
     return report
-
-
-def _check_baked_dirs(baked) -> None:
-    for b in baked:
-        b = Path(b)
-        if not (b / "config.json").is_file():
-            what = "does not exist" if not b.exists() else "has no config.json (not a checkpoint directory)"
-            raise ModelResolutionError(
-                f"--baked {b}: {what}. Give the output directory of `actmerge bake` (it holds config.json "
-                "and the safetensors), e.g. --baked out/gemma-3-270m-detox."
-            )
 
 
 def sites(

@@ -235,6 +235,7 @@ def tune(
         maps = pipeline.fit(loaded, recipe, progress=progress, log=log).maps
     elif maps is not None and not isinstance(maps, MapSet):
         maps = MapSet.load(maps)
+        pipeline.preflight_maps(maps, loaded.source, log)
     if cost_fn is None or behaviour_fn is None:
         probe = HookedProbe(loaded, recipe, maps, prompts, neutral, progress=progress)
         cost_fn = cost_fn or probe.cost
