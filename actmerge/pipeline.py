@@ -191,11 +191,14 @@ def bake(
         tuned,
     )
     results: list[BakeResult] = []
+    parent = Path(out) if out is not None and len(strengths) > 1 and not Path(out).exists() else None
     try:
         for lam in strengths:
             results.append(baking.bake_one(job, lam))
     except BaseException as exc:  # say exactly which strengths were written before the failure
         exc.actmerge_written = [str(r.out) for r in results if r.out is not None]
+        if parent is not None and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()  # the lambda-* folder made for this bake, left empty by its first strength
         raise
     if gguf_out is not None:
         res = results[0]

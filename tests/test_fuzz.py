@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import math
 import os
 import shutil
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, Phase, assume, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 from typer.testing import CliRunner
@@ -262,6 +261,8 @@ GARBAGE_YAML = st.one_of(
             ": :",
             "name: !!python/object:os.system x",
             "[" * 50 + "]" * 50,
+            "[" * 600 + "]" * 600,
+            "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 600)),
         ]
     ),  # fmt: skip
     st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
@@ -408,8 +409,7 @@ def test_fuzz_recipes(world, data):
             st.one_of(RECIPE, st.builds(valid_recipe, sites=st.lists(SITE_SPEC, min_size=1, max_size=2)))
         )
         raw = data.draw(st.one_of(st.none(), st.none(), st.none(), GARBAGE_YAML))
-        # `recipes show` only on mappings while the garbage-YAML cases are pending (PENDING_PUBLISH)
-        verb = data.draw(st.sampled_from(["fit", "bake"] if raw is not None else ["fit", "bake", "show"]))
+        verb = data.draw(st.sampled_from(["fit", "bake", "show"]))
         model = data.draw(st.sampled_from([world.llama, world.gpt2]))
     recipe = write_recipe(world, ex, raw if raw is not None else recipe_text(d))
     if verb == "fit":
@@ -450,11 +450,9 @@ def test_fuzz_maps_files(world, data, verb):
     s = data.draw(st.sampled_from(["1", "0.5", "0", "1,0.5"]))
     if verb == "bake":
         run_cli(world, ["bake", world.llama, "--maps", maps, "-s", s, "--dry-run"], None, "maps:bake-dry-run")
-    elif (
-        verb == "bake-out"
-    ):  # one strength while the empty -o left by a failed multi-strength bake is pending
+    elif verb == "bake-out":
         out = ex / "baked"
-        args = ["bake", world.llama, "--maps", maps, "-s", s.split(",")[0], "-o", out]
+        args = ["bake", world.llama, "--maps", maps, "-s", s, "-o", out]
         run_cli(world, args, out, "maps:bake")
     elif verb == "compose":
         other = data.draw(st.sampled_from([world.maps, maps]))
@@ -480,21 +478,6 @@ def test_fuzz_maps_files(world, data, verb):
         run_cli(world, args, out, "maps:eval")
 
 
-def pending_strength(strength: str, verb: str) -> str | None:
-    """Why this (strength, verb) is a known failure owned by the strength helper (its regression test
-    below is a strict xfail), or None. Drop this filter when those fixes land."""
-    try:
-        values = [float(x) for x in strength.split(",") if x.strip()]
-    except ValueError:
-        return None
-    if verb in ("cv", "eval") and not all(math.isfinite(v) for v in values):
-        return "a non-finite strength is accepted (NaN vector / NaN rows)"
-    names = [f"{v:g}" for v in values]
-    if verb == "bake" and len(set(names)) < len(set(values)):
-        return "two strengths that print alike share one output name"
-    return None
-
-
 @pytest.mark.parametrize("verb", ["bake", "compose", "cv", "eval"])
 @settings(FUZZ, max_examples=12)
 @given(strength=STRENGTH_TEXT)
@@ -503,7 +486,6 @@ def pending_strength(strength: str, verb: str) -> str | None:
 @example(strength="0.5,0.5000001")
 def test_fuzz_strengths(world, strength, verb):
     """Strength text of every shape through each verb that takes one."""
-    assume(pending_strength(strength, verb) is None)
     ex = world.example_dir()
     if verb == "bake":
         out = ex / "baked"
@@ -767,13 +749,12 @@ def test_nonfinite_maps_are_refused_when_read(world, verb):
     assert res.exit_code == errors.MapsMismatchError.exit_code and "NaN/Inf" in res.output, res.output
 
 
-# --- found by the fuzzing, owned by other helpers (strict xfail: the lead drops it with the fix) -----
+# --- found by the fuzzing: regression tests ---------------------------------------------------------
 
 DEEP_LIST = "[" * 600 + "]" * 600
 DEEP_MAP = "a:\n" + "".join("  " * i + "b:\n" for i in range(1, 600))
 
 
-@pytest.mark.xfail(strict=True, reason="owned by publish: `recipes show` on a non-mapping/broken YAML file")
 @pytest.mark.parametrize(
     "text",
     [b"- 1\n- 2\n", b"42\n", b"a: [\n", b"name: \xff\xfe\n", DEEP_LIST.encode(), DEEP_MAP.encode()],
@@ -787,7 +768,6 @@ def test_recipes_show_of_a_bad_yaml_file(world, text):
     assert res.exit_code == errors.RecipeError.exit_code, res.output
 
 
-@pytest.mark.xfail(strict=True, reason="owned by publish: YAML nested >= 500 levels (RecursionError)")
 @pytest.mark.parametrize("text", [DEEP_LIST, DEEP_MAP], ids=["deep-list", "deep-map"])
 def test_bake_of_a_deeply_nested_recipe(world, text):
     ex = world.example_dir()
@@ -797,7 +777,6 @@ def test_bake_of_a_deeply_nested_recipe(world, text):
     assert res.exit_code == errors.RecipeError.exit_code, res.output
 
 
-@pytest.mark.xfail(strict=True, reason="owned by strength: export-control-vector -s nan --partial writes NaN")
 def test_control_vector_of_a_nan_strength(world):
     ex = world.example_dir()
     out = ex / "cv.gguf"
@@ -806,7 +785,6 @@ def test_control_vector_of_a_nan_strength(world):
     assert res.exit_code == errors.RecipeError.exit_code and not out.exists(), res.output
 
 
-@pytest.mark.xfail(strict=True, reason="owned by strength: eval --strengths nan produces NaN rows")
 def test_eval_of_a_nan_strength(world):
     ex = world.example_dir()
     out = ex / "report"
@@ -824,7 +802,6 @@ def test_eval_of_a_nan_strength(world):
     assert res.exit_code == errors.RecipeError.exit_code, res.output
 
 
-@pytest.mark.xfail(strict=True, reason="owned by strength: -s 0.5,0.5000001 gives both lambda-0.5")
 def test_bake_of_strengths_that_print_alike(world):
     ex = world.example_dir()
     out = ex / "baked"
@@ -833,9 +810,6 @@ def test_bake_of_strengths_that_print_alike(world):
     assert (res.exit_code == 0 and len(list(out.iterdir())) == 2) or (res.exit_code == 2 and not out.exists())
 
 
-@pytest.mark.xfail(
-    strict=True, reason="owned by writerule: a failed multi-strength bake leaves an empty -o dir"
-)
 def test_failed_multi_strength_bake_leaves_no_output_dir(world):
     """Maps that overflow float32 when folded fail the first strength; -o must not be left behind."""
     ex = world.example_dir()
