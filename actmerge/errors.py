@@ -1,4 +1,4 @@
-"""Domain errors. The library raises these; only ``cli.py`` turns them into exit codes.
+"""Domain errors. The library raises these; only the CLI (``actmerge/cli/``) turns them into exit codes.
 
 Every message says what was wrong and what to do about it.
 """

@@ -74,7 +74,7 @@ def resolved(model, *, revision: str | None = None, placement: Placement | None 
     """The model argument resolved, not loaded: a ``Loaded`` (language model) or a ``PipelineSource``.
     Cheap after the first use of a built-in model; ``fit`` and the verbs accept either."""
     if model_kind(model, revision) == "pipeline":
-        return _pipeline_source(model, revision)
+        return pipeline_source(model, revision)
     return load(model, revision=revision, placement=placement, log=log)
 
 
@@ -83,7 +83,7 @@ def source_path(model) -> Path:
     return model.source.path if isinstance(model, Loaded) else model.path
 
 
-def _pipeline_source(model, revision):
+def pipeline_source(model, revision):
     from .diffusion.source import PipelineSource, resolve_pipeline
 
     return model if isinstance(model, PipelineSource) else resolve_pipeline(model, revision)
@@ -166,7 +166,7 @@ class FitResult:
     seconds: float
 
 
-def _load_recipe(recipe, kind: Kind, log=None) -> Recipe:
+def load_recipe_for(recipe, kind: Kind, log=None) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if kind == "pipeline":
@@ -190,7 +190,7 @@ def fit(
     """Collect activations on the recipe's sentences and fit one map per site (LinEAS: end to end,
     freezing the shifts the fold plan cannot bake under ``options``)."""
     kind = model_kind(model, revision)
-    recipe = _load_recipe(recipe, kind, log)
+    recipe = load_recipe_for(recipe, kind, log)
     options = options or FoldOptions.merged(recipe)
     preflight_recipe(recipe, log)
     if kind == "pipeline":
@@ -202,7 +202,7 @@ def fit(
                 "--device-map/--max-memory/--offload-folder are for LLMs; pipelines load whole."
             )
         res = fit_pipeline(
-            _pipeline_source(model, revision), recipe, pipe=pipe, device=placement.device, log=log
+            pipeline_source(model, revision), recipe, pipe=pipe, device=placement.device, log=log
         )
         return FitResult(res.maps, None, recipe, res.seconds)
     loaded = load(model, revision=revision, placement=placement, log=log)

@@ -21,7 +21,7 @@ from .errors import MapsMismatchError, NotFoldableError
 from .io.st_format import TensorInfo
 from .io.st_rewrite import Streamed
 from .io.weights import WeightEdits
-from .shifts import _config_get, capabilities, shift_home  # noqa: F401  (capabilities: library API)
+from .shifts import capabilities, shift_home  # noqa: F401  (capabilities: library API)
 from .sites import ALL, RUNTIMES
 
 ShiftPolicy = Literal["error", "drop"]
@@ -375,11 +375,11 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _nonzero(t: torch.Tensor) -> bool:
+def nonzero(t: torch.Tensor) -> bool:
     return bool((t != 0).any())
 
 
-def _not_one(t: torch.Tensor) -> bool:
+def not_one(t: torch.Tensor) -> bool:
     return bool((t != 1).any())
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import MapsMismatchError, NotFoldableError
-from .fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, _nonzero, _not_one, refuse_shifts
+from .fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, nonzero, not_one, refuse_shifts
 from .io.st_format import TensorInfo
 from .maps import MapSet
 from .naming import TensorNamer
-from .shifts import _config_get, scale_home, shift_home
+from .shifts import config_get, scale_home, shift_home
 from .sites import ALL, Architecture, site_for_key
 
 NORM_EDIT = {"rmsnorm": "norm", "rmsnorm_1p": "norm_1p", "layernorm": "norm"}  # site fold → Edit kind
@@ -55,7 +55,7 @@ def plan(
         except Exception as exc:
             raise MapsMismatchError(f"maps do not match this {arch.name} model: {exc}") from exc
         scale, shift = amap.at(strength)
-        has_scale, has_shift = _not_one(scale), _nonzero(shift)
+        has_scale, has_shift = not_one(scale), nonzero(shift)
         sp = SitePlan(key, f"{site.name}[{site.layer}]", Exactness.EXACT, site=site)
         site_plans.append(sp)
         if not (has_scale or has_shift):
@@ -189,7 +189,7 @@ def _companion_biases(arch, config, patch, edits, tensors, name_of) -> dict[str,
 
 def _guard_tied(arch: Architecture, config: dict, edits: dict[tuple[str, str], Edit]) -> None:
     if not (
-        _config_get(config, "tie_word_embeddings") or _config_get(config, "text_config.tie_word_embeddings")
+        config_get(config, "tie_word_embeddings") or config_get(config, "text_config.tie_word_embeddings")
     ):
         return
     touched = {n for e in edits.values() for n in (e.weight, e.bias) if n}

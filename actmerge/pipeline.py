@@ -17,12 +17,12 @@ from .evalconfig import NEUTRAL_TEXT, chat_prompts, check_eval_paths, eval_confi
 from .fitting import (  # noqa: F401
     FitResult,
     Loaded,
-    _load_recipe,
-    _pipeline_source,
     fit,
     frozen_shifts,
     load,
+    load_recipe_for,
     model_kind,
+    pipeline_source,
     preflight_checkpoint,
     preflight_maps,
     preflight_recipe,
@@ -79,7 +79,7 @@ def bake(
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
     kind = model_kind(model, revision)
-    recipe_objs = [_load_recipe(r, kind, log) for r in recipes]
+    recipe_objs = [load_recipe_for(r, kind, log) for r in recipes]
     options = options or FoldOptions.merged(
         recipe_objs[0] if recipe_objs else None,
         targets=targets,
@@ -94,7 +94,7 @@ def bake(
             raise RecipeError(
                 f"{', '.join(k for k, v in given.items() if v)}: not available for diffusers pipelines."
             )
-        source = _pipeline_source(model, revision)
+        source = pipeline_source(model, revision)
         loaded = None
     else:
         loaded = load(model, revision=revision, placement=placement, log=log)
@@ -306,7 +306,7 @@ def verify(
             base = local if local and Path(local).is_dir() else (info.base_model if info else _need("--base"))
         return verify_pipeline(
             checkpoint,
-            base=_pipeline_source(base, info.revision if info else None),
+            base=pipeline_source(base, info.revision if info else None),
             maps=mapset,
             strength=strength,
             tolerance=tolerance,
@@ -443,7 +443,7 @@ def sites(
     if model_kind(model, revision) == "pipeline":
         from .diffusion.plan import capabilities as pipeline_capabilities
 
-        source = _pipeline_source(model, revision)
+        source = pipeline_source(model, revision)
         return f"{model}: {source.pipeline_class}", pipeline_capabilities(source)
     config = resolve(model, revision, log=log).config
     arch = architecture_for(config)

@@ -28,11 +28,11 @@ from .recipe_files import (  # noqa: F401  (read_sentences, check_sentence_count
 )
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SiteSpec(_Strict):
+class SiteSpec(Strict):
     """Abstract site names (docs/design.md §3) with a layer selection: 'all', '2-5', '0,3,7', '-4:', or
     relative to depth, '50%-100%' (the second half of the stack of any model)."""
 
@@ -44,7 +44,7 @@ class SiteSpec(_Strict):
         return [self.site] if isinstance(self.site, str) else list(self.site)
 
 
-class LineasOptions(_Strict):
+class LineasOptions(Strict):
     """LinEAS optimisation settings (docs/design.md §2); defaults are the paper's."""
 
     steps: int = Field(1000, gt=0)
@@ -91,7 +91,7 @@ class LineasOptions(_Strict):
         return v
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str = Field(description="short name, used in output names and model-card tags")
     description: str = ""
     method: Literal["linear_act", "mean_act", "gaussian_act", "lineas"] = "linear_act"

@@ -9,7 +9,7 @@ from typing import Any
 from .sites import ALL, RUNTIMES, Architecture
 
 
-def _config_get(config: dict, dotted: str) -> Any:
+def config_get(config: dict, dotted: str) -> Any:
     value: Any = config
     for key in dotted.split("."):
         if not isinstance(value, dict) or key not in value:
@@ -52,7 +52,7 @@ def shift_home(
         runtimes &= lin.runtimes
         if lin.bias == "never":
             return False, f"{lin.module} has no bias in {arch.name} and no config flag adds one", {}, ALL
-        if lin.bias != "always" and not _config_get(config, lin.bias):
+        if lin.bias != "always" and not config_get(config, lin.bias):
             if not allow_flags:
                 return (
                     False,

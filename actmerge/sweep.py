@@ -226,7 +226,7 @@ def run_sweep(
             if kind == "base":
                 row.metrics |= {"kl": 0.0, "first_token_kl": 0.0}  # the base against itself
             else:
-                row.metrics |= drift(model, _steered(model, maps, hook_lam, clamp), tok, cfg)
+                row.metrics |= drift(model, steered_fn(model, maps, hook_lam, clamp), tok, cfg)
         rows.append(row)
         log(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items()))
     for path in baked:
@@ -272,7 +272,7 @@ def _wants_kl(cfg: EvalConfig) -> bool:
     return cfg.kl and "perplexity" in cfg.metrics and bool(cfg.neutral)
 
 
-def _steered(model, maps, lam, clamp):
+def steered_fn(model, maps, lam, clamp):
     def forward(enc):
         with steer(model, maps, lam, clamp):
             return model(**enc).logits

@@ -218,24 +218,24 @@ def tune(
     ``curve=False``: the behaviour only at λ = 0 and the chosen λ (the choice needs only the cost, which
     takes forwards on the neutral text; the behaviour takes generations). ``force``: replace an eval
     or tune report directory at ``out``."""
-    from . import pipeline
+    from . import fitting
     from .io.output import check_output, write_report_dir
     from .maps import MapSet
 
     check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)  # before any load
     budget = budget or Budget()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    loaded = pipeline.load(model, log=log)
+    loaded = fitting.load(model, log=log)
     sources = [loaded.source.path, *([maps] if isinstance(maps, str | Path) else [])]
     if out is not None:
         check_output(Path(out), sources, force=force)  # before the fit
     prompts, neutral = tuning_split(recipe)
     metric = behaviour_name(recipe)
     if maps is None and (cost_fn is None or behaviour_fn is None):
-        maps = pipeline.fit(loaded, recipe, progress=progress, log=log).maps
+        maps = fitting.fit(loaded, recipe, progress=progress, log=log).maps
     elif maps is not None and not isinstance(maps, MapSet):
         maps = MapSet.load(maps)
-        pipeline.preflight_maps(maps, loaded.source, log)
+        fitting.preflight_maps(maps, loaded.source, log)
     if cost_fn is None or behaviour_fn is None:
         probe = HookedProbe(loaded, recipe, maps, prompts, neutral, progress=progress)
         cost_fn = cost_fn or probe.cost
@@ -350,7 +350,7 @@ class HookedProbe:
     def cost(self, lam: float) -> Cost:
         from .evaluate import perplexity
         from .hooks import steer
-        from .sweep import EvalConfig, _steered, drift
+        from .sweep import EvalConfig, drift, steered_fn
 
         if lam == 0:
             return {"perplexity_ratio": 1.0, "kl": 0.0, "first_token_kl": 0.0}
@@ -358,7 +358,7 @@ class HookedProbe:
             ppl = perplexity(self.model, self.tok, self.neutral)
         cfg = EvalConfig(prompts=[], neutral=self.neutral)
         return {"perplexity_ratio": ppl / self.base_ppl} | drift(
-            self.model, _steered(self.model, self.maps, lam, None), self.tok, cfg
+            self.model, steered_fn(self.model, self.maps, lam, None), self.tok, cfg
         )
 
     def behaviour(self, lam: float) -> float:

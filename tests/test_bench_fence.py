@@ -16,20 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = sorted((ROOT / "bench").glob("*.py"))
 PACKAGE = sorted((ROOT / "actmerge").rglob("*.py"))
 
-# Private imports the package still has (file:line names move as the code does, so: file, name).
-# Each is to be fixed by making the name public; an entry that no longer occurs fails
-# test_known_private_imports_are_current, so this list only shrinks.
-KNOWN_PACKAGE = {
-    ("actmerge/diffusion/recipe.py", "_Strict"),
-    ("actmerge/diffusion/verify.py", "_probe"),
-    ("actmerge/fold.py", "_config_get"),
-    ("actmerge/llm_plan.py", "_nonzero"),
-    ("actmerge/llm_plan.py", "_not_one"),
-    ("actmerge/llm_plan.py", "_config_get"),
-    ("actmerge/pipeline.py", "_load_recipe"),
-    ("actmerge/pipeline.py", "_pipeline_source"),
-    ("actmerge/tune.py", "_steered"),
-}
+# Private imports the package still has (file, name): none. An entry that no longer occurs fails
+# test_known_private_imports_are_current, so this list only shrinks; a new one fails
+# test_package_imports_no_new_private_names (make the name public instead).
+KNOWN_PACKAGE: set[tuple[str, str]] = set()
 
 
 def _private(name: str) -> bool:

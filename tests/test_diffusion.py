@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from actmerge import pipeline
 from actmerge.cli import app
-from actmerge.diffusion import _probe, resolve_pipeline, verify_pipeline
+from actmerge.diffusion import probe, resolve_pipeline, verify_pipeline
 from actmerge.diffusion.collect import collect, denoiser_name, load_pipeline
 from actmerge.diffusion.hooks import steer
 from actmerge.diffusion.recipe import DiffusionRecipe
@@ -82,9 +82,9 @@ def _probe_args(source):
 
 def _changes_outputs(source, pipe, maps):
     """The maps must move every compared output, or equivalence proves nothing."""
-    base = _probe.probe(pipe, PROMPTS, **_probe_args(source))
+    base = probe.probe(pipe, PROMPTS, **_probe_args(source))
     with steer(pipe.components, maps, 1.0):
-        steered = _probe.probe(pipe, PROMPTS, **_probe_args(source))
+        steered = probe.probe(pipe, PROMPTS, **_probe_args(source))
     return {k: max(rel_err(a, b) for a, b in zip(base[k], steered[k], strict=True)) for k in base}
 
 

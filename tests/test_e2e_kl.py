@@ -7,7 +7,7 @@ import pytest
 
 from actmerge import pipeline
 from actmerge.recipe import load_recipe, read_sentences
-from actmerge.sweep import EvalConfig, _steered, drift
+from actmerge.sweep import EvalConfig, drift, steered_fn
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "detox-act.yaml"  # Linear-AcT: a fit of seconds
@@ -22,7 +22,7 @@ def test_kl_is_zero_at_lambda_0_and_grows_with_lambda():
     model, tok = loaded.get()
     neutral = read_sentences(recipe.path(recipe.tune_neutral))[:6]
     cfg = EvalConfig(prompts=[], neutral=neutral)
-    kl = {lam: drift(model, _steered(model, maps, lam, None), tok, cfg) for lam in (0.0, 0.5, 1.0)}
+    kl = {lam: drift(model, steered_fn(model, maps, lam, None), tok, cfg) for lam in (0.0, 0.5, 1.0)}
     print({lam: {k: round(v, 5) for k, v in d.items()} for lam, d in kl.items()})
     assert kl[0.0] == {"kl": 0.0, "first_token_kl": 0.0}  # the identity map changes nothing, exactly
     assert 0 < kl[0.5]["kl"] < kl[1.0]["kl"] < 1.0  # nats per token: steering costs, more with λ

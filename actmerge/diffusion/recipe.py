@@ -13,10 +13,10 @@ from typing import Literal
 from pydantic import Field
 
 from ..errors import RecipeError
-from ..recipe import Recipe, _Strict, load_recipe
+from ..recipe import Recipe, Strict, load_recipe
 
 
-class DiffusionOptions(_Strict):
+class DiffusionOptions(Strict):
     """The ml-act collection protocol: statistics at the first denoising step."""
 
     steps: int = Field(30, gt=0, description="scheduler steps; only the first is run to collect statistics")

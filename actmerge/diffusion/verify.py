@@ -21,10 +21,11 @@ from ..io.provenance import read_bake_info, write_verify_report
 from ..maps import MapSet
 from ..tolerance import PIPELINE_RELATIVE, for_dtypes
 from ..verify import run_isolated
-from . import _probe
 from .collect import denoiser_name, load_pipeline
 from .hooks import steer
 from .plan import shift_home
+from .probe import SCRIPT as PROBE_SCRIPT
+from .probe import probe
 from .sites import site_for_key
 from .source import PipelineSource, resolve_pipeline
 from .table import component_for
@@ -87,9 +88,9 @@ def compare(ref: dict, got: dict, tolerance: float, **kw) -> PipelineVerifyRepor
 
 
 def run_fresh(checkpoint: Path, args: dict) -> dict:
-    """``_probe.py`` on the baked pipeline in a fresh interpreter (plain diffusers)."""
+    """``probe.py`` on the baked pipeline in a fresh interpreter (plain diffusers)."""
     return run_isolated(
-        ["-P", _probe.__file__, str(checkpoint.resolve())],
+        ["-P", PROBE_SCRIPT, str(checkpoint.resolve())],
         args,
         f"plain diffusers could not load/run {checkpoint}",
     )
@@ -99,11 +100,11 @@ def hooked(pipe, source: PipelineSource, maps: MapSet, strength: float, args: di
     """The probe on the base pipeline with the maps hooked; text outputs without moved shifts."""
     moved = moved_shifts(source, maps)
     with steer(pipe.components, maps, strength):
-        full = _probe.probe(pipe, **args)
+        full = probe(pipe, **args)
     if moved:
         inside = MapSet({k: (m.scale_only() if k in moved else m) for k, m in maps.items()})
         with steer(pipe.components, inside, strength):
-            text = _probe.probe(pipe, **args)
+            text = probe(pipe, **args)
         full.update({k: v for k, v in text.items() if k.startswith("text:")})
     return full
 
@@ -167,7 +168,7 @@ def verify_pipeline(
     got = (
         run_fresh(checkpoint, {**args, "device": device})
         if fresh
-        else _probe.probe(load_pipeline(baked, device), **args)
+        else probe(load_pipeline(baked, device), **args)
     )
     report = compare(
         ref,

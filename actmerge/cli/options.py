@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import ActmergeError, PlacementError
+from ..errors import ActmergeError, PlacementError
 from .render import err
 
 Model = Annotated[
@@ -24,7 +24,7 @@ Model = Annotated[
 
 def _recipe_arg(value):
     """--recipe: a YAML file, or a built-in recipe's name (``detox``, ``detox.yaml``); a file wins."""
-    from .recipes_catalog import find_recipe
+    from ..recipes_catalog import find_recipe
 
     if not value:
         return value
@@ -126,7 +126,7 @@ def log(msg: str) -> None:
 
 
 def placement_of(device=None, device_map=None, max_memory=None, offload_folder=None):
-    from .placement import Placement
+    from ..placement import Placement
 
     try:
         return Placement(device, device_map, max_memory, offload_folder)
@@ -148,7 +148,7 @@ MaxKl = Annotated[
 
 def budget_of(max_ppl_ratio: float | None, max_kl: float | None):
     """The tuning budget of --max-ppl-ratio/--max-kl (checked: finite, > 1 / > 0); neither: ×1.10."""
-    from .tune import Budget
+    from ..tune import Budget
 
     if max_ppl_ratio is None and max_kl is None:
         return Budget()

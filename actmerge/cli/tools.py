@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from .cli import app
-from .cli_support import AllowExtrapolation, Force, handled, log
-from .errors import ActmergeError
+from ..errors import ActmergeError
+from .app import app
+from .options import AllowExtrapolation, Force, handled, log
 from .render import out
 
 
@@ -26,7 +26,7 @@ def export_gguf(
 ):
     """Convert a checkpoint to GGUF with llama.cpp's own converter (from the pinned llama-cpp-python
     sdist, or $ACTMERGE_LLAMA_CPP). All-zero biases llama.cpp does not load are left out."""
-    from .gguf_export import export_gguf as run
+    from ..gguf_export import export_gguf as run
 
     res = run(checkpoint, output, outtype=outtype, force=force, log=log)
     out.print(f"[green]wrote[/] {res.out} ({res.outtype}, {res.seconds:.1f}s)")
@@ -51,13 +51,13 @@ def export_control_vector(
 ):
     """The shifts of maps at layer-end sites (Gemma mlp_post, Llama-like mlp_out) as a llama.cpp control
     vector; bake the same maps with --shift-policy drop and run `llama-cli --control-vector cv.gguf`."""
-    from .control_vector import control_vector, write_control_vector
-    from .fitting import preflight_maps
-    from .io.output import check_output
-    from .maps import MapSet
-    from .models import resolve
-    from .sites import architecture_for, num_layers
-    from .strength import one
+    from ..control_vector import control_vector, write_control_vector
+    from ..fitting import preflight_maps
+    from ..io.output import check_output
+    from ..maps import MapSet
+    from ..models import resolve
+    from ..sites import architecture_for, num_layers
+    from ..strength import one
 
     strength = one(strength, allow_extrapolation=allow_extrapolation)  # before any file is read
     check_output(output, maps, force=force, is_dir=False)
@@ -95,10 +95,10 @@ def compose(
     force: Force = False,
 ):
     """Compose maps files (each at its own strength) into one maps file, to bake at strength 1."""
-    from .baking import compose_all
-    from .io.output import check_output
-    from .maps import MapSet
-    from .strength import parse
+    from ..baking import compose_all
+    from ..io.output import check_output
+    from ..maps import MapSet
+    from ..strength import parse
 
     lams = parse(strength)  # one λ per file, repeats kept: compose_all checks them
     check_output(output, maps, force=force, is_dir=False)

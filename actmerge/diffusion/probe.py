@@ -16,6 +16,7 @@ import warnings
 import torch
 
 CALL_DEFAULTS = {"clean_caption": False, "use_resolution_binning": False}
+SCRIPT = __file__  # what ``verify`` runs in the fresh interpreter
 
 
 def _tensors(output) -> list[torch.Tensor]:

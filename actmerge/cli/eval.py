@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .cli import app
-from .cli_support import (
+from .app import app
+from .options import (
     AllowExtrapolation,
     Device,
     DeviceMap,
@@ -90,9 +90,10 @@ def eval_(
 ):
     """Measure what steering does: base, hooked previews at several strengths and baked checkpoints on
     identical prompts — a table, report.json and sweep.png (each metric vs λ)."""
-    from . import pipeline, render
-    from .recipe import read_sentences
-    from .strength import parse
+    from .. import pipeline
+    from ..recipe import read_sentences
+    from ..strength import parse
+    from .render import eval_report
 
     report = pipeline.evaluate(
         model,
@@ -121,5 +122,5 @@ def eval_(
         lm_eval_limit=lm_eval_limit,
         force=force,
     )
-    render.eval_report(report)
+    eval_report(report)
     out.print(f"wrote {output / 'report.json'} and {output / 'sweep.png'}")

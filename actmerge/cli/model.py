@@ -1,6 +1,5 @@
-"""Command line: parse, build the request, call one verb of ``actmerge.pipeline``, render the result
-(``render.py``). Library errors become one-line messages and exit codes here, and only here (set
-ACTMERGE_DEBUG=1 for tracebacks); SIGTERM and SIGHUP are handled like Ctrl-C."""
+"""`actmerge fit`, `bake`, `push`, `verify` and `sites`: the verbs on a model and its checkpoints.
+Registered on the one ``cli.app``; thin over ``pipeline``."""
 
 from __future__ import annotations
 
@@ -9,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
-from .cli_support import (
+from .app import app
+from .options import (
     AllowExtrapolation,
     Device,
     DeviceMap,
@@ -31,31 +30,6 @@ from .cli_support import (
 )
 from .render import out
 
-app = typer.Typer(
-    help="Bake activation steering (Linear-AcT, Mean-AcT or LinEAS maps) into model weights: fit maps on "
-    "two prompt sets, fold them at a fixed strength into norms, weights and biases, and write a "
-    "standalone checkpoint that plain transformers / vLLM / llama.cpp (or diffusers) load. Built-in "
-    "models: gemma-3-270m, smollm2-135m.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-
-def _version(value: bool):
-    if value:
-        out.print(f"actmerge {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-):
-    """Bake activation steering into model weights."""
-
 
 @app.command()
 @handled
@@ -71,8 +45,8 @@ def fit(
     force: Force = False,
 ):
     """Fit transport maps on the recipe's source/target sentences and write a maps file."""
-    from . import pipeline
-    from .io.output import check_name, check_output
+    from .. import pipeline
+    from ..io.output import check_name, check_output
 
     check_name(output)
     placement = placement_of(device, device_map, max_memory, offload_folder)
@@ -148,8 +122,8 @@ def bake(
 
     Several --recipe options compose: each is fitted and applied at its own strength (--strength
     1.0,0.5), maps at shared sites compose, one checkpoint is baked."""
-    from . import pipeline
-    from . import strength as strength_rules
+    from .. import pipeline
+    from .. import strength as strength_rules
 
     if shift_policy not in (None, "error", "drop"):
         raise typer.BadParameter("--shift-policy must be 'error' or 'drop'.")
@@ -181,10 +155,10 @@ def bake(
         allow_extrapolation=allow_extrapolation,
         tune_budget=budget if auto else None,
     )
-    from . import render
+    from .render import bake_result
 
     for res in results:
-        render.bake_result(res)
+        bake_result(res)
     if any(r.verification is not None and not r.verification.passed for r in results):
         raise typer.Exit(5)
 
@@ -224,7 +198,7 @@ def push(
     repo: exactly the files `actmerge verify` recorded. Refuses unverified checkpoints, any file added,
     changed or removed since verification, symlinks, and non-actmerge directories; the token comes
     from HF_TOKEN or `hf auth login`."""
-    from . import hub
+    from .. import hub
 
     res = hub.push(
         checkpoint,
@@ -266,7 +240,8 @@ def verify(
 ):
     """Hooked base model vs the checkpoint reloaded by plain transformers (or diffusers) in a fresh
     process, or run in llama.cpp with --runtime llama.cpp; exit 5 above tolerance."""
-    from . import pipeline, render
+    from .. import pipeline
+    from .render import verification
 
     if runtime not in ("transformers", "llama.cpp"):
         raise typer.BadParameter("--runtime must be 'transformers' or 'llama.cpp'.")
@@ -282,7 +257,7 @@ def verify(
         outtype=outtype,
         progress=not as_json,
     )
-    print(rep.to_json()) if as_json else render.verification(rep)
+    print(rep.to_json()) if as_json else verification(rep)
     if not rep.passed:
         raise typer.Exit(5)
 
@@ -297,17 +272,7 @@ def sites(
     revision: Revision = None,
 ):
     """The site vocabulary: per architecture, where each site lives and whether a scale/shift folds there."""
-    from . import pipeline, render
+    from .. import pipeline
+    from .render import sites as render_sites
 
-    render.sites(*pipeline.sites(model, targets=target or (), revision=revision, log=log))
-
-
-from . import cli_eval, cli_tools, cli_tune  # noqa: E402,F401  (eval; export-gguf, export-control-vector, compose; tune)
-from .recipes_cli import recipes_app  # noqa: E402  (`actmerge recipes …`)
-
-app.add_typer(recipes_app, name="recipes")
-
-if __name__ == "__main__":  # pragma: no cover  (`python -m actmerge.cli`: the module-level app)
-    from actmerge.cli import app as _app
-
-    _app()
+    render_sites(*pipeline.sites(model, targets=target or (), revision=revision, log=log))

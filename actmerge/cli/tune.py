@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .cli import app
-from .cli_support import (
+from .app import app
+from .options import (
     AllowExtrapolation,
     Device,
     Force,
@@ -50,9 +50,10 @@ def tune(
 ):
     """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
     prompts): fit once, hooked previews on a λ grid, then bisection. Bake it with --strength auto."""
-    from . import pipeline, render
-    from .tune import check_search
-    from .tune import tune as run_tune
+    from .. import pipeline
+    from ..tune import check_search
+    from ..tune import tune as run_tune
+    from .render import tune_result
 
     # every option checked before the model is resolved (a built-in may be converted first)
     check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)
@@ -71,6 +72,6 @@ def tune(
         log=log,
         force=force,
     )
-    render.tune_result(res, model, recipe, output, maps)
+    tune_result(res, model, recipe, output, maps)
     if not res.met:
         raise typer.Exit(6)

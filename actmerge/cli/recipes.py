@@ -1,15 +1,17 @@
-"""`actmerge recipes`: list, show and copy the recipes shipped inside the package. Registered in
-``cli.py`` as a sub-app; the library side is ``recipes_catalog``."""
+"""`actmerge recipes`: list, show and copy the recipes shipped inside the package. Registered on
+the one ``cli.app`` as a sub-app; the library side is ``recipes_catalog``."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from .app import app
+from .options import handled
 
 recipes_app = typer.Typer(
     help="The built-in recipes: list them (no arguments), show one, or copy one to edit it. "
@@ -20,27 +22,15 @@ recipes_app = typer.Typer(
 out = Console()
 
 
-def _handled(fn):
-    """cli.handled (errors → message + exit code), looked up at call time: cli imports this module."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .cli import handled
-
-        return handled(fn)(*args, **kwargs)
-
-    return wrapper
-
-
 @recipes_app.callback()
-@_handled
+@handled
 def recipes_list(ctx: typer.Context):
     """List the built-in recipes: what each steers, its method, sites, the model families that have
     those sites, and its default strength."""
     if ctx.invoked_subcommand is not None:
         return
-    from .recipes_catalog import catalog
-    from .sites import ARCHITECTURES
+    from ..recipes_catalog import catalog
+    from ..sites import ARCHITECTURES
 
     every_llm = {t for a in ARCHITECTURES for t in a.model_types}
     table = Table(title="built-in recipes (`--recipe NAME`)", title_justify="left", show_lines=True)
@@ -71,13 +61,13 @@ def _first_sentence(text: str) -> str:
 
 
 @recipes_app.command("show")
-@_handled
+@handled
 def show(
     name: Annotated[str, typer.Argument(help="Built-in recipe name (detox, detox.yaml) or a recipe file.")],
 ):
     """Print a recipe's YAML and the files it reads."""
-    from .recipe_files import read_text
-    from .recipes_catalog import describe, find_recipe
+    from ..recipe_files import read_text
+    from ..recipes_catalog import describe, find_recipe
 
     path = find_recipe(name)
     entry = describe(path)
@@ -90,7 +80,7 @@ def show(
 
 
 @recipes_app.command("copy")
-@_handled
+@handled
 def copy(
     name: Annotated[str, typer.Argument(help="Built-in recipe name (`actmerge recipes` lists them).")],
     dest: Annotated[
@@ -99,9 +89,12 @@ def copy(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
 ):
     """Write an editable copy of a built-in recipe with its sentence files (same relative layout)."""
-    from .recipes_catalog import copy as copy_recipe
+    from ..recipes_catalog import copy as copy_recipe
 
     written = copy_recipe(name, dest, force=force)
     for p in written:
         out.print(f"wrote {p}", highlight=False)
     out.print(f"edit it, then: actmerge bake MODEL --recipe {written[0]} -o out/", highlight=False)
+
+
+app.add_typer(recipes_app, name="recipes")
