@@ -144,10 +144,12 @@ def test_baked_checkpoint_in_vllm_matches_transformers(case, python, tmp_path):
     for name, path, tokens in (("baked", baked, got[0]), ("base", base, got[1])):
         hf[name] = transformers_greedy(path, ids)
         report[name] = agreement(hf[name], tokens)
-    # the bake changes what the model says (else agreeing with the base would prove nothing)
+    # the bake changes what the model says, so agreeing with vLLM proves vLLM ran the bake
     report["baked_vs_base_transformers"] = agreement(hf["base"], hf["baked"])
     print(json.dumps(report))
     assert report["vllm"] == VLLM_CPU
     assert report["baked"]["prefix"] >= MIN_AGREEMENT, report
     assert report["base"]["prefix"] >= MIN_AGREEMENT, report
-    assert report["baked_vs_base_transformers"]["positionwise"] < 1.0, report
+    # a runtime that lost the bake (dropped biases, ignored gains) would give the base's tokens: that
+    # agreement is far below the bar (measured 2026-12-06: prefix 27 % Gemma, 18 % SmolLM2)
+    assert report["baked_vs_base_transformers"]["prefix"] < MIN_AGREEMENT, report
