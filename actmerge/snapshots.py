@@ -261,6 +261,21 @@ def load_gguf(gguf: Path):
     return model, tok
 
 
+def llamacpp_attention_scale(config: dict) -> dict:
+    """The config of a model read from a Gemma 3 GGUF, with the query scale llama.cpp runs it with.
+
+    A GGUF carries no ``query_pre_attn_scalar``; transformers' reader leaves its default (256), but
+    llama.cpp (``src/models/gemma3.cpp``) scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads)
+    for the 62-layer 27B: the de-quantised snapshot must be the model the GGUF is. (Gemma-3-270M has
+    head_dim 256, so it was right by chance.)"""
+    if config.get("model_type") not in ("gemma3", "gemma3_text"):
+        return config
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if config.get("num_hidden_layers") == 62:
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+    return {**config, "query_pre_attn_scalar": head_dim}
+
+
 def gguf_to_safetensors(gguf: Path, target: Path, origin: dict) -> None:
     """De-quantise a GGUF (``load_gguf``) and write the cache entry ``target``: an HF float32
     safetensors directory, sealed with its manifest (``io.cache.seal``).
@@ -281,7 +296,7 @@ def gguf_to_safetensors(gguf: Path, target: Path, origin: dict) -> None:
                 str(tmp / "model.safetensors"),
                 metadata={"format": "pt"},
             )
-            config = model.config.to_dict()
+            config = llamacpp_attention_scale(model.config.to_dict())
             config.pop("quantization_config", None)
             config.pop("_name_or_path", None)
             config["dtype"] = "float32"

