@@ -12,6 +12,7 @@ import typer
 from . import __version__
 from .cli_support import (
     AllowExtrapolation,
+    Confidence,
     Device,
     DeviceMap,
     Force,
@@ -137,6 +138,7 @@ def bake(
     allow_extrapolation: AllowExtrapolation = False,
     max_ppl_ratio: MaxPplRatio = None,
     max_kl: MaxKl = None,
+    confidence: Confidence = None,
     revision: Revision = None,
     device: Device = None,
     device_map: DeviceMap = None,
@@ -157,8 +159,8 @@ def bake(
         raise typer.BadParameter("--push-to-hub needs a written checkpoint: drop --dry-run.")
     auto = strength_rules.is_auto(strength)
     # a budget is checked (finite, > 1 / > 0) whenever one is given, before any load
-    given = max_ppl_ratio is not None or max_kl is not None
-    budget = budget_of(max_ppl_ratio, max_kl) if auto or given else None
+    given = max_ppl_ratio is not None or max_kl is not None or confidence is not None
+    budget = budget_of(max_ppl_ratio, max_kl, confidence) if auto or given else None
     results = pipeline.bake(
         model,
         recipe=recipe or None,
