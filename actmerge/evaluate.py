@@ -165,9 +165,18 @@ def similarity(texts: list[str], references: list[str]) -> list[float]:
 @torch.no_grad()
 def perplexity(model, tok, texts: list[str], *, max_tokens: int = 256, batch_size: int = 8) -> float:
     """Token-level perplexity over ``texts`` (each scored on its own, padding excluded)."""
+    per_text = text_nll(model, tok, texts, max_tokens=max_tokens, batch_size=batch_size)
+    return math.exp(sum(n for n, _ in per_text) / max(sum(c for _, c in per_text), 1))
+
+
+def text_nll(
+    model, tok, texts: list[str], *, max_tokens: int = 256, batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """Per text: (summed next-token NLL in nats, number of tokens predicted), padding excluded — the
+    terms ``perplexity`` adds up (its value is exp(Σ NLL / Σ tokens))."""
     tok.padding_side = "left"
     device = input_device(model)
-    nll, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for i in range(0, len(texts), batch_size):
         enc = tok(
             texts[i : i + batch_size],
@@ -180,9 +189,9 @@ def perplexity(model, tok, texts: list[str], *, max_tokens: int = 256, batch_siz
         labels = enc["input_ids"][:, 1:]
         mask = enc["attention_mask"][:, 1:].bool() & enc["attention_mask"][:, :-1].bool()
         lp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        nll -= float(lp[mask].sum())
-        count += int(mask.sum())
-    return math.exp(nll / max(count, 1))
+        nll = -torch.where(mask, lp, 0.0).sum(-1)
+        out += [(float(n), int(c)) for n, c in zip(nll, mask.sum(-1), strict=True)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -231,9 +240,29 @@ def logit_kl(
     """Mean KL(base ‖ steered) of the next-token distributions, in nats: over every non-padding
     position of ``texts`` (the per-token cost of steering on neutral text), or with ``last_only``
     only after the last token of each text (the first generated token after a neutral prompt,
-    heretic's measure). One forward per model per batch; left padding, so position -1 is the last."""
+    heretic's measure)."""
+    per_text = text_kl(
+        base, steered, tok, texts, device=device, last_only=last_only, max_tokens=max_tokens,
+        batch_size=batch_size,
+    )  # fmt: skip
+    return max(sum(k for k, _ in per_text), 0.0) / max(sum(c for _, c in per_text), 1)
+
+
+def text_kl(
+    base: Forward,
+    steered: Forward,
+    tok,
+    texts: list[str],
+    *,
+    device=None,
+    last_only: bool = False,
+    max_tokens: int = 256,
+    batch_size: int = 4,
+) -> list[tuple[float, int]]:
+    """Per text: (summed KL(base ‖ steered) in nats, number of positions) — the terms ``logit_kl``
+    averages. One forward per model per batch; left padding, so position -1 is the last."""
     tok.padding_side = "left"
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for i in range(0, len(texts), batch_size):
         enc = tok(
             texts[i : i + batch_size],
@@ -248,11 +277,12 @@ def logit_kl(
         if last_only:
             mask = torch.zeros_like(mask)
             mask[:, -1] = True
-        lp = torch.log_softmax(base(enc)[mask].float(), -1)  # [N, V]
+        lp = torch.log_softmax(base(enc)[mask].float(), -1)  # [N, V]: the masked positions only
         lq = torch.log_softmax(steered(enc)[mask].to(lp.device).float(), -1)
-        total += float((lp.exp() * (lp - lq)).sum().clamp_min(0))
-        count += int(mask.sum())
-    return total / max(count, 1)
+        rows = mask.nonzero()[:, 0].to(lp.device)  # the text of each position
+        kl = torch.zeros(mask.shape[0], device=lp.device).index_add_(0, rows, (lp.exp() * (lp - lq)).sum(-1))
+        out += [(float(k), int(c)) for k, c in zip(kl, mask.sum(-1), strict=True)]
+    return out
 
 
 def neutral_prompts(neutral: list[str], words: int = 8) -> list[str]:

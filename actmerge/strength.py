@@ -154,6 +154,7 @@ def from_record(rec: dict, *, where: str, allow_extrapolation: bool = False) -> 
             "budget": rec["budget"],
             "met": rec["met"],
             "cost_on_tuning_text": c["cost"],
+            "interval_on_tuning_text": c.get("interval", {}),  # {} in records from before the interval
             rec["metric"] + "_on_tuning_prompts": c["behaviour"],
             "base_" + rec["metric"]: rec["base_behaviour"],
             "n_tune_prompts": rec["n_tune_prompts"],

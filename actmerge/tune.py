@@ -3,7 +3,9 @@
 ``tune`` fits the recipe once (or takes fitted maps), then previews the maps with hooks at several
 strengths on the recipe's *tuning* split only — ``tune_prompts`` for the behaviour metric,
 ``tune_neutral`` for the cost (perplexity ratio to the base, KL(base ‖ steered)); the eval prompts are
-never read. The cost grows with λ, so a coarse grid finds the first strength over the budget and
+never read. The cost is measured per neutral text and a strength is within the budget when the
+upper end of the bootstrap interval over the texts is (``budget.judge``; ``Budget.confidence`` 0: the
+point estimate). The cost grows with λ, so a coarse grid finds the first strength over the budget and
 bisection narrows the boundary down to ``tol``; the chosen strength is the largest one measured
 within the budget. The search is bounded (at most ``MAX_GRID`` grid points and ``MAX_BISECT``
 bisection steps; ``check_search`` refuses options beyond that before any load). The behaviour metric (toxic fraction, concept presence) is measured at the grid
@@ -23,59 +25,13 @@ from pathlib import Path
 
 from . import __version__
 from . import strength as strength_rules
+from .budget import Budget, Cost, Interval, TextCosts, judge
 from .errors import RecipeError
 from .recipe import Recipe, load_recipe, read_sentences
 
-Cost = dict[str, float]  # {"perplexity_ratio": …, "kl": …, "first_token_kl": …}
 MAX_GRID = 64  # grid points: --max-strength / --step
 MAX_BISECT = 20  # bisection steps below the grid step: log2(step / tol)
 MIN_TOL = 1e-6  # tune records λ to 6 decimals
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The cost a tuned strength may spend: perplexity ratio to the base and/or per-token KL (nats)
-    on the tuning neutral text. Both given: both must hold."""
-
-    max_ppl_ratio: float | None = 1.10
-    max_kl: float | None = None
-
-    def __post_init__(self):
-        if self.max_ppl_ratio is None and self.max_kl is None:
-            raise RecipeError("a tuning budget needs --max-ppl-ratio or --max-kl.")
-        for flag, v, eg in (
-            ("--max-ppl-ratio", self.max_ppl_ratio, "1.10"),
-            ("--max-kl", self.max_kl, "0.05"),
-        ):
-            if v is not None and not math.isfinite(v):
-                raise RecipeError(f"{flag} {v} is not a finite number: give a budget, e.g. {eg}.")
-        if self.max_ppl_ratio is not None and self.max_ppl_ratio <= 1:
-            raise RecipeError(
-                f"--max-ppl-ratio {self.max_ppl_ratio} ≤ 1: only λ = 0 meets it; use e.g. 1.10."
-            )
-        if self.max_kl is not None and self.max_kl <= 0:
-            raise RecipeError(f"--max-kl {self.max_kl} ≤ 0: only λ = 0 meets it; use e.g. 0.05.")
-
-    def ok(self, cost: Cost) -> bool:
-        if self.max_ppl_ratio is not None and cost["perplexity_ratio"] > self.max_ppl_ratio:
-            return False
-        return not (self.max_kl is not None and cost["kl"] > self.max_kl)
-
-    def key(self) -> str:
-        parts = []
-        if self.max_ppl_ratio is not None:
-            parts.append(f"ppl<={self.max_ppl_ratio:g}")
-        if self.max_kl is not None:
-            parts.append(f"kl<={self.max_kl:g}")
-        return ",".join(parts)
-
-    def describe(self) -> str:
-        parts = []
-        if self.max_ppl_ratio is not None:
-            parts.append(f"perplexity ≤ ×{self.max_ppl_ratio:g}")
-        if self.max_kl is not None:
-            parts.append(f"KL ≤ {self.max_kl:g} nats/token")
-        return " and ".join(parts)
 
 
 @dataclass
@@ -85,6 +41,7 @@ class Point:
     within: bool
     behaviour: float | None = None  # measured at grid points and at the chosen point
     stage: str = "grid"  # grid | bisect
+    interval: Interval = field(default_factory=dict)  # the bootstrap interval of the cost ({}: none)
 
 
 @dataclass
@@ -149,7 +106,7 @@ def check_search(max_strength: float, step: float, tol: float, *, allow_extrapol
 
 
 def search(
-    cost_fn: Callable[[float], Cost],
+    cost_fn: Callable[[float], Cost | TextCosts],
     budget: Budget,
     *,
     max_strength: float = 2.0,
@@ -161,13 +118,14 @@ def search(
     """Coarse grid (step, up to ``max_strength``) until the first strength over the budget, then
     bisection between the last one within it and that one until they are ``tol`` apart.
     Returns (chosen λ, budget met above 0, points in the order measured). Assumes the cost grows with λ.
-    Options are checked first (``check_search``); at most ``MAX_GRID + MAX_BISECT`` measurements."""
+    ``cost_fn`` gives per-text costs (judged on their bootstrap interval) or point estimates (judged on
+    themselves). Options are checked first (``check_search``); at most ``MAX_GRID + MAX_BISECT``
+    measurements."""
     check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)
     points: list[Point] = []
 
     def measure(lam: float, stage: str) -> Point:
-        cost = cost_fn(lam)
-        p = Point(round(lam, 6), cost, budget.ok(cost), stage=stage)
+        p = point_at(lam, cost_fn, budget, stage=stage)
         points.append(p)
         on_point(p)
         return p
@@ -193,6 +151,12 @@ def search(
     return round(lo, 6), lo > 0, points
 
 
+def point_at(lam: float, cost_fn: Callable[[float], Cost | TextCosts], budget: Budget, **kw) -> Point:
+    """One strength measured and judged against ``budget``."""
+    cost, interval, within = judge(cost_fn(lam), budget)
+    return Point(round(lam, 6), cost, within, interval=interval, **kw)
+
+
 def tune(
     model,
     recipe: str | Path | Recipe,
@@ -204,7 +168,7 @@ def tune(
     tol: float = 0.02,
     allow_extrapolation: bool = False,
     out: str | Path | None = None,
-    cost_fn: Callable[[float], Cost] | None = None,
+    cost_fn: Callable[[float], Cost | TextCosts] | None = None,
     behaviour_fn: Callable[[float], float] | None = None,
     record: bool = True,
     curve: bool = True,
@@ -214,7 +178,8 @@ def tune(
 ) -> TuneResult:
     """Fit the recipe once (or use ``maps``), search the strongest λ within ``budget`` on the tuning
     split, write ``out``/tune.json + tune.png, and record the choice for ``bake --strength auto``.
-    ``cost_fn``/``behaviour_fn`` (λ → cost dict / metric value) replace the hooked measurements.
+    ``cost_fn``/``behaviour_fn`` (λ → per-text ``TextCosts`` or a cost dict / metric value) replace the
+    hooked measurements.
     ``curve=False``: the behaviour only at λ = 0 and the chosen λ (the choice needs only the cost, which
     takes forwards on the neutral text; the behaviour takes generations). ``force``: replace an eval
     or tune report directory at ``out``."""
@@ -238,7 +203,7 @@ def tune(
         fitting.preflight_maps(maps, loaded.source, log)
     if cost_fn is None or behaviour_fn is None:
         probe = HookedProbe(loaded, recipe, maps, prompts, neutral, progress=progress)
-        cost_fn = cost_fn or probe.cost
+        cost_fn = cost_fn or probe.text_costs
         behaviour_fn = behaviour_fn or probe.behaviour
     base_behaviour = behaviour_fn(0.0)
     log(
@@ -251,9 +216,11 @@ def tune(
             p.behaviour = behaviour_fn(p.strength)
         c = p.cost
         beh = f", {metric} {p.behaviour:.3g}" if p.behaviour is not None else ""
+        ci = {k: f" [{lo:{f}}, {hi:{f}}]" for k, f in (("perplexity_ratio", ".4f"), ("kl", ".4g"))
+              if k in p.interval for lo, hi in [p.interval[k]]}  # fmt: skip
         log(
-            f"  λ={p.strength:<7.4g} ppl ×{c['perplexity_ratio']:.4f}, KL {c['kl']:.4g}{beh} "
-            f"{'within' if p.within else 'OVER'} budget ({p.stage})"
+            f"  λ={p.strength:<7.4g} ppl ×{c['perplexity_ratio']:.4f}{ci.get('perplexity_ratio', '')}, "
+            f"KL {c['kl']:.4g}{ci.get('kl', '')}{beh} {'within' if p.within else 'OVER'} budget ({p.stage})"
         )
 
     lam, met, points = search(
@@ -267,16 +234,23 @@ def tune(
     )
     if not met:
         low = min(points, key=lambda p: p.strength)
+        high = {k: f" (up to {hi:.3g})" for k, (_, hi) in low.interval.items()}
         note = (
             f"no strength above 0 meets the budget ({budget.describe()}): even λ = {low.strength:g} "
-            f"costs ppl ×{low.cost['perplexity_ratio']:.3f}, KL {low.cost['kl']:.3g}. "
+            f"costs ppl ×{low.cost['perplexity_ratio']:.3f}{high.get('perplexity_ratio', '')}, "
+            f"KL {low.cost['kl']:.3g}{high.get('kl', '')}. "
             "Loosen the budget, or make the recipe gentler (fewer sites, sparsity l1/group)."
         )
-        points.insert(0, Point(0.0, cost_fn(0.0), True, base_behaviour, "grid"))
+        points.insert(0, point_at(0.0, cost_fn, budget, behaviour=base_behaviour))
     elif all(p.within for p in points):
         note = f"the budget does not bind up to λ = {max_strength:g} (--max-strength): chose the largest."
     else:
         note = f"the strongest λ within the budget, to ±{tol:g}."
+    if budget.confidence:
+        note += (
+            f" Judged on the upper end of the {budget.level()} bootstrap interval over the "
+            f"{len(neutral)} tuning neutral texts."
+        )
     chosen = next(p for p in points if p.strength == lam)
     if chosen.behaviour is None:
         chosen.behaviour = behaviour_fn(lam)
@@ -336,7 +310,7 @@ class HookedProbe:
     """Hooked previews of ``maps`` on the base model: cost on the neutral text, behaviour on prompts."""
 
     def __init__(self, loaded, recipe: Recipe, maps, prompts: list[str], neutral: list[str], progress=True):
-        from .evaluate import get_scorer, perplexity
+        from .evaluate import get_scorer, text_nll
 
         self.model, self.tok = loaded.get()
         self.recipe, self.maps, self.prompts, self.neutral = recipe, maps, prompts, neutral
@@ -344,22 +318,45 @@ class HookedProbe:
         self.scorer = get_scorer(recipe.scorer) if "toxicity" in recipe.metrics else None
         concept = recipe.keywords and "concept" in recipe.metrics  # as Recipe.used_paths ships it
         self.keywords = read_sentences(recipe.path(recipe.keywords)) if concept else []
-        self.base_ppl = perplexity(self.model, self.tok, neutral)
+        self.base_nll = text_nll(self.model, self.tok, neutral)  # per text: (NLL, tokens)
         self.cache: dict[float, float] = {}
 
-    def cost(self, lam: float) -> Cost:
-        from .evaluate import perplexity
+    def text_costs(self, lam: float) -> TextCosts:
+        """The cost of λ per neutral text: ΔNLL and KL sums with their token counts (``TextCosts``)."""
+        from .evaluate import logit_kl, neutral_prompts, text_kl, text_nll
         from .hooks import steer
-        from .sweep import EvalConfig, drift, steered_fn
+        from .placement import input_device
 
+        tokens = tuple(n for _, n in self.base_nll)
         if lam == 0:
-            return {"perplexity_ratio": 1.0, "kl": 0.0, "first_token_kl": 0.0}
+            zero = (0.0,) * len(tokens)
+            return TextCosts(tokens, zero, tokens, zero)
         with steer(self.model, self.maps, lam):
-            ppl = perplexity(self.model, self.tok, self.neutral)
-        cfg = EvalConfig(prompts=[], neutral=self.neutral)
-        return {"perplexity_ratio": ppl / self.base_ppl} | drift(
-            self.model, steered_fn(self.model, self.maps, lam, None), self.tok, cfg
+            steered_nll = text_nll(self.model, self.tok, self.neutral)
+
+        def base(enc):
+            return self.model(**enc).logits
+
+        def steered(enc):
+            with steer(self.model, self.maps, lam):
+                return self.model(**enc).logits
+
+        device = input_device(self.model)
+        kl = text_kl(base, steered, self.tok, self.neutral, device=device)
+        first = logit_kl(
+            base, steered, self.tok, neutral_prompts(self.neutral), device=device, last_only=True
         )
+        return TextCosts(
+            tokens=tokens,
+            nll_delta=tuple(s - b for (s, _), (b, _) in zip(steered_nll, self.base_nll, strict=True)),
+            kl_positions=tuple(n for _, n in kl),
+            kl=tuple(k for k, _ in kl),
+            first_token_kl=first,
+        )
+
+    def cost(self, lam: float) -> Cost:
+        """The point estimates of ``text_costs``: perplexity ratio, KL, first-token KL."""
+        return self.text_costs(lam).point()
 
     def behaviour(self, lam: float) -> float:
         from contextlib import nullcontext
@@ -405,6 +402,9 @@ def plot_tradeoff(result: TuneResult, path: Path) -> Path:
         (axes[1], "kl", result.budget.max_kl, "KL(base ‖ steered), nats/token"),
     ):
         ax.plot([p.cost[cost] for p in pts], [p.behaviour for p in pts], "o-", label="hooked preview")
+        for p in pts:  # the bootstrap interval over the tuning texts
+            if cost in p.interval:
+                ax.plot(p.interval[cost], [p.behaviour] * 2, "|-", color="C0", alpha=0.5)
         for p in pts:
             ax.annotate(f"λ={p.strength:g}", (p.cost[cost], p.behaviour), fontsize=7, alpha=0.7)
         c = result.chosen

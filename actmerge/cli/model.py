@@ -11,6 +11,7 @@ import typer
 from .app import app
 from .options import (
     AllowExtrapolation,
+    Confidence,
     Device,
     DeviceMap,
     Force,
@@ -111,6 +112,7 @@ def bake(
     allow_extrapolation: AllowExtrapolation = False,
     max_ppl_ratio: MaxPplRatio = None,
     max_kl: MaxKl = None,
+    confidence: Confidence = None,
     revision: Revision = None,
     device: Device = None,
     device_map: DeviceMap = None,
@@ -131,8 +133,8 @@ def bake(
         raise typer.BadParameter("--push-to-hub needs a written checkpoint: drop --dry-run.")
     auto = strength_rules.is_auto(strength)
     # a budget is checked (finite, > 1 / > 0) whenever one is given, before any load
-    given = max_ppl_ratio is not None or max_kl is not None
-    budget = budget_of(max_ppl_ratio, max_kl) if auto or given else None
+    given = max_ppl_ratio is not None or max_kl is not None or confidence is not None
+    budget = budget_of(max_ppl_ratio, max_kl, confidence) if auto or given else None
     results = pipeline.bake(
         model,
         recipe=recipe or None,

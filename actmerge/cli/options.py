@@ -146,10 +146,22 @@ MaxKl = Annotated[
 ]
 
 
-def budget_of(max_ppl_ratio: float | None, max_kl: float | None):
-    """The tuning budget of --max-ppl-ratio/--max-kl (checked: finite, > 1 / > 0); neither: ×1.10."""
-    from ..tune import Budget
+Confidence = Annotated[
+    float | None,
+    typer.Option(
+        "--confidence",
+        help="Tuning budget: judged on the upper end of this bootstrap interval over the tuning texts "
+        "(default 0.95; 0: on the point estimate).",
+    ),
+]
 
+
+def budget_of(max_ppl_ratio: float | None, max_kl: float | None, confidence: float | None = None):
+    """The tuning budget of --max-ppl-ratio/--max-kl/--confidence (checked: finite, > 1 / > 0, a level
+    in [0, 0.99]); neither budget: ×1.10; no confidence: 0.95."""
+    from ..budget import DEFAULT_CONFIDENCE, Budget
+
+    conf = DEFAULT_CONFIDENCE if confidence is None else confidence
     if max_ppl_ratio is None and max_kl is None:
-        return Budget()
-    return Budget(max_ppl_ratio, max_kl)
+        return Budget(confidence=conf)
+    return Budget(max_ppl_ratio, max_kl, conf)

@@ -25,7 +25,7 @@ def _table(title: str, columns: list[str], rows: list[tuple], *, right: tuple[st
     table = Table(title=title, title_justify="left", expand=False)
     cells = [[_dots(str(c)) for c in row] for row in rows]
     for i, col in enumerate(columns):  # wide enough for the longest unbreakable word of the column
-        words = [w for row in cells for w in re.split(r"[\s\u200b]+", row[i])] + [col]
+        words = [w for row in cells for w in re.split(r"[\s\u200b]+", row[i])] + col.split("\n")
         table.add_column(
             col,
             justify="right" if col in right else "left",
@@ -185,18 +185,28 @@ def eval_report(report) -> None:
 
 def tune_result(res, model: str, recipe, output, maps=None) -> None:
     """The trade-off table of ``actmerge tune`` (chosen point marked) and how to bake it."""
-    cols = ["λ", res.metric, "ppl ratio", "KL", "first-token KL", "budget"]
+    conf = res.budget.confidence
+    ci = f"\n[{res.budget.level()} CI]" if conf else ""  # a header line of its own: 80 columns
+    kl_ci = ci if res.budget.max_kl is not None else ""  # the KL interval where KL is budgeted
+
+    def cell(p, name: str, fmt: str, shown: bool) -> str:
+        value = format(p.cost[name], fmt)
+        if shown and name in p.interval:
+            lo, hi = p.interval[name]
+            value += f"\n[{lo:{fmt}}, {hi:{fmt}}]"
+        return value
+
+    cols = ["λ", res.metric, f"ppl ratio{ci}", f"KL{kl_ci}", "first-token\nKL", "budget"]
     rows = []
     for p in sorted(res.points, key=lambda p: p.strength):
         mark = " ◀ chosen" if p.strength == res.strength else ""
-        c = p.cost
         rows.append(
             (
                 f"{p.strength:g}",
                 "-" if p.behaviour is None else f"{p.behaviour:.3g}",
-                f"{c['perplexity_ratio']:.4f}",
-                f"{c['kl']:.4g}",
-                f"{c.get('first_token_kl', 0):.4g}",
+                cell(p, "perplexity_ratio", ".4f" if not ci else ".3f", bool(ci)),
+                cell(p, "kl", ".4g" if not kl_ci else ".3g", bool(kl_ci)),
+                f"{p.cost.get('first_token_kl', 0):.4g}",
                 ("ok" if p.within else "over") + mark,
             )
         )
@@ -207,6 +217,11 @@ def tune_result(res, model: str, recipe, output, maps=None) -> None:
     budget = (f" --max-ppl-ratio {res.budget.max_ppl_ratio:g}" if res.budget.max_ppl_ratio else "") + (
         f" --max-kl {res.budget.max_kl:g}" if res.budget.max_kl else ""
     )
+    if conf:
+        out.print(
+            f"[CI]: the {res.budget.level()} bootstrap interval over the {res.n_tune_neutral} tuning neutral "
+            "texts; a λ is within the budget when the interval's upper end is."
+        )
     out.print(
         f"wrote {output / 'tune.json'} and {output / 'tune.png'}; bake it with "
         f"`actmerge bake {model} {f'--maps {maps}' if maps else f'--recipe {recipe}'} --strength auto{budget} -o OUT`"

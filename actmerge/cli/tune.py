@@ -11,6 +11,7 @@ import typer
 from .app import app
 from .options import (
     AllowExtrapolation,
+    Confidence,
     Device,
     Force,
     MapsOpt,
@@ -35,6 +36,7 @@ def tune(
     ] = Path("tune"),
     max_ppl_ratio: MaxPplRatio = None,
     max_kl: MaxKl = None,
+    confidence: Confidence = None,
     maps: MapsOpt = None,
     max_strength: Annotated[
         float, typer.Option(help="Largest λ tried (≤ 4 unless --allow-extrapolation).")
@@ -57,7 +59,7 @@ def tune(
 
     # every option checked before the model is resolved (a built-in may be converted first)
     check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)
-    budget = budget_of(max_ppl_ratio, max_kl)
+    budget = budget_of(max_ppl_ratio, max_kl, confidence)
     res = run_tune(
         pipeline.load(model, placement=placement_of(device), log=log),
         recipe,
