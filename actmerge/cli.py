@@ -26,6 +26,7 @@ from .cli_support import (
     Revision,
     budget_of,
     handled,
+    launched,
     log,
     placement_of,
     strengths_of,
@@ -60,6 +61,7 @@ def main(
 
 @app.command()
 @handled
+@launched
 def fit(
     model: Model,
     recipe: Recipe,
@@ -72,18 +74,20 @@ def fit(
     force: Force = False,
 ):
     """Fit transport maps on the recipe's source/target sentences and write a maps file."""
-    from . import pipeline
+    from . import distributed, pipeline
     from .io.output import check_output
 
     check_output(output, force=force, is_dir=False)
     placement = placement_of(device, device_map, max_memory, offload_folder)
     res = pipeline.fit(model, recipe, revision=revision, placement=placement, log=log)
-    res.maps.save(output, force=force)
-    out.print(f"wrote {len(res.maps)} maps to {output}")
+    if distributed.proceed_on_main():  # under a launcher, rank 0 alone writes
+        res.maps.save(output, force=force)
+        out.print(f"wrote {len(res.maps)} maps to {output}")
 
 
 @app.command()
 @handled
+@launched
 def bake(
     model: Model,
     recipe: Recipes = None,

@@ -116,13 +116,30 @@ def handled(fn):
     return wrapper
 
 
+def launched(fn):
+    """fit / bake under torchrun or accelerate launch: one process group for the command, every
+    process failing together (``distributed.session``); nothing at all in a single process."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from . import distributed
+
+        with distributed.session(kwargs.get("device")):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _written(exc: BaseException) -> str:
     done = getattr(exc, "actmerge_written", [])
     return f" (already complete and kept: {', '.join(done)})" if done else ""
 
 
 def log(msg: str) -> None:
-    err.print(msg, highlight=False, markup=False)  # plain text: "[actmerge] …" is not a style tag
+    from .distributed import is_main
+
+    if is_main():  # under a launcher, one process speaks
+        err.print(msg, highlight=False, markup=False)  # plain text: "[actmerge] …" is not a style tag
 
 
 def strengths_of(text: str | None) -> list[float] | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from . import baking
+from . import baking, distributed
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
 from .errors import ActmergeError, MapsMismatchError, ModelResolutionError, RecipeError
@@ -149,6 +149,8 @@ def bake(
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
         if not mapset.maps:
             raise MapsMismatchError("the maps file holds no maps.")
+    if not distributed.proceed_on_main():  # under a launcher: the others helped fit; rank 0 goes on
+        return []
     tuned = {}
     if tune_budget is not None:
         tuned = _auto_strength(loaded, recipe_objs, mapset, tune_budget, progress, log)
