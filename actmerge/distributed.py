@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from .errors import ActmergeError, DistributedError
+from .errors import ActmergeError, DistributedError, PlacementError
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,11 @@ def world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
-    return world()[0] == 0
+    """Rank 0, or the only process (before the process group opens: by the launcher's ``RANK``)."""
+    rank, size = world()
+    if size == 1 and launched():
+        rank = int(os.environ.get("RANK", "0") or "0")
+    return rank == 0
 
 
 def launched() -> bool:
@@ -70,6 +74,12 @@ def session(device: str | None = None) -> Iterator[None]:
     import torch.distributed as dist
 
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or "1")
+    if cuda and per_node > torch.cuda.device_count():  # the same answer on every rank of the node
+        raise PlacementError(
+            f"{per_node} processes on this node but {torch.cuda.device_count()} CUDA GPU(s): launch "
+            f"--nproc-per-node {torch.cuda.device_count()} (one process per GPU), or fit with --device cpu."
+        )
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
@@ -107,20 +117,28 @@ def _agree(exc: BaseException | None) -> None:
     src = int(first.item())
     if src == size:
         return
-    if isinstance(exc, ActmergeError):
-        note = [str(exc), exc.exit_code]
-    elif exc is not None:  # a bug: the failing rank shows its traceback, the others say where it is
-        note = [f"process {rank} of {size} failed ({type(exc).__name__}: {exc}); see its traceback.", 1]
-    else:
-        note = [None, None]
+    own = _note(exc, rank, size) if exc is not None else [None, None]
+    note = list(own)
     dist.broadcast_object_list(note, src=src)
     if exc is not None:
         exc.actmerge_agreed = True
-        if rank == src:
-            return  # the caller re-raises its own error
+        if note == own:
+            return  # this rank failed the same way (or first): the caller re-raises its own error
     err = DistributedError(note[0], exit_code=note[1])
     err.actmerge_agreed = True
     raise err
+
+
+def _note(exc: BaseException, rank: int, size: int) -> list:
+    """[message, exit code] of a failure, as the other ranks report it."""
+    if isinstance(exc, ActmergeError):
+        return [str(exc), exc.exit_code]
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):  # click's Exit (e.g. a failed verification's 5) or a usage error
+        text = exc.format_message() if hasattr(exc, "format_message") else ""
+        return [text or f"process {rank} of {size} stopped with exit code {code} (see its output).", code]
+    # a bug: the failing rank shows its traceback, the others say where to look
+    return [f"process {rank} of {size} failed ({type(exc).__name__}: {exc}); see its traceback.", 1]
 
 
 def proceed_on_main() -> bool:

@@ -228,3 +228,9 @@ def test_torchrun_fit_as_one_process(root, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert _worst_relative(_maps(one), _maps(two)) <= 1e-6
+
+
+def test_one_process_commands_refuse_a_launcher(root, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: verify, eval, tune … would race
+    r = runner.invoke(app, ["sites", str(root / "g")])
+    assert r.exit_code == 2 and "`actmerge sites` runs in one process" in r.output, r.output
