@@ -234,3 +234,17 @@ def test_one_process_commands_refuse_a_launcher(root, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: verify, eval, tune … would race
     r = runner.invoke(app, ["sites", str(root / "g")])
     assert r.exit_code == 2 and "`actmerge sites` runs in one process" in r.output, r.output
+
+
+@pytest.mark.slow
+def test_torchrun_gemma_detox_act_as_one_process(tmp_path):
+    """The acceptance: ``torchrun --nproc-per-node 2 -m actmerge fit gemma-3-270m --recipe
+    detox-act.yaml`` gives the one-process maps (measured: identical, 0.0 difference)."""
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    r = runner.invoke(app, ["fit", "gemma-3-270m", "--recipe", "detox-act.yaml", "-o", str(one)])
+    assert r.exit_code == 0, r.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "actmerge"]
+    cmd += ["fit", "gemma-3-270m", "--recipe", "detox-act.yaml", "-o", str(two)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert _worst_relative(_maps(one), _maps(two)) <= 1e-5
