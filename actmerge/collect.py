@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
 from .errors import ActivationError
 from .estimators import ESTIMATORS, FitInfo, equal_counts, keep_top
 from .hooks import Pooler, affine_fn, attach, clamped_fn, record, split_key
@@ -115,6 +116,20 @@ def collect(
     return out
 
 
+def collect_sharded(
+    model, tok, sentences: list[str], keys: list[str], *, batch_size: int = 16, **opts
+) -> dict[str, torch.Tensor]:
+    """``collect`` over all ``sentences``. Under torchrun / accelerate launch each process pools only its
+    share of the batches (``distributed.shard``: the same batches one process would run) and every
+    process gets all the rows, in sentence order (``distributed.gather_rows``)."""
+    mine = distributed.shard(len(sentences), batch_size)
+    if len(mine) == len(sentences):
+        return collect(model, tok, sentences, keys, batch_size=batch_size, **opts)
+    share = [sentences[i] for i in mine]
+    rows = collect(model, tok, share, keys, batch_size=batch_size, **opts) if share else {}
+    return distributed.gather_rows(rows, keys, len(sentences), batch_size)
+
+
 def _drain(store: dict[str, list[torch.Tensor]], out: dict[str, torch.Tensor], row: int, n: int) -> int:
     """Move one batch's pooled rows ``{key: [[B, D]]}`` into the CPU results at ``row``, checking them
     for NaN/Inf; returns the next row. Rows on an accelerator travel in one copy per device (one sync,
@@ -206,12 +221,12 @@ def fit(
         max_tokens=max_tokens,
         pooling=pooling,
         skip_special=skip_special,
-        progress=progress,
+        progress=progress and distributed.is_main(),
     )
     est = dict(seed=seed, fit_shift=fit_shift, degenerate=degenerate, sample=sample)
     if not incremental:
-        src = collect(model, tok, source, keys, desc="source sentences", **opts)
-        tgt = collect(model, tok, target, keys, desc="target sentences", **opts)
+        src = collect_sharded(model, tok, source, keys, desc="source sentences", **opts)
+        tgt = collect_sharded(model, tok, target, keys, desc="target sentences", **opts)
         maps: dict[str, AffineMap] = {}
         infos: dict[str, FitInfo] = {}
         support = {}
@@ -289,7 +304,7 @@ def _fit_incremental(model, tok, order, keys, source, target, estimator, est, to
                 for done, m in maps.items():
                     fn = clamped_fn(m.omega, m.beta, *support[done]) if clamp else affine_fn(m.omega, m.beta)
                     stack.enter_context(attach(model, done, fn))
-                src = collect(model, tok, source, [key], **quiet)[key]
-                tgt = collect(model, tok, target, [key], **quiet)[key]
+                src = collect_sharded(model, tok, source, [key], **quiet)[key]
+                tgt = collect_sharded(model, tok, target, [key], **quiet)[key]
             maps[key], infos[key], support[key] = _fit_site(estimator, src, tgt, est, top_neurons)
     return {k: maps[k] for k in keys}, FitReport({k: infos[k] for k in keys}, {k: support[k] for k in keys})

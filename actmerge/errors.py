@@ -105,3 +105,11 @@ class GatedModelError(ModelResolutionError):
     """A gated Hub model (Gemma, Llama, …) refused the download: licence not accepted or not logged in."""
 
     exit_code = 2
+
+
+class DistributedError(ActmergeError):
+    """Another process of a torchrun / accelerate launch failed: its message and exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

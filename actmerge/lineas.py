@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 from rich.progress import Progress
 
-from .collect import Batch, batches, collect
-from .errors import ActivationError
+from . import distributed
+from .collect import Batch, batches, collect_sharded
+from .errors import ActivationError, PlacementError
 from .hooks import Pooler, attach
 from .maps import AffineMap
 from .placement import offloaded
@@ -167,8 +168,19 @@ def fit_lineas(
     A step is one forward + backward of the steered batch and little else: the source sentences are
     tokenised once (a step selects rows), the forward runs without a KV cache and stops after the
     last site, the loss of all sites is one sort and one weighted sum over their concatenated
-    neurons, and the loss reaches the host only every few steps on an accelerator."""
+    neurons, and the loss reaches the host only every few steps on an accelerator.
+
+    Under torchrun / accelerate launch the step's sentences are dealt over the processes, each runs
+    the forward and backward of its share, and the gradients are summed (``distributed``): the same
+    seed gives every process the same batches and maps, those of one process."""
     t0 = time.perf_counter()
+    progress = progress and distributed.is_main()
+    ranks = distributed.world()[1]
+    if min(cfg.batch, len(source)) < ranks:
+        raise PlacementError(
+            f"LinEAS batch of {min(cfg.batch, len(source))} sentences cannot be shared by {ranks} "
+            f"processes: launch at most that many, or raise lineas.batch / the sentence count."
+        )
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
@@ -176,7 +188,7 @@ def fit_lineas(
     if isinstance(target, dict):
         tgt = target
     else:
-        tgt = collect(
+        tgt = collect_sharded(
             model,
             tok,
             target,
@@ -247,7 +259,8 @@ def fit_lineas(
         for step in range(cfg.steps):
             rows = rng.sample(range(len(source)), min(cfg.batch, len(source)))
             idx = rng.sample(range(n_target), min(cfg.batch, n_target))
-            b = src.rows(rows)
+            shares = distributed.deal(rows)  # [rows] in one process
+            b = src.rows(shares[distributed.world()[0]], width=src.width(rows))
             pooler.mask = b.token_mask
             pooled.clear()
             _forward(model, b.inputs)
@@ -256,7 +269,8 @@ def fit_lineas(
                 stop = _last_site(model, order, keys)
                 if stop is not None:  # after the steering hook at that site (hooks run in order)
                     stack.enter_context(attach(model, stop, _raise_stop))
-            loss = loss_of(torch.cat([pooled[k] for k in keys], 1), idx)
+            mine = torch.cat([pooled[k] for k in keys], 1)
+            loss = loss_of(distributed.join_rows(mine, [len(s) for s in shares]), idx)
             pending.append(loss.detach())
             if (step + 1) % every == 0 or step + 1 == cfg.steps:
                 losses += _drain_losses(pending, len(losses))
@@ -264,6 +278,7 @@ def fit_lineas(
                 bar.update(task, description=f"LinEAS loss {losses[-1]:.4g}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_grads(trainable)
             opt.step()
             lr = opt.param_groups[0]["lr"]
             sched.step()
@@ -337,8 +352,12 @@ class _Tokenised:
         self.lengths = b.inputs["attention_mask"].sum(1).tolist()
         self.device = device
 
-    def rows(self, rows: list[int]) -> Batch:
-        width = max(self.lengths[r] for r in rows)
+    def width(self, rows: list[int]) -> int:
+        return max(self.lengths[r] for r in rows)
+
+    def rows(self, rows: list[int], width: int | None = None) -> Batch:
+        """Those sentences' batch; ``width``: padded to it (≥ theirs), as in a larger batch."""
+        width = width or self.width(rows)
         sel = torch.tensor(rows, device=self.device)
         inputs = {k: v.index_select(0, sel)[:, -width:] for k, v in self.inputs.items()}
         return Batch(inputs, self.mask.index_select(0, sel)[:, -width:])

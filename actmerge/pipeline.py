@@ -1,14 +1,13 @@
-"""The verbs — fit, bake, verify, evaluate, sites — as a library API a notebook can call. Each verb
-owns its whole flow (a bake fits, plans, writes, verifies and publishes itself, reusing the loaded
-model and its placement); the CLI only parses, calls one verb and renders the result. Language models
-and diffusers pipelines go through the same verbs: ``model_kind`` decides which one a model is."""
+"""The verbs — fit, bake, verify, evaluate, sites — as a library API a notebook can call; each owns its
+whole flow (a bake fits, plans, writes, verifies and publishes itself), for language models and
+diffusers pipelines alike (``model_kind`` decides which). The CLI parses, calls one verb, renders."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from . import baking, gguf_bake
+from . import baking, distributed, gguf_bake
 from . import strength as strength_rules
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
@@ -165,6 +164,8 @@ def bake(
         mapset = fit(target, recipe_objs[0], **fit_kw).maps
     else:
         mapset = given_maps
+    if not distributed.proceed_on_main():  # under a launcher: the others helped fit; rank 0 goes on
+        return []
     if tune_budget is not None and not tuned:  # nothing recorded: tune the fitted maps now
         from .tune import tune
 

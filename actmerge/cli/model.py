@@ -26,6 +26,7 @@ from .options import (
     Revision,
     budget_of,
     handled,
+    launched,
     log,
     placement_of,
 )
@@ -34,6 +35,7 @@ from .render import out
 
 @app.command()
 @handled
+@launched
 def fit(
     model: Model,
     recipe: Recipe,
@@ -46,7 +48,7 @@ def fit(
     force: Force = False,
 ):
     """Fit transport maps on the recipe's source/target sentences and write a maps file."""
-    from .. import pipeline
+    from .. import distributed, pipeline
     from ..io.output import check_name, check_output
 
     check_name(output)
@@ -54,12 +56,14 @@ def fit(
     target = pipeline.resolved(model, revision=revision, placement=placement, log=log)
     check_output(output, pipeline.source_path(target), force=force, is_dir=False)  # before the fit
     res = pipeline.fit(target, recipe, revision=revision, placement=placement, log=log)
-    res.maps.save(output, force=force, source=pipeline.source_path(target))
-    out.print(f"wrote {len(res.maps)} maps to {output}")
+    if distributed.proceed_on_main():  # under a launcher, rank 0 alone writes
+        res.maps.save(output, force=force, source=pipeline.source_path(target))
+        out.print(f"wrote {len(res.maps)} maps to {output}")
 
 
 @app.command()
 @handled
+@launched
 def bake(
     model: Model,
     recipe: Recipes = None,

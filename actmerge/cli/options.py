@@ -92,6 +92,7 @@ def handled(fn):
     def wrapper(*args, **kwargs):
         previous = {s: signal.signal(s, _raise_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
+            _one_process_unless_launched(fn)
             return fn(*args, **kwargs)
         except ActmergeError as exc:
             if os.environ.get("ACTMERGE_DEBUG"):
@@ -116,13 +117,41 @@ def handled(fn):
     return wrapper
 
 
+def _one_process_unless_launched(fn) -> None:
+    from .distributed import launched as under_launcher
+
+    if under_launcher() and not getattr(fn, "actmerge_launched", False):
+        raise PlacementError(
+            f"`actmerge {fn.__name__.strip('_').replace('_', '-')}` runs in one process: run it without torchrun / "
+            "accelerate launch (only fit and bake split their work over processes)."
+        )
+
+
+def launched(fn):
+    """fit / bake under torchrun or accelerate launch: one process group for the command, every
+    process failing together (``distributed.session``); nothing at all in a single process."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from . import distributed
+
+        with distributed.session(kwargs.get("device")):
+            return fn(*args, **kwargs)
+
+    wrapper.actmerge_launched = True
+    return wrapper
+
+
 def _written(exc: BaseException) -> str:
     done = getattr(exc, "actmerge_written", [])
     return f" (already complete and kept: {', '.join(done)})" if done else ""
 
 
 def log(msg: str) -> None:
-    err.print(msg, highlight=False, markup=False)  # plain text: "[actmerge] …" is not a style tag
+    from .distributed import is_main
+
+    if is_main():  # under a launcher, one process speaks
+        err.print(msg, highlight=False, markup=False)  # plain text: "[actmerge] …" is not a style tag
 
 
 def placement_of(device=None, device_map=None, max_memory=None, offload_folder=None):
