@@ -361,11 +361,9 @@ def evaluate(
     **overrides,
 ) -> Report:
     """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png
-    into the report directory ``out`` (``force``: replace an eval or tune report there).
-
-    ``lm_eval``: lm-evaluation-harness tasks run on the base model and on each baked directory
-    (``lmeval.scores``); the scores join those rows' metrics, and the card of each checkpoint
-    actmerge wrote."""
+    into the report directory ``out`` (``force``: replace an eval or tune report there). ``lm_eval``:
+    lm-evaluation-harness tasks on the base and each baked directory (``lmeval.scores``), into those
+    rows' metrics and the card of each checkpoint actmerge wrote."""
     from .sweep import plot, run_sweep
 
     check_eval_paths(baked, out)  # before any slow load

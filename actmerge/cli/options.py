@@ -118,7 +118,7 @@ def handled(fn):
 
 
 def _one_process_unless_launched(fn) -> None:
-    from .distributed import launched as under_launcher
+    from ..distributed import launched as under_launcher
 
     if under_launcher() and not getattr(fn, "actmerge_launched", False):
         raise PlacementError(
@@ -133,7 +133,7 @@ def launched(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from . import distributed
+        from .. import distributed
 
         with distributed.session(kwargs.get("device")):
             return fn(*args, **kwargs)
@@ -148,7 +148,7 @@ def _written(exc: BaseException) -> str:
 
 
 def log(msg: str) -> None:
-    from .distributed import is_main
+    from ..distributed import is_main
 
     if is_main():  # under a launcher, one process speaks
         err.print(msg, highlight=False, markup=False)  # plain text: "[actmerge] …" is not a style tag
