@@ -146,12 +146,8 @@ def test_near_equal_strengths_get_their_own_directories(setup, tmp_path):
 def test_composed_recipes_keep_repeated_strengths(setup, tmp_path):
     """One λ per recipe: `-r a -r b -s 0.5,0.5` is two strengths, not one (they were deduplicated)."""
     root, model = setup
-    (tmp_path / "b.yaml").write_text(
-        RECIPE.replace("gate", "gate-b")
-        .replace("src.txt", str(root / "src.txt"))
-        .replace("tgt.txt", str(root / "tgt.txt"))
-    )
-    r = _cli("bake", model, "-r", root / "r.yaml", "-r", tmp_path / "b.yaml", "-s", "0.5,0.5", "--dry-run")
+    (root / "b-repeat.yaml").write_text(RECIPE.replace("gate", "gate-b"))  # data files beside it
+    r = _cli("bake", model, "-r", root / "r.yaml", "-r", root / "b-repeat.yaml", "-s", "0.5,0.5", "--dry-run")
     assert r.exit_code == 0, r.output
 
 
