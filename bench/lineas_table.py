@@ -110,7 +110,9 @@ def main() -> None:
                 )
             for lam in lams:
                 dest = Path(scratch) / recipe.name / str(len(rows))
-                (bake,) = pipeline.bake(loaded, maps=res.maps, strengths=[lam], out=dest, **quiet)
+                (bake,) = pipeline.bake(
+                    loaded, maps=res.maps, options=pipeline.BakeOptions(strengths=[lam], out=dest), **quiet
+                )
                 unchanged = json.loads((dest / "config.json").read_text()) == source.config
                 exact = all(sp.exactness in ("exact", "identity") for sp in bake.plan.sites)
                 rep = run_sweep(model, tok, cfg, baked=[dest], include_base=False, **quiet)

@@ -65,8 +65,7 @@ def test_sweep_report_and_plot(pico, tmp_path):
     (res,) = pipeline.bake(
         pipeline.Loaded(src),
         maps=maps,
-        strengths=[1.0],
-        out=tmp_path / "b",
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "b"),
         progress=False,
         log=lambda *_: None,
     )
