@@ -303,21 +303,12 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
 def _evaluate_plan(loaded: Loaded, held: MapSet, lam: float, recipe: Recipe, progress, log) -> Report:
     """Base vs the maps at ``lam`` hooked (what the checkpoint computes), on the recipe's eval prompts,
     evaluated before the write so the table goes into the card inside the atomic output."""
-    from .sweep import run_sweep
+    from .sweep import SweepRows, run_sweep
 
     m, tok = loaded.get()
-    return run_sweep(
-        m,
-        tok,
-        chat_prompts(eval_config(recipe), tok, log),
-        maps=held,
-        strengths=[lam],
-        baked=[],
-        include_base=True,
-        model_name=loaded.source.name,
-        progress=progress,
-        log=log,
-    )
+    cfg = chat_prompts(eval_config(recipe), tok, log)
+    rows = SweepRows(maps=held, strengths=[lam], include_base=True)
+    return run_sweep(m, tok, cfg, rows, model_name=loaded.source.name, progress=progress, log=log)
 
 
 def shift_drop_deviation(loaded: Loaded, full: MapSet, held: MapSet, strength: float) -> VerifyReport:

@@ -333,7 +333,7 @@ def evaluate(
     ``options.lm_eval``: lm-evaluation-harness tasks run on the base model and on each baked directory
     (``lmeval.scores``); the scores join those rows' metrics, and the card of each checkpoint
     actmerge wrote."""
-    from .sweep import plot, run_sweep
+    from .sweep import SweepRows, plot, run_sweep
 
     o = options
     baked, out = list(o.baked), o.out
@@ -359,19 +359,10 @@ def evaluate(
             support = getattr(fitted.report, "support", None)
     m, tok = loaded.get()
     cfg = chat_prompts(cfg, tok, log)
-    report = run_sweep(
-        m,
-        tok,
-        cfg,
-        maps=mapset,
-        strengths=list(strengths),
-        baked=baked,
-        include_base=o.include_base,
-        model_name=loaded.source.name,
-        progress=progress,
-        log=log,
-        support=support,
+    rows = SweepRows(
+        maps=mapset, strengths=strengths, baked=baked, include_base=o.include_base, support=support
     )
+    report = run_sweep(m, tok, cfg, rows, model_name=loaded.source.name, progress=progress, log=log)
     if o.lm_eval:
         from .lmeval import add_rows
 
