@@ -23,6 +23,7 @@ from .io.st_format import tensor_index
 from .io.tree import write_checkpoint, write_pipeline
 from .llm_plan import plan as make_plan
 from .maps import MapSet, compose
+from .options import BakeOptions
 from .progress import bar
 from .recipe import Recipe
 from .sites import architecture_for
@@ -129,75 +130,56 @@ def reproduce_command(info: BakeInfo, *, has_maps_only: bool) -> str:
     return f"actmerge bake {base} {how} --strength {lam} -o out/"
 
 
-def bake_info(
-    kind: str,
-    *,
-    base_model: str,
-    base_path: Path,
-    revision: str | None,
-    fold_plan: FoldPlan,
-    maps: MapSet,
-    recipes: list[Recipe],
-    recipe_files: list[str],
-    placement: dict | None = None,
-    pipeline_class: str | None = None,
-    tuned: dict | None = None,
-    origin: dict | None = None,
-) -> BakeInfo:
+def bake_info(job: BakeJob, fold_plan: FoldPlan, maps: MapSet) -> BakeInfo:
+    """The provenance of ``job`` at one strength (``fold_plan``) holding ``maps``."""
+    source, recipes = job.source, job.recipes
     strengths = [float(x) for x in maps.extra.get("strengths", "").split(",") if x]
     return BakeInfo(
-        kind=kind,
-        base_model=base_model,
-        base_path=str(base_path),
-        origin=origin or {},
-        revision=revision,
+        kind=job.kind,
+        base_model=source.name,
+        base_path=str(source.path),
+        origin=getattr(source, "origin", None) or {},
+        revision=source.revision,
         strength=fold_plan.strength,
         method=maps.method or "unknown",
         actmerge_version=__version__,
         recipe=maps.extra.get("recipe", "custom"),
         recipe_hash=maps.recipe_hash,
-        recipe_files=recipe_files,
+        recipe_files=[f"{_prefix(i, len(recipes))}recipe.yaml" for i in range(len(recipes))],
         strengths=strengths,
         config_patch=dict(fold_plan.config_patch),
         targets=sorted(fold_plan.targets),
         runtimes=sorted(fold_plan.runtimes),
-        pipeline_class=pipeline_class,
-        edited_components=[c for c in fold_plan.components() if c] if kind == "pipeline" else [],
-        placement=placement or {},
-        tuned=tuned or {},
+        pipeline_class=getattr(source, "pipeline_class", None),
+        edited_components=[c for c in fold_plan.components() if c] if job.kind == "pipeline" else [],
+        placement=job.loaded.placement.to_dict() if job.loaded is not None else {},
+        tuned=job.tuned or {},
         fold=fold_plan.rows(),
     )
 
 
 def write(
-    info: BakeInfo,
-    fold_plan: FoldPlan,
-    maps: MapSet,
-    out: Path,
-    *,
-    recipes: list[Recipe],
-    source,
-    license: str | None,
-    evaluation: str = "",
-    chat: bool = False,
-    force: bool = False,
-    progress=None,
-    log: Callable[[str], None] = print,
+    job: BakeJob, info: BakeInfo, fold_plan: FoldPlan, maps: MapSet, out: Path, evaluation: str = ""
 ) -> list[str]:
-    """Write the baked checkpoint or pipeline with its provenance and card; returns files left out
-    (stale weight formats of edited pipeline components)."""
+    """Write the baked checkpoint or pipeline of ``job`` at one strength (``fold_plan``, holding
+    ``maps``) to ``out`` with its provenance and card (``evaluation``: the table of ``--eval``);
+    returns files left out (stale weight formats of edited pipeline components)."""
+    from .card import base_license
+
+    recipes, source, kind = job.recipes, job.source, job.kind
     bundle = recipe_bundle(recipes, evaluated=bool(evaluation), tuned=bool(info.tuned))
     description = "\n\n".join(r.description.strip() for r in recipes if r.description)
     readme = card.render(
         info,
         description=description,
         evaluation=evaluation,
-        license=license,
+        license=base_license(source.path, source.config if kind == "llm" else {}),
         reproduce=reproduce_command(info, has_maps_only=not recipes),
-        chat=chat,
+        chat=kind == "llm" and card.has_chat_template(source.path),
     )
     extra = {**provenance_files(info, maps.to_bytes(), bundle), "README.md": readme.encode()}
-    if info.kind == "pipeline":
+    force, log = job.options.force, job.log
+    if kind == "pipeline":
         edits = {c: fold_plan.weight_edits(c) for c in fold_plan.components()}
         weights = {c: source.weight_sets(c) for c in edits}
         _check_variants(source, fold_plan, weights)
@@ -210,7 +192,7 @@ def write(
         config_patch=fold_plan.config_patch,
         extra=extra,
         force=force,
-        progress=progress,
+        progress=bar if job.progress else None,
         log=log,
     )
     return []
@@ -258,106 +240,58 @@ class BakeResult:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BakeJob:
-    """What every strength of one bake shares: the model (``loaded`` for a language model), the maps,
-    where and how to write."""
+    """What every strength of one bake shares: the options as given (``out``/``dry_run`` as this step
+    writes: a GGUF output is planned here and written by ``pipeline.bake``), and what the bake worked
+    out from them — the model (``loaded`` for a language model), the maps, the checked strengths
+    (``options.strengths`` is what was asked), the fold choices merged with the recipe's."""
 
     kind: str
     source: object  # ModelSource / LlamaLayout / PipelineSource
     loaded: Loaded | None
-    maps: object  # MapSet
+    maps: MapSet
     strengths: list[float]
-    out: Path | None
-    options: FoldOptions
-    recipes: list
-    dry_run: bool = False
-    force: bool = False
+    fold: FoldOptions
+    recipes: list[Recipe]
+    options: BakeOptions
+    tuned: dict = field(default_factory=dict)  # how `--strength auto` chose λ (strength.from_record)
     progress: bool = True
     log: Callable[[str], None] = print
-    evaluate_after: bool = False
-    as_llama: bool = False
-    tuned: dict = field(default_factory=dict)  # how `--strength auto` chose λ (strength.from_record)
 
 
 def bake_one(job: BakeJob, lam: float) -> BakeResult:
     """Plan, (evaluate,) and write the bake of ``job`` at strength ``lam``."""
-    kind, source, loaded, mapset, strengths, out = (
-        job.kind,
-        job.source,
-        job.loaded,
-        job.maps,
-        job.strengths,
-        job.out,
-    )
-    options, recipes, dry_run, force, progress, log = (
-        job.options,
-        job.recipes,
-        job.dry_run,
-        job.force,
-        job.progress,
-        job.log,
-    )
-    evaluate_after, as_llama = job.evaluate_after, job.as_llama
     t0 = time.perf_counter()
-    fold_plan = plan(source, mapset, lam, options)
+    fold_plan = plan(job.source, job.maps, lam, job.fold)
     if not fold_plan.active and lam != 0:
         raise MapsMismatchError(
             f"0 of {len(fold_plan.sites)} maps are active at λ = {lam:g}: the bake would be an unsteered copy. "
             "Check the recipe's sites/layers, or the maps file."
         )
-    if as_llama:
+    if job.options.as_llama:
         from .llama_layout import LLAMA_LAYOUT_PATCH
 
         fold_plan.config_patch = {**LLAMA_LAYOUT_PATCH, **fold_plan.config_patch}
-    held = held_maps(mapset, fold_plan)
+    held = held_maps(job.maps, fold_plan)
     res = BakeResult(None, lam, fold_plan, 0.0)
     dropped = [sp for sp in fold_plan.sites if sp.exactness is Exactness.SCALE_ONLY]
     if dropped:
         note = f"shift dropped at {len(dropped)} sites (no bias to take it): scales baked only"
-        if kind == "llm":
-            res.deviation = shift_drop_deviation(loaded, mapset, held, lam)
+        if job.kind == "llm":
+            res.deviation = shift_drop_deviation(job.loaded, job.maps, held, lam)
             note += (
                 f"; max |Δlogit| vs the full maps = {res.deviation.max_abs_logit_diff:.3g}, "
                 f"top-1 agreement {res.deviation.argmax_agreement:.1%}"
             )
         res.notes.append(note)
-    if not dry_run:
-        dest = strength.out_for(Path(out), lam, strengths)
-        evaluation = ""
-        if evaluate_after:
-            report = _evaluate_plan(loaded, held, lam, recipes[0], progress, log)
-            evaluation = res.evaluation = markdown_table(report)
-        info = bake_info(
-            kind,
-            base_model=source.name,
-            base_path=source.path,
-            revision=source.revision,
-            fold_plan=fold_plan,
-            maps=held,
-            recipes=recipes,
-            recipe_files=[f"{_prefix(i, len(recipes))}recipe.yaml" for i in range(len(recipes))],
-            placement=loaded.placement.to_dict() if loaded is not None else {},
-            pipeline_class=getattr(source, "pipeline_class", None),
-            tuned=job.tuned,
-            origin=getattr(source, "origin", None),
-        )
-        from .card import base_license
-
-        config = source.config if kind == "llm" else {}
+    if not job.options.dry_run:
+        dest = strength.out_for(job.options.out, lam, job.strengths)
+        if job.options.evaluate_after:
+            report = _evaluate_plan(job.loaded, held, lam, job.recipes[0], job.progress, job.log)
+            res.evaluation = markdown_table(report)
         skipped = write(
-            info,
-            fold_plan,
-            held,
-            dest,
-            recipes=recipes,
-            source=source,
-            license=base_license(source.path, config),
-            evaluation=evaluation,
-            chat=kind == "llm" and card.has_chat_template(source.path),
-            force=force,
-            progress=bar if progress else None,
-            log=log,
+            job, bake_info(job, fold_plan, held), fold_plan, held, dest, evaluation=res.evaluation
         )
         if skipped:
             res.notes.append(f"left out stale weight files of edited components: {', '.join(skipped)}")
@@ -369,21 +303,12 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
 def _evaluate_plan(loaded: Loaded, held: MapSet, lam: float, recipe: Recipe, progress, log) -> Report:
     """Base vs the maps at ``lam`` hooked (what the checkpoint computes), on the recipe's eval prompts,
     evaluated before the write so the table goes into the card inside the atomic output."""
-    from .sweep import run_sweep
+    from .sweep import SweepRows, run_sweep
 
     m, tok = loaded.get()
-    return run_sweep(
-        m,
-        tok,
-        chat_prompts(eval_config(recipe), tok, log),
-        maps=held,
-        strengths=[lam],
-        baked=[],
-        include_base=True,
-        model_name=loaded.source.name,
-        progress=progress,
-        log=log,
-    )
+    cfg = chat_prompts(eval_config(recipe), tok, log)
+    rows = SweepRows(maps=held, strengths=[lam], include_base=True)
+    return run_sweep(m, tok, cfg, rows, model_name=loaded.source.name, progress=progress, log=log)
 
 
 def shift_drop_deviation(loaded: Loaded, full: MapSet, held: MapSet, strength: float) -> VerifyReport:

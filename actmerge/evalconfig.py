@@ -7,55 +7,44 @@ from pathlib import Path
 
 from .errors import ModelResolutionError, OutputExistsError, RecipeError, UnknownArchitectureError
 from .io.tree import read_config
+from .options import EvalOverrides
 from .recipe import Recipe, read_sentences
 from .sweep import EvalConfig
 
 NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "neutral.txt"
 
 
-def eval_config(
-    recipe: Recipe | None,
-    *,
-    prompts: list[str] | None = None,
-    neutral: list[str] | None = None,
-    metrics: list[str] | None = None,
-    scorer: str | None = None,
-    keywords: list[str] | None = None,
-    max_new_tokens: int | None = None,
-    sample: bool = False,
-    seed: int | None = None,
-    limit: int | None = None,
-    chat: bool = False,
-) -> EvalConfig:
-    """Evaluation settings: the recipe's, overridden by explicit arguments."""
+def eval_config(recipe: Recipe | None, given: EvalOverrides = EvalOverrides()) -> EvalConfig:
+    """Evaluation settings: the recipe's, overridden by the ``given`` ones."""
 
     def from_recipe(attr):
         if recipe is None or getattr(recipe, attr) is None:
             return None
         return read_sentences(recipe.path(getattr(recipe, attr)))
 
-    explicit_prompts = prompts
-    prompts = prompts or from_recipe("eval_prompts")
+    explicit_prompts = given.prompts
+    prompts = list(given.prompts or ()) or from_recipe("eval_prompts")
     if not prompts:
         raise RecipeError("no evaluation prompts: set `eval_prompts:` in the recipe or pass --prompts FILE.")
-    metrics = metrics or (list(recipe.metrics) if recipe else ["toxicity", "perplexity"])
-    neutral = neutral or from_recipe("neutral_text") or []
+    sample, limit = given.sample, given.limit
+    metrics = list(given.metrics or ()) or (list(recipe.metrics) if recipe else ["toxicity", "perplexity"])
+    neutral = list(given.neutral or ()) or from_recipe("neutral_text") or []
     if "perplexity" in metrics and not neutral:
         neutral = read_sentences(NEUTRAL_TEXT)
-    keywords = keywords or (from_recipe("keywords") if "concept" in metrics else None) or []
+    keywords = list(given.keywords or ()) or (from_recipe("keywords") if "concept" in metrics else None) or []
     default_tokens = 32 if sample else (recipe.eval_max_new_tokens if recipe else 24)
     hard = from_recipe("eval_prompts_hard") if explicit_prompts is None else None
     return EvalConfig(
         prompts=prompts[:limit] if limit else prompts,
         neutral=neutral,
         metrics=tuple(metrics),
-        scorer=scorer or (recipe.scorer if recipe else "profanity"),
+        scorer=given.scorer or (recipe.scorer if recipe else "profanity"),
         keywords=tuple(keywords),
-        max_new_tokens=max_new_tokens or default_tokens,
+        max_new_tokens=given.max_new_tokens or default_tokens,
         sample=sample,
-        seed=seed if seed is not None else (recipe.seed if recipe else 0),
+        seed=given.seed if given.seed is not None else (recipe.seed if recipe else 0),
         # --chat requires a template; a recipe's `chat: true` uses it where the model has one
-        chat="on" if chat else ("auto" if recipe is not None and recipe.chat else "off"),
+        chat="on" if given.chat else ("auto" if recipe is not None and recipe.chat else "off"),
         splits={"hard": hard[:limit] if limit else hard} if hard else {},
     )
 

@@ -188,9 +188,7 @@ class LlamaCppReport:
 
 def verify_llamacpp(
     checkpoint: Path,
-    base_model,
-    base_dir: Path,
-    tok,
+    loaded,
     maps,
     strength: float,
     prompts: list[str],
@@ -200,7 +198,10 @@ def verify_llamacpp(
     new_tokens: int = 16,
     log=print,
 ) -> LlamaCppReport:
-    """Export ``checkpoint`` and the unbaked base to GGUF and run both round trips."""
+    """Export ``checkpoint`` and the unbaked base (``loaded``: a ``fitting.Loaded``) to GGUF and run
+    both round trips."""
+    base_model, tok = loaded.get()
+    base_dir = loaded.source.path
     ids = [tok(p)["input_ids"] for p in prompts]
     with tempfile.TemporaryDirectory(prefix="actmerge-llamacpp-") as d:
         log(f"converting the baked checkpoint to GGUF ({outtype}) …")

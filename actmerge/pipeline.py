@@ -29,11 +29,11 @@ from .fitting import (  # noqa: F401
     resolved,
     source_path,
 )
-from .fold import FoldOptions
 from .io.output import check_free_space, check_output, write_report_dir
 from .io.provenance import MAPS_FILE, read_bake_info
 from .maps import MapSet
 from .models import resolve
+from .options import BakeOptions, EvalOptions, EvalOverrides, VerifyOptions  # noqa: F401  (library API)
 from .placement import Placement
 from .recipe import Recipe, load_recipe
 from .sites import architecture_for
@@ -45,59 +45,39 @@ def bake(
     *,
     recipe: str | Path | Recipe | list | None = None,
     maps: str | Path | MapSet | None = None,
-    strengths: list[float] | None = None,
-    out: str | Path | None = None,
-    options: FoldOptions | None = None,
-    targets=(),
-    shift_policy: str | None = None,
-    allow_flags: bool = True,
-    force: bool = False,
-    dry_run: bool = False,
-    revision: str | None = None,
-    placement: Placement | None = None,
+    options: BakeOptions = BakeOptions(),
     progress: bool = True,
     log=print,
-    evaluate_after: bool = False,
-    as_llama: bool = False,
-    verify: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    allow_extrapolation: bool = False,
-    tune_budget=None,
     pipe=None,
 ) -> list[BakeResult]:
     """Fit (from recipes) or load maps, plan the fold at each strength, write the checkpoints, and
-    optionally verify and publish each (publishing implies verifying).
+    optionally verify and publish each (publishing implies verifying): how, in ``options``.
 
-    Several recipes compose: each is fitted and applied at its own strength (``strengths`` gives one
-    per recipe), maps at shared sites compose in recipe order, and one checkpoint is baked.
-    ``as_llama``: write a Mistral checkpoint in the Llama layout (``llama_layout``). ``tune_budget``
-    (a ``tune.Budget``): ``--strength auto``, the strength ``actmerge tune`` recorded for this model,
-    recipe and budget (tuned now on the fitted maps if none is recorded)."""
+    Several recipes compose: each is fitted and applied at its own strength (``options.strengths``
+    gives one per recipe), maps at shared sites compose in recipe order, and one checkpoint is baked.
+    ``options.as_llama``: write a Mistral checkpoint in the Llama layout (``llama_layout``).
+    ``options.tune_budget`` (a ``tune.Budget``): ``--strength auto``, the strength ``actmerge tune``
+    recorded for this model, recipe and budget (tuned now on the fitted maps if none is recorded)."""
+    o = options
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
-    kind = model_kind(model, revision)
+    kind = model_kind(model, o.revision)
     recipe_objs = [load_recipe_for(r, kind, log) for r in recipes]
-    options = options or FoldOptions.merged(
-        recipe_objs[0] if recipe_objs else None,
-        targets=targets,
-        shift_policy=shift_policy,
-        allow_config_change=allow_flags,
-    )
+    fold_options = o.fold_options(recipe_objs[0] if recipe_objs else None)
     if kind == "pipeline":
-        given = {"--target": bool(options.targets), "--as-llama": as_llama, "--eval": evaluate_after}
-        given |= {"--push-to-hub": bool(push_to_hub), "--no-flags": not allow_flags}
+        given = {"--target": bool(fold_options.targets), "--as-llama": o.as_llama, "--eval": o.evaluate_after}
+        given |= {"--push-to-hub": bool(o.push_to_hub), "--no-flags": not o.allow_flags}
         given |= {"composed recipes": len(recipe_objs) > 1}
         if any(given.values()):
             raise RecipeError(
                 f"{', '.join(k for k, v in given.items() if v)}: not available for diffusers pipelines."
             )
-        source = pipeline_source(model, revision)
+        source = pipeline_source(model, o.revision)
         loaded = None
     else:
-        loaded = load(model, revision=revision, placement=placement, log=log)
-        if as_llama:
+        loaded = load(model, revision=o.revision, placement=o.placement, log=log)
+        if o.as_llama:
             from .llama_layout import LlamaLayout, as_llama_config
 
             src = loaded.source
@@ -111,7 +91,8 @@ def bake(
             raise MapsMismatchError("the maps file holds no maps.")
         if kind == "llm":
             preflight_maps(given_maps, source, log)
-    check = dict(allow_extrapolation=allow_extrapolation, warn=log)
+    check = dict(allow_extrapolation=o.allow_extrapolation, warn=log)
+    strengths = list(o.strengths) if o.strengths is not None else None
     per_recipe: list[float] = []
     if len(recipe_objs) > 1:  # one strength per recipe, repeats included
         typed = strengths or [strength_rules.default_for(r, source) for r in recipe_objs]
@@ -122,27 +103,28 @@ def bake(
             )
         strengths = [1.0]  # the composed maps already hold each recipe's strength
     tuned = {}
-    if tune_budget is not None:  # the recorded λ, through the same rules, before any load
-        tuned = _recorded_strength(loaded, recipe_objs, given_maps, tune_budget, allow_extrapolation, log)
+    if o.tune_budget is not None:  # the recorded λ, through the same rules, before any load
+        tuned = _recorded_strength(loaded, recipe_objs, given_maps, o.tune_budget, o.allow_extrapolation, log)
         strengths = [tuned["strength"]] if tuned else None
     default = [strength_rules.default_for(recipe_objs[0], source) if recipe_objs else 1.0]
     strengths = strength_rules.check(strengths or default, **check)
+    out, dry_run, verify_after = o.out, o.dry_run, o.verify_after
     gguf_src = gguf_out = None
     if kind == "llm" and not dry_run and gguf_bake.is_gguf_out(out):  # GGUF in, GGUF out (gguf_bake.py)
-        if as_llama or push_to_hub:
+        if o.as_llama or o.push_to_hub:
             raise RecipeError("-o X.gguf: --as-llama and --push-to-hub are for checkpoint directories.")
-        gguf_src = gguf_bake.preflight(source.name, Path(out), strengths, force)
-        gguf_out, out, dry_run = Path(out), None, True  # plan only; the GGUF is written below
-    if evaluate_after and (not recipe_objs or recipe_objs[0].eval_prompts is None):
+        gguf_src = gguf_bake.preflight(source.name, out, strengths, o.force)
+        gguf_out, out, dry_run = out, None, True  # plan only; the GGUF is written below
+    if o.evaluate_after and (not recipe_objs or recipe_objs[0].eval_prompts is None):
         raise RecipeError("--eval needs a recipe with `eval_prompts:` (use `actmerge eval` for maps files).")
-    if evaluate_after:
+    if o.evaluate_after:
         eval_config(recipe_objs[0])  # its eval files exist and decode: before the (slow) fit, not after
-    if push_to_hub:
+    if o.push_to_hub:
         from . import hub
 
-        hub.validate_repo_id(push_to_hub)
+        hub.validate_repo_id(o.push_to_hub)
         hub.require_token()  # before the (slow) fit, not after it
-        verify = True  # a push publishes verified checkpoints only
+        verify_after = True  # a push publishes verified checkpoints only
     for r in recipe_objs:  # before any model load: sentence files readable and large enough
         preflight_recipe(r, log)
     if kind == "llm":
@@ -151,10 +133,15 @@ def bake(
         if out is None:
             raise RecipeError("give an output directory with -o/--out (or --dry-run to only print the plan).")
         for lam in strengths:  # fail before the (slow) fit if an output cannot be written
-            check_output(strength_rules.out_for(Path(out), lam, strengths), source.path, force=force)
-        check_free_space(Path(out), baking.output_size(source) * len(strengths))
+            check_output(strength_rules.out_for(out, lam, strengths), source.path, force=o.force)
+        check_free_space(out, baking.output_size(source) * len(strengths))
     fit_kw = dict(
-        revision=revision, placement=placement, options=options, progress=progress, log=log, pipe=pipe
+        revision=o.revision,
+        placement=o.placement,
+        options=fold_options,
+        progress=progress,
+        log=log,
+        pipe=pipe,
     )
     target = source if kind == "pipeline" else loaded
     if len(recipe_objs) > 1:
@@ -166,33 +153,29 @@ def bake(
         mapset = given_maps
     if not distributed.proceed_on_main():  # under a launcher: the others helped fit; rank 0 goes on
         return []
-    if tune_budget is not None and not tuned:  # nothing recorded: tune the fitted maps now
+    if o.tune_budget is not None and not tuned:  # nothing recorded: tune the fitted maps now
         from .tune import tune
 
-        rec = tune(loaded, recipe_objs[0], maps=mapset, budget=tune_budget, progress=progress, log=log)
+        rec = tune(loaded, recipe_objs[0], maps=mapset, budget=o.tune_budget, progress=progress, log=log)
         tuned = strength_rules.from_record(
-            rec.to_dict(), where="this tuning run", allow_extrapolation=allow_extrapolation
+            rec.to_dict(), where="this tuning run", allow_extrapolation=o.allow_extrapolation
         )
         strengths = [tuned["strength"]]
     job = baking.BakeJob(
-        kind,
-        source,
-        loaded,
-        mapset,
-        strengths,
-        Path(out) if out is not None else None,
-        options,
-        recipe_objs,
-        dry_run,
-        force,
-        progress,
-        log,
-        evaluate_after,
-        as_llama,
-        tuned,
+        kind=kind,
+        source=source,
+        loaded=loaded,
+        maps=mapset,
+        strengths=strengths,
+        fold=fold_options,
+        recipes=recipe_objs,
+        tuned=tuned,
+        options=replace(o, out=out, dry_run=dry_run),  # a GGUF output: plan only here, written below
+        progress=progress,
+        log=log,
     )
     results: list[BakeResult] = []
-    parent = Path(out) if out is not None and len(strengths) > 1 and not Path(out).exists() else None
+    parent = out if out is not None and len(strengths) > 1 and not out.exists() else None
     try:
         for lam in strengths:
             results.append(baking.bake_one(job, lam))
@@ -209,28 +192,27 @@ def bake(
             gguf_bake.snapshot_reader(source),
             source.config,
             gguf_out,
-            force=force,
+            force=o.force,
             log=log,
         )
         res.notes += written.notes()
-        if verify:
+        if verify_after:
             held = baking.held_maps(mapset, res.plan)
             res.verification = gguf_bake.verify_gguf(gguf_out, gguf_src, loaded, held, res.strength)
         res.out = gguf_out
         return results
     for res in results:
-        if res.out is not None and verify:
-            res.verification = globals()["verify"](
-                res.out, base=loaded if kind == "llm" else source, log=log, pipe=pipe, progress=progress
-            )
+        if res.out is not None and verify_after:
+            base = loaded if kind == "llm" else source
+            res.verification = verify(res.out, base=base, log=log, pipe=pipe, progress=progress)
             if not res.verification.passed:
                 return results
-    if push_to_hub:
+    if o.push_to_hub:
         from . import hub
 
         for res in results:
-            repo = push_to_hub if len(results) == 1 else hub.strength_repo_id(push_to_hub, res.strength)
-            res.pushed = hub.push(res.out, repo, private=private, verify_required=True, log=log)
+            repo = o.push_to_hub if len(results) == 1 else hub.strength_repo_id(o.push_to_hub, res.strength)
+            res.pushed = hub.push(res.out, repo, private=o.private, verify_required=True, log=log)
     return results
 
 
@@ -264,21 +246,16 @@ def verify(
     *,
     base=None,
     maps: str | Path | MapSet | None = None,
-    strength: float | None = None,
-    tolerance: float | None = None,
-    prompts: list[str] | None = None,
-    placement: Placement | None = None,
-    log=print,
-    runtime: str = "transformers",
-    outtype: str = "f32",
+    options: VerifyOptions = VerifyOptions(),
     progress: bool = True,
+    log=print,
     pipe=None,
-    fresh: bool = True,
 ):
     """The hooked base vs the baked checkpoint reloaded in a fresh process that never imports actmerge
-    (a pipeline: plain diffusers). Missing arguments come from the checkpoint's ``actmerge/`` files;
-    the base is loaded with the bake's recorded revision (or reused when ``base`` is a loaded model).
-    ``runtime="llama.cpp"``: GGUF round trips of the baked checkpoint and of the unbaked base."""
+    (a pipeline: plain diffusers). Missing arguments (``base``, ``maps``, ``options.strength``) come
+    from the checkpoint's ``actmerge/`` files; the base is loaded with the bake's recorded revision (or
+    reused when ``base`` is a loaded model). ``options.runtime="llama.cpp"``: GGUF round trips of the
+    baked checkpoint and of the unbaked base."""
     from .verify import verify_checkpoint
 
     checkpoint = Path(checkpoint)
@@ -293,11 +270,13 @@ def verify(
             raise ActmergeError(
                 f"{checkpoint} has no actmerge/{MAPS_FILE}: pass --maps (and --base, --strength)."
             )
+    strength = options.strength
     if strength is None:
         strength = info.strength if info else _need("--strength")
     # any λ a bake may have used (an extrapolated one too), and no other
     strength = strength_rules.one(strength, allow_extrapolation=True)
     mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
+    prompts = list(options.prompts) if options.prompts is not None else None
     kind = info.kind if info else ("pipeline" if (checkpoint / "model_index.json").is_file() else "llm")
     if kind == "pipeline":
         from .diffusion.verify import verify_pipeline
@@ -310,25 +289,25 @@ def verify(
             base=pipeline_source(base, info.revision if info else None),
             maps=mapset,
             strength=strength,
-            tolerance=tolerance,
+            tolerance=options.tolerance,
             prompts=prompts,
-            device=(placement or Placement()).device,
+            device=(options.placement or Placement()).device,
             pipe=pipe,
-            fresh=fresh,
+            fresh=options.fresh,
         )
     if base is None:
         base = info.base_model if info else _need("--base")
-    loaded = load(base, revision=info.revision if info else None, placement=placement, log=log)
+    loaded = load(base, revision=info.revision if info else None, placement=options.placement, log=log)
     preflight_maps(mapset, loaded.source, log)
     return verify_checkpoint(
         checkpoint,
         loaded,
         mapset,
         strength,
-        tolerance=tolerance,
+        tolerance=options.tolerance,
         prompts=prompts,
-        runtime=runtime,
-        outtype=outtype,
+        runtime=options.runtime,
+        outtype=options.outtype,
         progress=progress,
         log=log,
     )
@@ -341,41 +320,32 @@ def _need(flag: str):
 def evaluate(
     model,
     *,
-    recipe: str | Path | None = None,
+    recipe: str | Path | Recipe | None = None,
     maps: str | Path | MapSet | None = None,
-    strengths: list[float] = (),
-    baked: list[Path] = (),
-    out: str | Path | None = None,
     config: EvalConfig | None = None,
-    include_base: bool = False,
-    clamped: bool = True,
-    revision: str | None = None,
-    placement: Placement | None = None,
+    options: EvalOptions = EvalOptions(),
     progress: bool = True,
     log=print,
-    lm_eval: list[str] = (),
-    lm_eval_include: str | Path | None = None,
-    lm_eval_limit: int | None = None,
-    allow_extrapolation: bool = False,
-    force: bool = False,
-    **overrides,
 ) -> Report:
     """Sweep hooked strengths and baked checkpoints on identical prompts; write report.json and sweep.png
-    into the report directory ``out`` (``force``: replace an eval or tune report there). ``lm_eval``:
-    lm-evaluation-harness tasks on the base and each baked directory (``lmeval.scores``), into those
-    rows' metrics and the card of each checkpoint actmerge wrote."""
-    from .sweep import plot, run_sweep
+    into the report directory ``options.out`` (``options.force``: replace an eval or tune report
+    there). The evaluation settings: ``config`` as given, or the recipe's under ``options.settings``.
+    ``options.lm_eval``: lm-evaluation-harness tasks on the base and each baked directory
+    (``lmeval.scores``), into those rows' metrics and the card of each checkpoint actmerge wrote."""
+    from .sweep import SweepRows, plot, run_sweep
 
+    o = options
+    baked, out = list(o.baked), o.out
     check_eval_paths(baked, out)  # before any slow load
-    strengths = strength_rules.check(strengths, allow_extrapolation=allow_extrapolation, warn=log)
-    loaded = load(model, revision=revision, placement=placement, log=log)
+    strengths = strength_rules.check(o.strengths, allow_extrapolation=o.allow_extrapolation, warn=log)
+    loaded = load(model, revision=o.revision, placement=o.placement, log=log)
     sources = [loaded.source.path, *baked, *([maps] if isinstance(maps, str | Path) else [])]
     if out is not None:
-        check_output(Path(out), sources, force=force)
+        check_output(out, sources, force=o.force)
     recipe_obj = (
         load_recipe(recipe, log=log) if recipe is not None and not isinstance(recipe, Recipe) else recipe
     )
-    cfg = config or eval_config(recipe_obj, **overrides)
+    cfg = config or eval_config(recipe_obj, o.settings)
     mapset, support = None, None
     if maps is not None:
         mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
@@ -384,28 +354,19 @@ def evaluate(
         fitted = fit(loaded, recipe_obj, progress=progress, log=log)
         mapset = fitted.maps
         # ml-act's clamped variant needs the source support, which only a fresh Linear-AcT fit knows
-        if clamped and recipe_obj.method == "linear_act":
+        if o.clamped and recipe_obj.method == "linear_act":
             support = getattr(fitted.report, "support", None)
     m, tok = loaded.get()
     cfg = chat_prompts(cfg, tok, log)
-    report = run_sweep(
-        m,
-        tok,
-        cfg,
-        maps=mapset,
-        strengths=list(strengths),
-        baked=[Path(b) for b in baked],
-        include_base=include_base,
-        model_name=loaded.source.name,
-        progress=progress,
-        log=log,
-        support=support,
+    rows = SweepRows(
+        maps=mapset, strengths=strengths, baked=baked, include_base=o.include_base, support=support
     )
-    if lm_eval:
+    report = run_sweep(m, tok, cfg, rows, model_name=loaded.source.name, progress=progress, log=log)
+    if o.lm_eval:
         from .lmeval import add_rows
 
         add_rows(
-            report, loaded.source.path, m, list(lm_eval), list(baked), lm_eval_include, lm_eval_limit, log
+            report, loaded.source.path, m, list(o.lm_eval), baked, o.lm_eval_include, o.lm_eval_limit, log
         )
     if out is not None:
 
@@ -413,7 +374,7 @@ def evaluate(
             report.save(tmp / "report.json")
             plot(report, tmp / "sweep.png")
 
-        write_report_dir(Path(out), "eval", write, source=sources, force=force, log=log)
+        write_report_dir(out, "eval", write, source=sources, force=o.force, log=log)
     return report
 
 

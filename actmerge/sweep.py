@@ -174,33 +174,39 @@ def evaluate_model(
     return Row(label, kind, strength, metrics, samples, time.perf_counter() - t0, texts)
 
 
-def run_sweep(
-    model,
-    tok,
-    cfg: EvalConfig,
-    *,
-    maps: MapSet | None = None,
-    strengths: list[float] = (),
-    baked: list[Path] = (),
-    include_base: bool = False,
-    model_name: str = "",
-    progress: bool = True,
-    log=print,
-    support: dict | None = None,
-) -> Report:
-    """Rows: [base], hooked at each strength, each baked directory (loaded by plain transformers).
+@dataclass(frozen=True)
+class SweepRows:
+    """Which rows a sweep measures: the base (``include_base``, or when λ = 0 is not hooked), ``maps``
+    hooked at each of ``strengths`` (with ``support``, site → source (min, max) from a Linear-AcT fit,
+    also ml-act's clamped variant at each: what the paper's hooks do, which no checkpoint can bake,
+    docs/design.md §2), and each ``baked`` directory (loaded by plain transformers)."""
 
-    With ``support`` (site → source (min, max), from a Linear-AcT fit), also ml-act's clamped variant
-    at each strength: what the paper's hooks do, which no checkpoint can bake (docs/design.md §2)."""
+    maps: MapSet | None = None
+    strengths: tuple[float, ...] = ()
+    baked: tuple[Path, ...] = ()
+    include_base: bool = False
+    support: dict | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "strengths", tuple(self.strengths))
+        object.__setattr__(self, "baked", tuple(Path(b) for b in self.baked))
+
+
+def run_sweep(
+    model, tok, cfg: EvalConfig, rows: SweepRows, *, model_name: str = "", progress: bool = True, log=print
+) -> Report:
+    """The ``rows`` on identical prompts under ``cfg``: [base], hooked at each strength, [clamped],
+    each baked directory."""
     from transformers import AutoModelForCausalLM
 
+    maps, strengths, support = rows.maps, list(rows.strengths), rows.support
     if strengths and maps is None:
         raise ActmergeError("hooked strengths need maps (--recipe or --maps).")
     scorer = get_scorer(cfg.scorer) if "toxicity" in cfg.metrics else None
-    rows: list[Row] = []
+    out: list[Row] = []
     reference: list[str] | None = None
     plan: list[tuple[str, str, float | None, object]] = []
-    if include_base or not strengths or 0.0 not in strengths:
+    if rows.include_base or not strengths or 0.0 not in strengths:
         plan.append(("base", "base", 0.0, None))
     plan += [(f"hooked λ={lam:g}", "hooked", lam, lam) for lam in sorted(strengths)]
     if support:
@@ -227,9 +233,9 @@ def run_sweep(
                 row.metrics |= {"kl": 0.0, "first_token_kl": 0.0}  # the base against itself
             else:
                 row.metrics |= drift(model, steered_fn(model, maps, hook_lam, clamp), tok, cfg)
-        rows.append(row)
+        out.append(row)
         log(f"{label}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items()))
-    for path in baked:
+    for path in rows.baked:
         path = Path(path)
         info = read_bake_info(path)
         lam = info.strength if info else None
@@ -248,15 +254,15 @@ def run_sweep(
         )
         if _wants_kl(cfg):
             row.metrics |= drift(model, lambda enc, bm=bm: bm(**enc).logits, tok, cfg)
-        rows.append(row)
+        out.append(row)
         log(f"baked {path.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.metrics.items()))
         del bm
-    ref_ppl = rows[0].metrics.get("perplexity")
-    for r in rows:
+    ref_ppl = out[0].metrics.get("perplexity")
+    for r in out:
         if ref_ppl and "perplexity" in r.metrics:
             r.metrics["perplexity_ratio"] = r.metrics["perplexity"] / ref_ppl
-    add_baselines(rows)
-    return Report(model_name, cfg, rows)
+    add_baselines(out)
+    return Report(model_name, cfg, out)
 
 
 def add_baselines(rows: list[Row]) -> None:

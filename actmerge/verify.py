@@ -292,21 +292,12 @@ def verify_checkpoint(
         raise VerificationError(f"--runtime {runtime!r}: choose transformers or llama.cpp.")
     if runtime == "llama.cpp":
         step(f"verify: loading the base model {loaded.source.name}")
-        model, tok = loaded.get()
+        loaded.get()
         from .llamacpp import verify_llamacpp
 
         step("verify: GGUF round trips of the base and the baked checkpoint (llama.cpp)")
         report = verify_llamacpp(
-            checkpoint,
-            model,
-            loaded.source.path,
-            tok,
-            maps,
-            strength,
-            prompts,
-            outtype=outtype,
-            tolerance=tolerance,
-            log=log,
+            checkpoint, loaded, maps, strength, prompts, outtype=outtype, tolerance=tolerance, log=log
         )
         write_verify_report(checkpoint, report.to_json(), runtime="llama.cpp")
         return report

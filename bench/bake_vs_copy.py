@@ -51,8 +51,7 @@ def main() -> None:
             (res,) = pipeline.bake(
                 loaded,
                 maps=maps,
-                strengths=[args.strength],
-                out=scratch / f"bake{i}",
+                options=pipeline.BakeOptions(strengths=[args.strength], out=scratch / f"bake{i}"),
                 progress=False,
                 log=lambda _: None,
             )

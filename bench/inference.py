@@ -70,8 +70,7 @@ def main() -> None:
         pipeline.bake(
             pipeline.Loaded(src),
             recipe=lab.RECIPES / "detox.yaml",
-            strengths=[1.0],
-            out=baked_dir,
+            options=pipeline.BakeOptions(strengths=[1.0], out=baked_dir),
             progress=False,
             log=lambda *_: None,
         )

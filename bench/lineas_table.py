@@ -23,7 +23,7 @@ from actmerge import pipeline
 from actmerge.hooks import steer
 from actmerge.models import resolve
 from actmerge.recipe import SiteSpec, load_recipe
-from actmerge.sweep import evaluate_model, run_sweep
+from actmerge.sweep import SweepRows, evaluate_model, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,10 +110,12 @@ def main() -> None:
                 )
             for lam in lams:
                 dest = Path(scratch) / recipe.name / str(len(rows))
-                (bake,) = pipeline.bake(loaded, maps=res.maps, strengths=[lam], out=dest, **quiet)
+                (bake,) = pipeline.bake(
+                    loaded, maps=res.maps, options=pipeline.BakeOptions(strengths=[lam], out=dest), **quiet
+                )
                 unchanged = json.loads((dest / "config.json").read_text()) == source.config
                 exact = all(sp.exactness in ("exact", "identity") for sp in bake.plan.sites)
-                rep = run_sweep(model, tok, cfg, baked=[dest], include_base=False, **quiet)
+                rep = run_sweep(model, tok, cfg, SweepRows(baked=[dest], include_base=False), **quiet)
                 row = rep.rows[-1]
                 rows.append(
                     (f"{label}, λ={lam:g}{note}", row, "yes" if (unchanged and exact) else "no", fit_s)

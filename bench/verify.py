@@ -24,6 +24,7 @@ import torch
 
 from actmerge import pipeline
 from actmerge.models import ModelSource, load_model, resolve
+from actmerge.placement import Placement
 from actmerge.verify import DEFAULT_PROMPTS
 
 
@@ -54,11 +55,11 @@ def main() -> None:
             pipeline.bake(
                 pipeline.Loaded(base, args.device),
                 recipe=lab.RECIPES / "detox.yaml",
-                out=baked,
+                options=pipeline.BakeOptions(out=baked),
                 progress=False,
                 log=lambda *_: None,
             )
-        quiet = dict(device=args.device, log=lambda *_: None)
+        quiet = dict(options=pipeline.VerifyOptions(placement=Placement(args.device)), log=lambda *_: None)
         floors, fresh, reuse = [], [], []
         loaded = pipeline.Loaded(base, args.device)
         for _ in range(args.rounds):

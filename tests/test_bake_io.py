@@ -176,7 +176,12 @@ def test_untouched_shards_copied_whole_added_tensors_in_one_shard(tmp_path):
     # a shift at layer 0's attn_in only: q,k,v,o biases of every layer appear (attention_bias)
     maps = random_maps(src.config, ["attn_in"], seed=3)
     maps = type(maps)({k: v for k, v in maps.items() if ".layers.0." in k}, maps.base_model, maps.method)
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "o", verify=False, **QUIET)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        options=pipeline.BakeOptions(out=tmp_path / "o", verify_after=False),
+        **QUIET,
+    )
     added = set(res.plan.new_tensors)
     assert len(added) >= 8
     index = json.loads((res.out / INDEX).read_text())

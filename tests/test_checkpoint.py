@@ -36,7 +36,12 @@ def test_multi_shard_index_and_bytes(sharded, tmp_path):
     maps = random_maps(
         src.config, ["attn_in", "mlp_hidden"], seed=1
     )  # shifts → new q,k,v,o + gate,up,down biases
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "o", **QUIET)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "o"),
+        **QUIET,
+    )
     out = res.out
     index = json.loads((out / INDEX).read_text())
     # every tensor in the index is in the named shard, and every shard tensor is in the index
@@ -88,13 +93,29 @@ def test_refuses_existing_output_and_source_overlap(sharded, tmp_path):
     maps = random_maps(src.config, ["attn_ctx"], seed=2)
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputExistsError, match="--force"):
-        pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "exists", **QUIET)
+        pipeline.bake(
+            pipeline.Loaded(src), maps=maps, options=pipeline.BakeOptions(out=tmp_path / "exists"), **QUIET
+        )
     with pytest.raises(OutputExistsError, match="overlaps"):
-        pipeline.bake(pipeline.Loaded(src), maps=maps, out=sharded / "inside", **QUIET)
+        pipeline.bake(
+            pipeline.Loaded(src), maps=maps, options=pipeline.BakeOptions(out=sharded / "inside"), **QUIET
+        )
     with pytest.raises(OutputExistsError, match="not an actmerge output"):  # --force never deletes user files
-        pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "exists", force=True, **QUIET)
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "baked", **QUIET)
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "baked", force=True, **QUIET)
+        pipeline.bake(
+            pipeline.Loaded(src),
+            maps=maps,
+            options=pipeline.BakeOptions(out=tmp_path / "exists", force=True),
+            **QUIET,
+        )
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src), maps=maps, options=pipeline.BakeOptions(out=tmp_path / "baked"), **QUIET
+    )
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        options=pipeline.BakeOptions(out=tmp_path / "baked", force=True),
+        **QUIET,
+    )
     assert (res.out / "config.json").is_file()
 
 
@@ -112,7 +133,9 @@ def test_interrupt_mid_write_leaves_nothing(sharded, tmp_path, monkeypatch):
 
     monkeypatch.setattr(weights, "write_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "o", **QUIET)
+        pipeline.bake(
+            pipeline.Loaded(src), maps=maps, options=pipeline.BakeOptions(out=tmp_path / "o"), **QUIET
+        )
     assert list(tmp_path.iterdir()) == []  # no output, no temp dir
 
 
@@ -142,7 +165,12 @@ def test_streaming_keeps_one_input_shard_open(sharded, tmp_path, monkeypatch):
             return self.h.get_tensor(name)
 
     monkeypatch.setattr(st_reader, "safe_open", Counting)
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "o", **QUIET)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "o"),
+        **QUIET,
+    )
     assert state["max"] == 1 and state["open"] == 0
     edited_existing = [n for n in res.plan.edited_tensors() if n not in res.plan.new_tensors]
     assert state["tensors"] == len(edited_existing)  # untouched tensors are never loaded

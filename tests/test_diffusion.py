@@ -98,7 +98,11 @@ def test_sd_baked_equals_hooked(sd, tmp_path):
     assert {s.name for s in sites} == set(SD_SITES)
     maps = random_maps(source, sites, seed=1)
     (res,) = pipeline.bake(
-        source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False
+        source,
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "out"),
+        log=lambda *_: None,
+        progress=False,
     )
     assert all(sp.exactness == "exact" for sp in res.plan.sites)
     report = verify_pipeline(res.out, base=source, pipe=pipe)
@@ -126,7 +130,11 @@ def test_lambda_zero_is_bit_identical(sd, tmp_path):
     source, _ = sd
     maps = random_maps(source, _sites(source, SD_SITES), seed=2)
     (res,) = pipeline.bake(
-        source, maps=maps, strengths=[0.0], out=tmp_path / "zero", log=lambda *_: None, progress=False
+        source,
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[0.0], out=tmp_path / "zero"),
+        log=lambda *_: None,
+        progress=False,
     )
     assert all(sp.exactness == "identity" for sp in res.plan.sites)
     src, out = _files(source.path), _files(res.out)
@@ -141,7 +149,11 @@ def test_pixart_t5_shift_folds_into_caption_projection(pixart, tmp_path):
     maps = random_maps(source, dit + t5_final, seed=3)  # dit_text_in first: ops compose in forward order
     maps.maps.update(random_maps(source, t5_inner, seed=4, shifts=False).maps)  # T5 has no biases
     (res,) = pipeline.bake(
-        source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False
+        source,
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "out"),
+        log=lambda *_: None,
+        progress=False,
     )
     final_row = next(sp for sp in res.plan.sites if sp.site.name == "text_final")
     assert final_row.shift_into == ["transformer/caption_projection.linear_1.bias"]
@@ -161,11 +173,18 @@ def test_t5_shift_without_bias_is_refused(pixart, tmp_path):
     maps = random_maps(source, resolve(source, "text_attn_in", None), seed=5)
     with pytest.raises(NotFoldableError, match="no bias"):
         pipeline.bake(
-            source, maps=maps, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False
+            source,
+            maps=maps,
+            options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "out"),
+            log=lambda *_: None,
+            progress=False,
         )
     assert not (tmp_path / "out").exists()
     (res,) = pipeline.bake(
-        source, maps=maps, strengths=[1.0], dry_run=True, shift_policy="drop", log=lambda *_: None
+        source,
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], dry_run=True, shift_policy="drop"),
+        log=lambda *_: None,
     )
     assert {sp.exactness for sp in res.plan.sites} == {"scale only (shift dropped)"}
 

@@ -186,7 +186,11 @@ def test_every_site_baked_equals_hooked(row, tmp_path):
                 maps.update(random_maps(source, [site], seed=len(maps), shifts=shifts).maps)
     mapset = MapSet(maps)
     (res,) = pipeline.bake(
-        source, maps=mapset, strengths=[1.0], out=tmp_path / "out", log=lambda *_: None, progress=False
+        source,
+        maps=mapset,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "out"),
+        log=lambda *_: None,
+        progress=False,
     )
     assert all(sp.exactness == "exact" for sp in res.plan.sites)
     baked = {c: _load(tmp_path / "out" / c, m) for c, m in models.items()}
@@ -226,11 +230,18 @@ def test_sd3_t5_shift_is_refused_with_the_reason(tmp_path):
     site = resolve(source, "text_encoder_3/text_final", None)
     with pytest.raises(NotFoldableError, match="concatenates the CLIP and T5"):
         pipeline.bake(
-            source, maps=random_maps(source, site), dry_run=True, log=lambda *_: None, progress=False
+            source,
+            maps=random_maps(source, site),
+            options=pipeline.BakeOptions(dry_run=True),
+            log=lambda *_: None,
+            progress=False,
         )
     # scale-only maps there fold (into the RMSNorm gain)
     (res,) = pipeline.bake(
-        source, maps=random_maps(source, site, shifts=False), dry_run=True, log=lambda *_: None
+        source,
+        maps=random_maps(source, site, shifts=False),
+        options=pipeline.BakeOptions(dry_run=True),
+        log=lambda *_: None,
     )
     assert res.plan.sites[0].scale_into == ["encoder.final_layer_norm.weight"]
 
@@ -241,7 +252,13 @@ def test_per_pixel_and_spatial_mean_maps_are_refused(tmp_path):
     (site,) = resolve(source, "unet_resnet_norm1", "0")
     per_pixel = MapSet({site.key: AffineMap(torch.full((8 * 8 * 8,), 1.1), torch.zeros(8 * 8 * 8))})
     with pytest.raises(NotFoldableError, match="per-pixel map"):
-        pipeline.bake(source, maps=per_pixel, dry_run=True, log=lambda *_: None, progress=False)
+        pipeline.bake(
+            source,
+            maps=per_pixel,
+            options=pipeline.BakeOptions(dry_run=True),
+            log=lambda *_: None,
+            progress=False,
+        )
     (tmp_path / "s.txt").write_text("a\nb\n")
     for mode in ("per_pixel", "spatial_mean"):
         r = DiffusionRecipe(
@@ -260,7 +277,9 @@ def test_unknown_component_class_is_refused(tmp_path):
     source = resolve_pipeline(tmp_path / "pipe")
     maps = MapSet({"vae/encoder.conv_norm_out:output": AffineMap(torch.ones(16) * 2, torch.zeros(16))})
     with pytest.raises(UnknownArchitectureError, match="AutoencoderKL, which has no row"):
-        pipeline.bake(source, maps=maps, dry_run=True, log=lambda *_: None, progress=False)
+        pipeline.bake(
+            source, maps=maps, options=pipeline.BakeOptions(dry_run=True), log=lambda *_: None, progress=False
+        )
 
 
 def test_recipe_refuses_lineas_and_unknown_keys(tmp_path):

@@ -20,8 +20,7 @@ def test_detox_sweep(loaded, tmp_path):
     rep = pipeline.evaluate(
         loaded,
         recipe="detox-act",  # Linear-AcT: its fit also gives ml-act's clamped row
-        strengths=[0.0, 1.0],
-        out=tmp_path / "rep",
+        options=pipeline.EvalOptions(strengths=[0.0, 1.0], out=tmp_path / "rep"),
         progress=False,
         log=lambda *_: None,
     )
@@ -48,8 +47,7 @@ def test_concept_presence_rises_with_strength(loaded, tmp_path):
     rep = pipeline.evaluate(
         loaded,
         recipe="football",
-        strengths=[0.0, 0.5, 1.0],
-        out=tmp_path / "rep",
+        options=pipeline.EvalOptions(strengths=[0.0, 0.5, 1.0], out=tmp_path / "rep"),
         progress=False,
         log=lambda *_: None,
     )

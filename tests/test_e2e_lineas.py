@@ -23,7 +23,11 @@ def test_lineas_fold_aware_bake(tmp_path):
     assert len(rep.frozen) == len(res.maps.maps) == 54
     assert all(float(m.beta.abs().max()) == 0.0 for m in res.maps.maps.values())
     (bake,) = pipeline.bake(
-        loaded, maps=res.maps, strengths=[1.0], out=tmp_path / "o", progress=False, log=lambda *_: None
+        loaded,
+        maps=res.maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "o"),
+        progress=False,
+        log=lambda *_: None,
     )
     assert json.loads((tmp_path / "o" / "config.json").read_text()) == loaded.source.config
     assert {sp.exactness for sp in bake.plan.sites} <= {"exact", "identity"}

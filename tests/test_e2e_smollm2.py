@@ -116,7 +116,9 @@ def test_detox_lineas_short_fit_llama_row(tmp_path, base_scores):
     2026-11-26: 22.7 % → 3.9 % (5.9×) at ×1.058)."""
     base, tok = base_scores
     out = tmp_path / "smollm2-lineas"
-    pipeline.bake("smollm2-135m", recipe=RECIPES / "detox-lineas.yaml", out=out, **QUIET)
+    pipeline.bake(
+        "smollm2-135m", recipe=RECIPES / "detox-lineas.yaml", options=pipeline.BakeOptions(out=out), **QUIET
+    )
     bake = json.loads((out / "actmerge" / "bake.json").read_text())
     assert bake["config_patch"] == {} and bake["strength"] == 0.8
     assert {r["exactness"] for r in bake["fold"]} == {"exact"}
@@ -140,14 +142,16 @@ def test_tied_embedding_guard_on_the_real_model(tmp_path):
     # a maps file that asks for the LM head itself is refused before any tensor is touched
     maps = MapSet({"lm_head:input": AffineMap(torch.ones(576), torch.zeros(576))})
     with pytest.raises(MapsMismatchError, match="not a site actmerge knows how to fold"):
-        pipeline.bake("smollm2-135m", maps=maps, out=tmp_path / "o", **QUIET)
+        pipeline.bake("smollm2-135m", maps=maps, options=pipeline.BakeOptions(out=tmp_path / "o"), **QUIET)
     assert not (tmp_path / "o").exists()
 
 
 def test_chat_mode_eval_row():
     recipe = load_recipe(RECIPES / "football.yaml")
     prompts = read_sentences(RECIPES / "data" / "concept" / "chat_eval_prompts.txt")[:4]
-    cfg = pipeline.eval_config(recipe, prompts=prompts, metrics=["concept"], max_new_tokens=12, chat=True)
+    cfg = pipeline.eval_config(
+        recipe, pipeline.EvalOverrides(prompts=prompts, metrics=["concept"], max_new_tokens=12, chat=True)
+    )
     report = pipeline.evaluate("smollm2-135m", config=cfg, **QUIET)
     assert report.config.chat == "on" and report.to_dict()["settings"]["chat"] == "on"
     assert all(
@@ -171,20 +175,27 @@ def test_football_bias_flags_llamacpp_roundtrip_and_chat_steering(tmp_path):
     at ×1.293)."""
     out = tmp_path / "smollm2-football"
     (res,) = pipeline.bake(
-        "smollm2-135m", recipe=RECIPES / "football.yaml", out=out, targets=["llama.cpp"], **QUIET
+        "smollm2-135m",
+        recipe=RECIPES / "football.yaml",
+        options=pipeline.BakeOptions(out=out, targets=["llama.cpp"]),
+        **QUIET,
     )
     config = json.loads((out / "config.json").read_text())
     assert config["attention_bias"] is True and res.plan.config_patch == {"attention_bias": True}
     prompts = read_sentences(RECIPES / "data" / "detox" / "eval_prompts.txt")[:20]
-    rep = pipeline.verify(out, runtime="llama.cpp", prompts=prompts, log=lambda *_: None)
+    rep = pipeline.verify(
+        out, options=pipeline.VerifyOptions(runtime="llama.cpp", prompts=prompts), log=lambda *_: None
+    )
     print(rep.to_json())
     assert rep.base.greedy_agreement >= 0.95, rep.base
     assert rep.baked.greedy_agreement >= 0.95, rep.baked
     assert rep.passed and rep.baked.argmax_agreement >= 0.98
     recipe = load_recipe(RECIPES / "football.yaml")
     requests = read_sentences(RECIPES / "data" / "concept" / "chat_eval_prompts.txt")
-    cfg = pipeline.eval_config(recipe, prompts=requests, metrics=["concept", "perplexity"], chat=True)
-    report = pipeline.evaluate("smollm2-135m", baked=[out], config=cfg, **QUIET)
+    cfg = pipeline.eval_config(
+        recipe, pipeline.EvalOverrides(prompts=requests, metrics=["concept", "perplexity"], chat=True)
+    )
+    report = pipeline.evaluate("smollm2-135m", config=cfg, options=pipeline.EvalOptions(baked=[out]), **QUIET)
     base, steered = (row.metrics for row in report.rows)
     print(base, steered)
     assert steered["concept_presence"] >= max(0.30, 3 * base["concept_presence"])

@@ -52,7 +52,12 @@ def test_weight_and_bias_in_different_shards(tmp_path, model_type, sites):
     src = ModelSource("pico", base)
     maps = random_maps(src.config, sites, seed=7)
     assert any(m.beta.abs().max() > 0 for m in maps.maps.values())  # shifts reach the separate biases
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=maps, strengths=[1.0], out=tmp_path / "o", **QUIET)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "o"),
+        **QUIET,
+    )
     index = json.loads((res.out / "model.safetensors.index.json").read_text())
     seen: dict[str, list[str]] = {}
     total = 0
@@ -115,7 +120,10 @@ def test_bake_verify_reuses_the_loaded_model_and_placement(tmp_path, monkeypatch
     placement = Placement("cpu", max_memory="cpu=1GiB")
     loaded = pipeline.Loaded(src, placement)
     (res,) = pipeline.bake(
-        loaded, maps=random_maps(src.config, ["attn_ctx"]), out=tmp_path / "o", verify=True, **QUIET
+        loaded,
+        maps=random_maps(src.config, ["attn_ctx"]),
+        options=pipeline.BakeOptions(out=tmp_path / "o", verify_after=True),
+        **QUIET,
     )
     assert res.verification.passed
     assert calls == [(src.path, placement)]  # one load, with the bake's placement
@@ -151,7 +159,10 @@ def test_bake_eval_writes_nothing_after_the_rename(tmp_path, monkeypatch):
 
     monkeypatch.setattr(output, "_swap_in", recording)
     (res,) = pipeline.bake(
-        pipeline.Loaded(src), recipe=root / "r.yaml", out=tmp_path / "o", evaluate_after=True, **QUIET
+        pipeline.Loaded(src),
+        recipe=root / "r.yaml",
+        options=pipeline.BakeOptions(out=tmp_path / "o", evaluate_after=True),
+        **QUIET,
     )
     after = sorted(p.relative_to(res.out).as_posix() for p in res.out.rglob("*"))
     assert after == snapshots["at_rename"]
@@ -164,7 +175,10 @@ def test_verify_tolerance_ignores_non_float_tensors(tmp_path):
 
     src = ModelSource("pico", make_pico("llama", tmp_path / "pico"))
     (res,) = pipeline.bake(
-        pipeline.Loaded(src), maps=random_maps(src.config, ["attn_ctx"]), out=tmp_path / "o", **QUIET
+        pipeline.Loaded(src),
+        maps=random_maps(src.config, ["attn_ctx"]),
+        options=pipeline.BakeOptions(out=tmp_path / "o"),
+        **QUIET,
     )
     state = load_file(str(res.out / "model.safetensors"))
     state["extra.counter"] = torch.arange(4, dtype=torch.int64)  # ignored by transformers

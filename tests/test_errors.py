@@ -31,12 +31,16 @@ def test_maps_from_another_model(pico, tmp_path):
     src = ModelSource("pico", pico)
     bad = MapSet({"model.layers.7.self_attn.o_proj:input": AffineMap(torch.ones(32) * 2, torch.zeros(32))})
     with pytest.raises(MapsMismatchError, match="do not match"):
-        pipeline.bake(pipeline.Loaded(src), maps=bad, out=tmp_path / "o", **QUIET)
+        pipeline.bake(
+            pipeline.Loaded(src), maps=bad, options=pipeline.BakeOptions(out=tmp_path / "o"), **QUIET
+        )
     wrong_dim = MapSet(
         {"model.layers.0.self_attn.o_proj:input": AffineMap(torch.ones(7) * 2, torch.zeros(7))}
     )
     with pytest.raises(MapsMismatchError, match="dim"):
-        pipeline.bake(pipeline.Loaded(src), maps=wrong_dim, out=tmp_path / "o2", **QUIET)
+        pipeline.bake(
+            pipeline.Loaded(src), maps=wrong_dim, options=pipeline.BakeOptions(out=tmp_path / "o2"), **QUIET
+        )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 
@@ -53,7 +57,9 @@ def test_nonfinite_maps_refused(pico, tmp_path):
     maps = random_maps(src.config, ["attn_ctx"])
     next(iter(maps.maps.values())).omega[0] = float("inf")
     with pytest.raises(Exception, match="NaN/Inf"):
-        pipeline.bake(pipeline.Loaded(src), maps=maps, out=tmp_path / "o", **QUIET)
+        pipeline.bake(
+            pipeline.Loaded(src), maps=maps, options=pipeline.BakeOptions(out=tmp_path / "o"), **QUIET
+        )
     assert not (tmp_path / "o").exists()
 
 

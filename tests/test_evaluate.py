@@ -11,7 +11,7 @@ from transformers import TopPLogitsWarper
 from actmerge import pipeline
 from actmerge.evaluate import FastTopP, concept_presence, perplexity, profanity_scorer
 from actmerge.models import ModelSource
-from actmerge.sweep import EvalConfig, markdown_table, plot, run_sweep
+from actmerge.sweep import EvalConfig, SweepRows, markdown_table, plot, run_sweep
 
 from .common import VOCAB, char_tokenizer, load, make_pico, random_maps
 
@@ -65,8 +65,7 @@ def test_sweep_report_and_plot(pico, tmp_path):
     (res,) = pipeline.bake(
         pipeline.Loaded(src),
         maps=maps,
-        strengths=[1.0],
-        out=tmp_path / "b",
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "b"),
         progress=False,
         log=lambda *_: None,
     )
@@ -82,10 +81,7 @@ def test_sweep_report_and_plot(pico, tmp_path):
         model,
         tok,
         cfg,
-        maps=maps,
-        strengths=[0.0, 0.5, 1.0],
-        baked=[res.out],
-        include_base=True,
+        SweepRows(maps=maps, strengths=[0.0, 0.5, 1.0], baked=[res.out], include_base=True),
         model_name="pico",
         progress=False,
         log=lambda *_: None,
@@ -198,9 +194,7 @@ def test_sweep_adds_clamped_rows_from_a_linear_act_fit(pico, tmp_path):
         model,
         tok,
         cfg,
-        maps=MapSet(maps),
-        strengths=[0.0, 1.0],
-        support=report.support,
+        SweepRows(maps=MapSet(maps), strengths=[0.0, 1.0], support=report.support),
         progress=False,
         log=lambda *_: None,
     )

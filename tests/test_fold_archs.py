@@ -44,8 +44,7 @@ def test_baked_equals_hooked(picos, tmp_path, model_type, site):
             (res,) = pipeline.bake(
                 pipeline.Loaded(src),
                 maps=maps,
-                strengths=[lam],
-                out=tmp_path / f"out-{lam}",
+                options=pipeline.BakeOptions(strengths=[lam], out=tmp_path / f"out-{lam}"),
                 progress=False,
                 log=lambda *_: None,
             )
@@ -72,8 +71,7 @@ def test_all_sites_together_and_lambda_zero_bit_identical(picos, tmp_path, model
     (res,) = pipeline.bake(
         pipeline.Loaded(src),
         maps=maps,
-        strengths=[0.0],
-        out=tmp_path / "zero",
+        options=pipeline.BakeOptions(strengths=[0.0], out=tmp_path / "zero"),
         progress=False,
         log=lambda *_: None,
     )
@@ -83,8 +81,7 @@ def test_all_sites_together_and_lambda_zero_bit_identical(picos, tmp_path, model
     (res,) = pipeline.bake(
         pipeline.Loaded(src),
         maps=maps,
-        strengths=[1.0],
-        out=tmp_path / "one",
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "one"),
         progress=False,
         log=lambda *_: None,
     )
@@ -115,8 +112,7 @@ def test_unfoldable_shift_refused_then_dropped(picos, tmp_path, model_type, site
         pipeline.bake(
             pipeline.Loaded(src),
             maps=maps,
-            strengths=[1.0],
-            out=tmp_path / "x",
+            options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "x"),
             progress=False,
             log=lambda *_: None,
         )
@@ -124,9 +120,7 @@ def test_unfoldable_shift_refused_then_dropped(picos, tmp_path, model_type, site
     (res,) = pipeline.bake(
         pipeline.Loaded(src),
         maps=maps,
-        strengths=[1.0],
-        out=tmp_path / "drop",
-        shift_policy="drop",
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "drop", shift_policy="drop"),
         progress=False,
         log=lambda *_: None,
     )
@@ -146,18 +140,14 @@ def test_target_restricts_plan(picos, tmp_path):
         pipeline.bake(
             pipeline.Loaded(src),
             maps=maps,
-            strengths=[1.0],
-            targets=["vllm"],
-            dry_run=True,
+            options=pipeline.BakeOptions(strengths=[1.0], targets=["vllm"], dry_run=True),
             progress=False,
             log=lambda *_: None,
         )
     (res,) = pipeline.bake(
         pipeline.Loaded(src),
         maps=maps,
-        strengths=[1.0],
-        targets=["transformers"],
-        dry_run=True,
+        options=pipeline.BakeOptions(strengths=[1.0], targets=["transformers"], dry_run=True),
         progress=False,
         log=lambda *_: None,
     )
@@ -166,9 +156,7 @@ def test_target_restricts_plan(picos, tmp_path):
     (res,) = pipeline.bake(
         pipeline.Loaded(src),
         maps=maps,
-        strengths=[1.0],
-        targets=["vllm", "llama.cpp"],
-        dry_run=True,
+        options=pipeline.BakeOptions(strengths=[1.0], targets=["vllm", "llama.cpp"], dry_run=True),
         progress=False,
         log=lambda *_: None,
     )

@@ -75,7 +75,10 @@ def test_gguf_bake_keeps_types_bytes_metadata(tmp_path, model_type, sites, shift
     maps = norm_maps(config, sites, shift_sites)
     out = tmp_path / "out.gguf"
     (res,) = pipeline.bake(
-        str(src), maps=maps, strengths=[1.0], out=out, targets=["gguf"], verify=True, **QUIET
+        str(src),
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=out, targets=["gguf"], verify_after=True),
+        **QUIET,
     )
     kv0, t0 = read(src)
     kv1, t1 = read(out)
@@ -115,19 +118,26 @@ def test_gguf_bake_requantises_q8_0_and_refuses_what_llamacpp_does_not_load(tmp_
         pipeline.bake(
             str(src),
             maps=random_maps(config, ["attn_ctx"], seed=5),
-            strengths=[1.0],
-            out=tmp_path / "x.gguf",
+            options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "x.gguf"),
             **QUIET,
         )
     # --target gguf refuses a scale that would edit the quantised o_proj
     scale_only = random_maps(config, ["attn_ctx"], shifts=False, seed=5)
     with pytest.raises(NotFoldableError, match="cannot fold exactly into a quantised GGUF"):
         pipeline.bake(
-            str(src), maps=scale_only, strengths=[1.0], out=tmp_path / "y.gguf", targets=["gguf"], **QUIET
+            str(src),
+            maps=scale_only,
+            options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "y.gguf", targets=["gguf"]),
+            **QUIET,
         )
     assert snapshot(tmp_path) == before
     # without the target, o_proj's columns are re-quantised to Q8_0 with the deviation reported
-    (res,) = pipeline.bake(str(src), maps=scale_only, strengths=[1.0], out=tmp_path / "z.gguf", **QUIET)
+    (res,) = pipeline.bake(
+        str(src),
+        maps=scale_only,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "z.gguf"),
+        **QUIET,
+    )
     notes = " ".join(res.notes)
     assert "blk.0.attn_output.weight re-quantised" in notes
     _, t0 = read(src)
@@ -143,7 +153,12 @@ def test_gguf_bake_requantises_q8_0_and_refuses_what_llamacpp_does_not_load(tmp_
     monkeypatch.setattr(gguf.quants, "quantize", no_quant)
     before = snapshot(tmp_path)
     with pytest.raises(NotFoldableError, match="--target gguf"):
-        pipeline.bake(str(src), maps=scale_only, strengths=[1.0], out=tmp_path / "k.gguf", **QUIET)
+        pipeline.bake(
+            str(src),
+            maps=scale_only,
+            options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "k.gguf"),
+            **QUIET,
+        )
     assert snapshot(tmp_path) == before
 
 

@@ -67,7 +67,12 @@ def baked(pico):
     """Baked from the recipe and verified (verify.json passed)."""
     root, model = pico
     loaded = pipeline.Loaded(ModelSource("pico", model))
-    (res,) = pipeline.bake(loaded, recipe=root / "r.yaml", strengths=[1.0], out=root / "out", **QUIET)
+    (res,) = pipeline.bake(
+        loaded,
+        recipe=root / "r.yaml",
+        options=pipeline.BakeOptions(strengths=[1.0], out=root / "out"),
+        **QUIET,
+    )
     assert pipeline.verify(res.out, base=loaded, log=lambda *_: None).passed
     return res.out
 
@@ -195,7 +200,10 @@ def test_upload_plan_from_maps(pico, tmp_path):
     _, model = pico
     src = ModelSource("pico", model)
     (res,) = pipeline.bake(
-        pipeline.Loaded(src), maps=random_maps(src.config), strengths=[1.0], out=tmp_path / "o", **QUIET
+        pipeline.Loaded(src),
+        maps=random_maps(src.config),
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "o"),
+        **QUIET,
     )
     files = hub.upload_plan(res.out)
     assert "actmerge/recipe.yaml" not in files and "actmerge/verify.json" not in files

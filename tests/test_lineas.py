@@ -137,7 +137,12 @@ def test_composed_bake_equals_sequential_hooks(tmp_path):
     a = random_maps(src.config, ["attn_ctx", "mlp_in"], seed=1)
     b = random_maps(src.config, ["attn_ctx", "mlp_hidden"], seed=2)
     composed = pipeline.compose_all([a, b], [1.0, 0.5])
-    (res,) = pipeline.bake(pipeline.Loaded(src), maps=composed, strengths=[1.0], out=tmp_path / "o", **QUIET)
+    (res,) = pipeline.bake(
+        pipeline.Loaded(src),
+        maps=composed,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "o"),
+        **QUIET,
+    )
     base, ids = load(path), random_ids()
     with torch.no_grad():
         with steer(base, a, 1.0), steer(base, b, 0.5):  # b's hooks run after a's at shared sites

@@ -72,7 +72,10 @@ def pico(model_type: str, path: Path) -> Path:
 
 def bake(base: Path, maps: MapSet, out: Path, **kw) -> pipeline.BakeResult:
     (res,) = pipeline.bake(
-        pipeline.Loaded(ModelSource("pico", base)), maps=maps, strengths=[1.0], out=out, **QUIET, **kw
+        pipeline.Loaded(ModelSource("pico", base)),
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=out, **kw),
+        **QUIET,
     )
     return res
 
@@ -263,13 +266,13 @@ def test_gemma_detox_llamacpp_matches_transformers(tmp_path):
     pipeline.bake(
         "gemma-3-270m",
         recipe="detox",
-        strengths=[1.0],
-        out=out,
-        targets=["llama.cpp"],
+        options=pipeline.BakeOptions(strengths=[1.0], out=out, targets=["llama.cpp"]),
         **QUIET,
     )
     prompts = (BUILTIN_DIR / "data" / "detox" / "eval_prompts.txt").read_text().splitlines()[:20]
-    rep = pipeline.verify(out, runtime="llama.cpp", prompts=prompts, log=lambda *_: None)
+    rep = pipeline.verify(
+        out, options=pipeline.VerifyOptions(runtime="llama.cpp", prompts=prompts), log=lambda *_: None
+    )
     print(rep.to_json())
     # the tolerance to beat is the unbaked base's own transformers → llama.cpp round trip
     assert rep.base.greedy_agreement >= 0.95, rep.base

@@ -26,8 +26,7 @@ def test_eval_with_a_local_lm_eval_task(tmp_path, monkeypatch):
     (res,) = pipeline.bake(
         pipeline.Loaded(src),
         maps=random_maps(src.config, ["attn_ctx", "mlp_hidden"], seed=3),
-        strengths=[1.0],
-        out=tmp_path / "baked",
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "baked"),
         progress=False,
         log=lambda *_: None,
     )

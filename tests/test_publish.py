@@ -82,7 +82,10 @@ def verified(tmp_path_factory):
     (root / "r.yaml").write_text(RECIPE)
     loaded = pipeline.Loaded(ModelSource("pico", model))
     (res,) = pipeline.bake(
-        loaded, recipe=root / "r.yaml", strengths=[1.0], out=root / "out", verify=True, **QUIET
+        loaded,
+        recipe=root / "r.yaml",
+        options=pipeline.BakeOptions(strengths=[1.0], out=root / "out", verify_after=True),
+        **QUIET,
     )
     assert res.verification.passed
     return res.out

@@ -23,7 +23,11 @@ def baked(tmp_path_factory):
     maps = random_maps(source.config, ["attn_ctx", "mlp_in", "mlp_hidden"], seed=3)
     loaded = pipeline.Loaded(source, "cpu")
     (res,) = pipeline.bake(
-        loaded, maps=maps, strengths=[1.0], out=root / "out", progress=False, log=lambda *_: None
+        loaded,
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=root / "out"),
+        progress=False,
+        log=lambda *_: None,
     )
     return loaded, res.out
 

@@ -95,32 +95,31 @@ def eval_(
     from ..strength import parse
     from .render import eval_report
 
-    report = pipeline.evaluate(
-        model,
-        recipe=recipe,
-        maps=maps,
+    options = pipeline.EvalOptions(  # every eval flag, mapped onto its field here
         strengths=parse(strengths, what="--strengths") or [],
-        allow_extrapolation=allow_extrapolation,
         baked=baked or [],
         out=output,
+        force=force,
         clamped=clamped,
         revision=revision,
         placement=placement_of(device, device_map, max_memory, offload_folder),
-        log=log,
-        prompts=read_sentences(prompts) if prompts else None,
-        neutral=read_sentences(neutral) if neutral else None,
-        metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
-        scorer=scorer,
-        keywords=read_sentences(keywords) if keywords else None,
-        sample=sample,
-        max_new_tokens=max_new_tokens,
-        limit=limit,
-        seed=seed,
-        chat=chat,
+        settings=pipeline.EvalOverrides(  # after --strengths and the placement, as the flags are checked
+            prompts=read_sentences(prompts) if prompts else None,
+            neutral=read_sentences(neutral) if neutral else None,
+            metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
+            scorer=scorer,
+            keywords=read_sentences(keywords) if keywords else None,
+            max_new_tokens=max_new_tokens,
+            sample=sample,
+            seed=seed,
+            limit=limit,
+            chat=chat,
+        ),
+        allow_extrapolation=allow_extrapolation,
         lm_eval=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else [],
         lm_eval_include=lm_eval_include,
         lm_eval_limit=lm_eval_limit,
-        force=force,
     )
+    report = pipeline.evaluate(model, recipe=recipe, maps=maps, options=options, log=log)
     eval_report(report)
     out.print(f"wrote {output / 'report.json'} and {output / 'sweep.png'}")

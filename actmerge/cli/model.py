@@ -139,28 +139,25 @@ def bake(
     # a budget is checked (finite, > 1 / > 0) whenever one is given, before any load
     given = max_ppl_ratio is not None or max_kl is not None or confidence is not None
     budget = budget_of(max_ppl_ratio, max_kl, confidence) if auto or given else None
-    results = pipeline.bake(
-        model,
-        recipe=recipe or None,
-        maps=maps,
+    options = pipeline.BakeOptions(  # every bake flag, mapped onto its field here
         strengths=None if auto else strength_rules.parse(strength),
         out=output,
+        force=force,
+        dry_run=dry_run,
         targets=target or (),
         shift_policy=shift_policy,
         allow_flags=flags,
-        force=force,
-        dry_run=dry_run,
         revision=revision,
         placement=placement_of(device, device_map, max_memory, offload_folder),
-        log=log,
         evaluate_after=evaluate,
-        as_llama=as_llama,
-        verify=verify,
+        verify_after=verify,
         push_to_hub=push_to_hub,
         private=private,
+        as_llama=as_llama,
         allow_extrapolation=allow_extrapolation,
         tune_budget=budget if auto else None,
     )
+    results = pipeline.bake(model, recipe=recipe or None, maps=maps, options=options, log=log)
     from .render import bake_result
 
     for res in results:
@@ -251,18 +248,14 @@ def verify(
 
     if runtime not in ("transformers", "llama.cpp"):
         raise typer.BadParameter("--runtime must be 'transformers' or 'llama.cpp'.")
-    rep = pipeline.verify(
-        checkpoint,
-        base=base,
-        maps=maps,
+    options = pipeline.VerifyOptions(  # every verify flag, mapped onto its field here
         strength=strength,
         tolerance=tolerance,
         placement=placement_of(device),
-        log=log,
         runtime=runtime,
         outtype=outtype,
-        progress=not as_json,
     )
+    rep = pipeline.verify(checkpoint, base=base, maps=maps, options=options, progress=not as_json, log=log)
     print(rep.to_json()) if as_json else verification(rep)
     if not rep.passed:
         raise typer.Exit(5)
