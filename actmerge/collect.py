@@ -179,6 +179,55 @@ class FitReport:
         return sum(i.degenerate for i in self.per_site.values())
 
 
+@dataclass(frozen=True)
+class CollectOptions:
+    """How sentences become pooled rows: ``batch_size`` sentences a forward, each cut to ``max_tokens``
+    tokens, pooled by ``pooling`` (``skip_special``: special tokens are not pooled)."""
+
+    batch_size: int = 16
+    max_tokens: int = 128
+    pooling: str = "mean"
+    skip_special: bool = False
+
+    def kwargs(self) -> dict:
+        """These settings as ``collect``'s keywords."""
+        return dict(
+            batch_size=self.batch_size,
+            max_tokens=self.max_tokens,
+            pooling=self.pooling,
+            skip_special=self.skip_special,
+        )
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How ``fit`` fits the maps (defaults: ml-act's computation, see estimators.py for the options).
+
+    ``method``: an ``estimators.ESTIMATORS`` name; ``fit_shift``, ``degenerate``, ``sample`` and
+    ``seed`` go to the estimator. ``incremental``: the paper's mode (see ``fit``), with
+    ``incremental_clamp`` and ``incremental_order``. ``top_neurons`` < 1: each map keeps only that
+    fraction of its neurons (``estimators.keep_top``)."""
+
+    method: str = "linear_act"
+    incremental: bool = False
+    fit_shift: bool = True
+    degenerate: str = "skip"
+    sample: str = "balanced"
+    incremental_clamp: bool | None = None
+    incremental_order: str = "modules"
+    top_neurons: float = 1.0
+    seed: int = 0
+
+    def estimator_kwargs(self) -> dict:
+        """The estimator's keywords."""
+        return dict(seed=self.seed, fit_shift=self.fit_shift, degenerate=self.degenerate, sample=self.sample)
+
+    def clamp(self) -> bool:
+        """Whether earlier maps are clamped to their source support in incremental mode (``None``: the
+        reference's per method)."""
+        return (self.method == "linear_act") if self.incremental_clamp is None else self.incremental_clamp
+
+
 def fit(
     model,
     tok,
@@ -186,22 +235,11 @@ def fit(
     source: list[str],
     target: list[str],
     *,
-    method: str = "linear_act",
-    incremental: bool = False,
-    batch_size: int = 16,
-    max_tokens: int = 128,
-    pooling: str = "mean",
-    skip_special: bool = False,
-    fit_shift: bool = True,
-    degenerate: str = "skip",
-    sample: str = "balanced",
-    incremental_clamp: bool | None = None,
-    incremental_order: str = "modules",
-    top_neurons: float = 1.0,
-    seed: int = 0,
+    options: FitOptions = FitOptions(),
+    collection: CollectOptions = CollectOptions(),
     progress: bool = True,
 ) -> tuple[dict[str, AffineMap], FitReport]:
-    """Fit one map per site (defaults: ml-act's computation, see estimators.py for the options).
+    """Fit one map per site as ``options`` say, on activations pooled as ``collection`` says.
 
     Incremental mode (the paper's, ml-act ``learn_intervention_all_incremental``): sites one at a
     time, each fitted on activations computed with every earlier map active at λ = 1, for source and
@@ -212,39 +250,31 @@ def fit(
     unclamped for gaussian_act/mean_act, ``q_all``): earlier maps move only values strictly inside
     their source support. ``top_neurons`` < 1: each map keeps only that fraction of its neurons
     (``estimators.keep_top``); incremental fitting sees the sparsified earlier maps."""
-    estimator = ESTIMATORS[method]
+    ESTIMATORS[options.method]  # an unknown method fails before any forward
     keys = [s.key for s in sites]
     if len(set(keys)) != len(keys):
         raise ActivationError("the same module/side is selected twice; list each site once.")
-    opts = dict(
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        pooling=pooling,
-        skip_special=skip_special,
-        progress=progress and distributed.is_main(),
-    )
-    est = dict(seed=seed, fit_shift=fit_shift, degenerate=degenerate, sample=sample)
-    if not incremental:
+    opts = dict(collection.kwargs(), progress=progress and distributed.is_main())
+    if not options.incremental:
         src = collect_sharded(model, tok, source, keys, desc="source sentences", **opts)
         tgt = collect_sharded(model, tok, target, keys, desc="target sentences", **opts)
         maps: dict[str, AffineMap] = {}
         infos: dict[str, FitInfo] = {}
         support = {}
         for key in keys:
-            maps[key], infos[key], support[key] = _fit_site(estimator, src[key], tgt[key], est, top_neurons)
+            maps[key], infos[key], support[key] = _fit_site(src[key], tgt[key], options)
         return maps, FitReport(infos, support)
-    clamp = (method == "linear_act") if incremental_clamp is None else incremental_clamp
-    order = _incremental_order(model, tok, keys, source, incremental_order, opts)
-    return _fit_incremental(model, tok, order, keys, source, target, estimator, est, top_neurons, clamp, opts)
+    order = _incremental_order(model, tok, keys, source, options.incremental_order, opts)
+    return _fit_incremental(model, tok, order, keys, source, target, options, opts)
 
 
-def _fit_site(estimator, src: torch.Tensor, tgt: torch.Tensor, est: dict, top_neurons: float):
+def _fit_site(src: torch.Tensor, tgt: torch.Tensor, options: FitOptions):
     """Fit one site, keeping the ``top_neurons`` fraction of its neurons; the support is taken from the
     source rows the map is fitted on."""
-    if est["sample"] == "balanced":
-        src, tgt = equal_counts(src, tgt, est["seed"])
-    amap, info = estimator(src, tgt, **est)
-    amap = keep_top(amap, src, top_neurons)
+    if options.sample == "balanced":
+        src, tgt = equal_counts(src, tgt, options.seed)
+    amap, info = ESTIMATORS[options.method](src, tgt, **options.estimator_kwargs())
+    amap = keep_top(amap, src, options.top_neurons)
     return amap, info, (src.min(0).values, src.max(0).values)
 
 
@@ -290,10 +320,11 @@ def _incremental_order(model, tok, keys: list[str], source: list[str], order: st
     return seen
 
 
-def _fit_incremental(model, tok, order, keys, source, target, estimator, est, top_neurons, clamp, opts):
+def _fit_incremental(model, tok, order, keys, source, target, options: FitOptions, opts: dict):
     """One site at a time in ``order``: collect its pooled source and target activations (in
     batches of ``batch_size``) with every map fitted so far active at λ = 1 (clamped to its source
-    support when ``clamp``), fit, move on. Costs one pass over the sentences per site."""
+    support when ``options.clamp()``), fit, move on. Costs one pass over the sentences per site."""
+    clamp = options.clamp()
     maps: dict[str, AffineMap] = {}
     infos: dict[str, FitInfo] = {}
     support: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -306,5 +337,5 @@ def _fit_incremental(model, tok, order, keys, source, target, estimator, est, to
                     stack.enter_context(attach(model, done, fn))
                 src = collect_sharded(model, tok, source, [key], **quiet)[key]
                 tgt = collect_sharded(model, tok, target, [key], **quiet)[key]
-            maps[key], infos[key], support[key] = _fit_site(estimator, src, tgt, est, top_neurons)
+            maps[key], infos[key], support[key] = _fit_site(src, tgt, options)
     return {k: maps[k] for k in keys}, FitReport({k: infos[k] for k in keys}, {k: support[k] for k in keys})

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from . import chat
-from .collect import FitReport
+from .collect import CollectOptions, FitOptions, FitReport
 from .collect import fit as fit_maps
 from .errors import NotFoldableError, PlacementError
 from .fold import FoldOptions
@@ -285,15 +285,21 @@ def fit_sites(
             model, tok, sites, source, target,
             frozen_shift=frozen or {},
             cfg=LineasConfig.from_options(recipe.lineas_for(architecture_for(model.config)), seed=recipe.seed),
-            max_tokens=recipe.max_tokens, pooling=recipe.pooling, skip_special=recipe.skip_special_tokens,
+            collection=CollectOptions(  # the target rows in collect's default batches
+                max_tokens=recipe.max_tokens, pooling=recipe.pooling, skip_special=recipe.skip_special_tokens
+            ),
             progress=progress, log=log,
         )  # fmt: skip
-    return fit_maps(
-        model, tok, sites, source, target,
-        method=recipe.method, incremental=recipe.incremental, batch_size=recipe.batch_size,
-        max_tokens=recipe.max_tokens, pooling=recipe.pooling, skip_special=recipe.skip_special_tokens,
-        fit_shift=recipe.fit_shift, degenerate=recipe.degenerate_neurons, sample=recipe.sample,
+    options = FitOptions(
+        method=recipe.method, incremental=recipe.incremental, fit_shift=recipe.fit_shift,
+        degenerate=recipe.degenerate_neurons, sample=recipe.sample, seed=recipe.seed,
         incremental_clamp=recipe.incremental_clamp, incremental_order=recipe.incremental_order,
-        top_neurons=recipe.top_neurons_for(architecture_for(model.config)), seed=recipe.seed,
-        progress=progress,
+        top_neurons=recipe.top_neurons_for(architecture_for(model.config)),
+    )  # fmt: skip
+    collection = CollectOptions(
+        batch_size=recipe.batch_size, max_tokens=recipe.max_tokens, pooling=recipe.pooling,
+        skip_special=recipe.skip_special_tokens,
+    )  # fmt: skip
+    return fit_maps(
+        model, tok, sites, source, target, options=options, collection=collection, progress=progress
     )  # fmt: skip

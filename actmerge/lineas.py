@@ -35,7 +35,7 @@ import torch
 from rich.progress import Progress
 
 from . import distributed
-from .collect import Batch, batches, collect_sharded
+from .collect import Batch, CollectOptions, batches, collect_sharded
 from .errors import ActivationError, PlacementError
 from .hooks import Pooler, attach
 from .maps import AffineMap
@@ -156,14 +156,14 @@ def fit_lineas(
     *,
     frozen_shift: dict[str, str],
     cfg: LineasConfig = LineasConfig(),
-    max_tokens: int = 128,
-    pooling: str = "mean",
-    skip_special: bool = False,
+    collection: CollectOptions = CollectOptions(),
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, AffineMap], LineasReport]:
     """Learn ω, β at ``sites`` end to end. ``frozen_shift``: site key → reason its β stays 0.
     ``target``: target sentences, or their pooled activations ``{key: [M, D]}`` collected already.
+    ``collection``: how sentences are cut and pooled (its ``batch_size``: that of collecting the target
+    rows; a step takes ``cfg.batch`` source sentences).
 
     A step is one forward + backward of the steered batch and little else: the source sentences are
     tokenised once (a step selects rows), the forward runs without a KV cache and stops after the
@@ -193,9 +193,7 @@ def fit_lineas(
             tok,
             target,
             keys,
-            max_tokens=max_tokens,
-            pooling=pooling,
-            skip_special=skip_special,
+            **collection.kwargs(),
             desc="target activations",
             progress=progress,
         )
@@ -221,8 +219,8 @@ def fit_lineas(
     loss_of = _Loss(
         tgt, keys, cfg.loss_norm, n_source=min(cfg.batch, len(source)), fixed=n_target <= cfg.batch
     )
-    src = _Tokenised(tok, source, max_tokens, skip_special, device)
-    pooler = Pooler(pooling)
+    src = _Tokenised(tok, source, collection.max_tokens, collection.skip_special, device)
+    pooler = Pooler(collection.pooling)
     pooled: dict[str, torch.Tensor] = {}
     order: list[str] = []  # the sites in the order the first forward reached them
     first = True

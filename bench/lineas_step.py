@@ -29,7 +29,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from actmerge import pipeline
-from actmerge.collect import batches, collect
+from actmerge.collect import CollectOptions, batches, collect
 from actmerge.hooks import attach
 from actmerge.lineas import LineasConfig, fit_lineas
 from actmerge.models import resolve
@@ -121,8 +121,8 @@ def main() -> None:
         for name, fit in fits.items():
             stamps.clear()
             fit(
-                model, tok, sites, source, target, frozen_shift=frozen, cfg=cfg, pooling=recipe.pooling,
-                progress=False, log=lambda *_: None, **kw,
+                model, tok, sites, source, target, frozen_shift=frozen, cfg=cfg,
+                collection=CollectOptions(pooling=recipe.pooling, **kw), progress=False, log=lambda *_: None,
             )  # fmt: skip
             steps[name] += [t1 - t0 for t0, t1 in zip(stamps, stamps[1:], strict=False)]
         plains += [plain_step(model, b.inputs, last) for _ in range(args.steps)]

@@ -90,7 +90,7 @@ def main() -> None:
     import sys
 
     if "--incremental" in sys.argv:
-        from actmerge.collect import fit
+        from actmerge.collect import FitOptions, fit
 
         P, M = ["attn_post"], ["mlp_post"]
         for label, parts in (
@@ -103,7 +103,10 @@ def main() -> None:
             for names, layers in parts:
                 chosen += resolve_sites(arch, config, names, layers)
             chosen = sorted({s.key: s for s in chosen}.values(), key=lambda s: s.order)
-            maps, _ = fit(model, tok, chosen, toxic, clean, incremental=True, fit_shift=False, progress=False)
+            maps, _ = fit(
+                model, tok, chosen, toxic, clean, options=FitOptions(incremental=True, fit_shift=False),
+                progress=False,
+            )  # fmt: skip
             for lam in (1.0,):
                 with steer(model, MapSet(maps), lam):
                     tox = toxicity(model, tok, prompts, scorer, progress=False)

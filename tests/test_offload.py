@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from actmerge import pipeline
 from actmerge.cli import app
-from actmerge.collect import collect, fit
+from actmerge.collect import FitOptions, collect, fit
 from actmerge.errors import PlacementError
 from actmerge.maps import MapSet
 from actmerge.models import ModelSource, load_model
@@ -59,9 +59,23 @@ def test_offloaded_collection_equals_in_memory(pico, tmp_path):
             assert (a[k] - b[k]).abs().max() <= 1e-5, k
     for incremental in (False, True):
         m1, _ = fit(
-            plain, tok, sites, SENTENCES[:12], SENTENCES[12:], incremental=incremental, progress=False
+            plain,
+            tok,
+            sites,
+            SENTENCES[:12],
+            SENTENCES[12:],
+            options=FitOptions(incremental=incremental),
+            progress=False,
         )
-        m2, _ = fit(off, tok, sites, SENTENCES[:12], SENTENCES[12:], incremental=incremental, progress=False)
+        m2, _ = fit(
+            off,
+            tok,
+            sites,
+            SENTENCES[:12],
+            SENTENCES[12:],
+            options=FitOptions(incremental=incremental),
+            progress=False,
+        )
         for k in keys:
             assert (m1[k].omega - m2[k].omega).abs().max() <= 1e-5, (incremental, k)
             assert (m1[k].beta - m2[k].beta).abs().max() <= 1e-5, (incremental, k)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from actmerge.collect import _incremental_order, batches, collect, fit
+from actmerge.collect import CollectOptions, FitOptions, _incremental_order, batches, collect, fit
 from actmerge.estimators import equal_counts, gaussian_act, linear_act, mean_act
 from actmerge.hooks import split_key
 from actmerge.lineas import LineasConfig, fit_lineas, prox_
@@ -251,7 +251,7 @@ def test_support_comes_from_the_balanced_subset(pico):
         lo, hi = report.support[s.key]
         assert torch.equal(lo, xb.min(0).values) and torch.equal(hi, xb.max(0).values)
         assert not torch.equal(lo, xs[s.key].min(0).values)  # all 18 rows would give a wider support
-    _, report_all = fit(model, tok, sites, src, tgt, sample="all", progress=False)
+    _, report_all = fit(model, tok, sites, src, tgt, options=FitOptions(sample="all"), progress=False)
     for s in sites:
         assert torch.equal(report_all.support[s.key][0], xs[s.key].min(0).values)
 
@@ -329,7 +329,16 @@ def test_incremental_matches_the_reference_clamped_loop_in_batches(pico):
         lambda _m, _a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True
     )
     try:
-        maps, report = fit(model, tok, sites, SRC, TGT, incremental=True, batch_size=4, progress=False)
+        maps, report = fit(
+            model,
+            tok,
+            sites,
+            SRC,
+            TGT,
+            options=FitOptions(incremental=True),
+            collection=CollectOptions(batch_size=4),
+            progress=False,
+        )
     finally:
         probe.remove()
     assert max(sizes) == 4  # batch_size is respected (18 sentences → 4, 4, 4, 4, 2 per site and side)
@@ -343,7 +352,15 @@ def test_incremental_matches_the_reference_clamped_loop_in_batches(pico):
             report.support[k][0], ref[k][2], atol=1e-5
         )
     # actmerge's former variant (earlier maps unclamped while fitting) gives other later maps
-    loose, _ = fit(model, tok, sites, SRC, TGT, incremental=True, incremental_clamp=False, progress=False)
+    loose, _ = fit(
+        model,
+        tok,
+        sites,
+        SRC,
+        TGT,
+        options=FitOptions(incremental=True, incremental_clamp=False),
+        progress=False,
+    )
     first = min(keys, key=lambda k: list(ref).index(k))
     assert torch.allclose(loose[first].omega, maps[first].omega)
     diff = max(float((loose[k].omega - maps[k].omega).abs().max()) for k in keys)
