@@ -1,10 +1,10 @@
 """The verbs' options as frozen values: one per verb (``BakeOptions``, ``VerifyOptions``,
-``EvalOptions``), built once — by the CLI from its flags, or by keywords in a notebook — and passed to
+``EvalOptions``, ``TuneOptions``), built once — by the CLI from its flags, or by keywords in a notebook — and passed to
 the verb whole. Every field has a default, so ``BakeOptions(strengths=[1.0], out="out/x")`` is a
 complete bake. The model, the recipe or maps, ``log`` and ``progress`` stay the verb's own arguments:
 what is baked and how the verb reports, not how.
 
-A low floor: it imports only the fold and placement types, so every module above can take these."""
+A low floor: it imports only the budget, fold and placement types, so every module above can take these."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .budget import Budget
 from .fold import FoldOptions
 from .placement import Placement
 
@@ -137,3 +138,26 @@ class EvalOptions:
         object.__setattr__(self, "out", _path(self.out))
         object.__setattr__(self, "lm_eval", tuple(self.lm_eval))
         object.__setattr__(self, "lm_eval_include", _path(self.lm_eval_include))
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """How ``tune.tune`` searches. ``budget``: the cost allowed (``None``: ``Budget()``); the grid runs
+    up to ``max_strength`` in steps of ``step``, then bisection to ``tol`` (``tune.check_search`` bounds
+    them; beyond λ = 4 only with ``allow_extrapolation``). ``curve``: the behaviour at every grid point
+    (``False``: only at λ = 0 and the choice). ``out``: the report directory (tune.json, tune.png;
+    ``None``: none; ``force``: replace an eval or tune report there). ``record``: remember the choice for
+    ``bake --strength auto``."""
+
+    budget: Budget | None = None
+    max_strength: float = 2.0
+    step: float = 0.25
+    tol: float = 0.02
+    allow_extrapolation: bool = False
+    curve: bool = True
+    out: Path | None = None
+    force: bool = False
+    record: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", _path(self.out))

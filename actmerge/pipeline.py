@@ -33,7 +33,7 @@ from .io.output import check_free_space, check_output, write_report_dir
 from .io.provenance import MAPS_FILE, read_bake_info
 from .maps import MapSet
 from .models import resolve
-from .options import BakeOptions, EvalOptions, EvalOverrides, VerifyOptions  # noqa: F401  (library API)
+from .options import BakeOptions, EvalOptions, EvalOverrides, TuneOptions, VerifyOptions  # noqa: F401  (library API)
 from .placement import Placement
 from .recipe import Recipe, load_recipe
 from .sites import architecture_for
@@ -156,7 +156,14 @@ def bake(
     if o.tune_budget is not None and not tuned:  # nothing recorded: tune the fitted maps now
         from .tune import tune
 
-        rec = tune(loaded, recipe_objs[0], maps=mapset, budget=o.tune_budget, progress=progress, log=log)
+        rec = tune(
+            loaded,
+            recipe_objs[0],
+            maps=mapset,
+            options=TuneOptions(budget=o.tune_budget),
+            progress=progress,
+            log=log,
+        )
         tuned = strength_rules.from_record(
             rec.to_dict(), where="this tuning run", allow_extrapolation=o.allow_extrapolation
         )

@@ -27,6 +27,7 @@ from . import __version__
 from . import strength as strength_rules
 from .budget import Budget, Cost, Interval, TextCosts, judge
 from .errors import RecipeError
+from .options import TuneOptions
 from .recipe import Recipe, load_recipe, read_sentences
 
 MAX_GRID = 64  # grid points: --max-strength / --step
@@ -162,38 +163,31 @@ def tune(
     recipe: str | Path | Recipe,
     *,
     maps=None,
-    budget: Budget | None = None,
-    max_strength: float = 2.0,
-    step: float = 0.25,
-    tol: float = 0.02,
-    allow_extrapolation: bool = False,
-    out: str | Path | None = None,
+    options: TuneOptions = TuneOptions(),
     cost_fn: Callable[[float], Cost | TextCosts] | None = None,
     behaviour_fn: Callable[[float], float] | None = None,
-    record: bool = True,
-    curve: bool = True,
     progress: bool = True,
     log=print,
-    force: bool = False,
 ) -> TuneResult:
-    """Fit the recipe once (or use ``maps``), search the strongest λ within ``budget`` on the tuning
-    split, write ``out``/tune.json + tune.png, and record the choice for ``bake --strength auto``.
-    ``cost_fn``/``behaviour_fn`` (λ → per-text ``TextCosts`` or a cost dict / metric value) replace the
-    hooked measurements.
-    ``curve=False``: the behaviour only at λ = 0 and the chosen λ (the choice needs only the cost, which
-    takes forwards on the neutral text; the behaviour takes generations). ``force``: replace an eval
-    or tune report directory at ``out``."""
+    """Fit the recipe once (or use ``maps``), search the strongest λ within ``options.budget`` on the
+    tuning split, write ``options.out``/tune.json + tune.png, and record the choice for
+    ``bake --strength auto`` (``options.record``). ``cost_fn``/``behaviour_fn`` (λ → per-text
+    ``TextCosts`` or a cost dict / metric value) replace the hooked measurements.
+    ``options.curve`` False: the behaviour only at λ = 0 and the chosen λ (the choice needs only the cost, which
+    takes forwards on the neutral text; the behaviour takes generations)."""
     from . import fitting
     from .io.output import check_output, write_report_dir
     from .maps import MapSet
 
-    check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)  # before any load
-    budget = budget or Budget()
+    o = options
+    max_strength, step, tol, out, curve = o.max_strength, o.step, o.tol, o.out, o.curve
+    check_search(max_strength, step, tol, allow_extrapolation=o.allow_extrapolation)  # before any load
+    budget = o.budget or Budget()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     loaded = fitting.load(model, log=log)
     sources = [loaded.source.path, *([maps] if isinstance(maps, str | Path) else [])]
     if out is not None:
-        check_output(Path(out), sources, force=force)  # before the fit
+        check_output(out, sources, force=o.force)  # before the fit
     prompts, neutral = tuning_split(recipe)
     metric = behaviour_name(recipe)
     if maps is None and (cost_fn is None or behaviour_fn is None):
@@ -229,7 +223,7 @@ def tune(
         max_strength=max_strength,
         step=step,
         tol=tol,
-        allow_extrapolation=allow_extrapolation,
+        allow_extrapolation=o.allow_extrapolation,
         on_point=show,
     )
     if not met:
@@ -276,8 +270,8 @@ def tune(
             result.save(tmp / "tune.json")
             plot_tradeoff(result, tmp / "tune.png")
 
-        write_report_dir(Path(out), "tune", write, source=sources, force=force, log=log)
-    if record:
+        write_report_dir(out, "tune", write, source=sources, force=o.force, log=log)
+    if o.record:
         strength_rules.remember(result)
         if isinstance(maps, MapSet) and maps.recipe_hash and maps.recipe_hash != result.recipe_hash:
             # also findable from the maps file (`bake --maps M --strength auto`), fitted by an earlier

@@ -152,6 +152,7 @@ def main() -> None:
         return
     from actmerge import pipeline
     from actmerge.placement import Placement
+    from actmerge.options import TuneOptions
     from actmerge.tune import Budget, HookedProbe, tune, tuning_split
 
     loaded = pipeline.load(args.model, placement=Placement(device=args.device), log=lambda *a: None)
@@ -173,11 +174,9 @@ def main() -> None:
             loaded,
             rec,
             maps=maps,
-            budget=Budget(max_ppl_ratio=args.budget),
+            options=TuneOptions(budget=Budget(max_ppl_ratio=args.budget), record=False, curve=False),
             cost_fn=probe.cost,
             behaviour_fn=probe.behaviour,
-            record=False,
-            curve=False,
             progress=False,
             log=lambda *a: None,
         )

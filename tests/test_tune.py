@@ -15,6 +15,7 @@ from actmerge.budget import RESAMPLES, TextCosts, bootstrap
 from actmerge.cli import app
 from actmerge.errors import RecipeError
 from actmerge.models import ModelSource
+from actmerge.options import TuneOptions
 from actmerge.tune import MAX_BISECT, MAX_GRID, Budget, search, tune
 
 from .common import make_pico, random_maps
@@ -91,11 +92,9 @@ def test_tune_on_pico_with_a_synthetic_metric(setup, tmp_path, monkeypatch):
         pipeline.Loaded(src),
         root / "r.yaml",
         maps=maps,
-        budget=Budget(1.10),
+        options=TuneOptions(budget=Budget(1.10), tol=0.01, out=tmp_path / "t"),
         cost_fn=lambda lam: {"perplexity_ratio": 1 + 0.07 * lam**2, "kl": 0.01 * lam, "first_token_kl": 0.0},
         behaviour_fn=lambda lam: 0.3 / (1 + 4 * lam),
-        tol=0.01,
-        out=tmp_path / "t",
         progress=False,
         log=lambda *_: None,
     )
@@ -138,10 +137,7 @@ def test_tune_reads_only_the_tuning_split(setup, tmp_path, monkeypatch):
     res = tune(
         pipeline.Loaded(ModelSource("pico", model)),
         root / "r.yaml",
-        budget=Budget(1.5),
-        max_strength=1.0,
-        step=0.5,
-        tol=0.25,
+        options=TuneOptions(budget=Budget(1.5), max_strength=1.0, step=0.5, tol=0.25),
         progress=False,
         log=lambda *_: None,
     )
@@ -338,11 +334,9 @@ def test_tune_records_the_interval_deterministically(setup, tmp_path, monkeypatc
             pipeline.Loaded(src),
             root / "r.yaml",
             maps=maps,
-            budget=Budget(1.10),
+            options=TuneOptions(budget=Budget(1.10), tol=0.01, out=tmp_path / name),
             cost_fn=noisy_costs,
             behaviour_fn=lambda lam: 0.3 / (1 + 4 * lam),
-            tol=0.01,
-            out=tmp_path / name,
             progress=False,
             log=lambda *_: None,
         )

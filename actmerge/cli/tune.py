@@ -53,26 +53,29 @@ def tune(
     """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
     prompts): fit once, hooked previews on a λ grid, then bisection. Bake it with --strength auto."""
     from .. import pipeline
+    from ..options import TuneOptions
     from ..tune import check_search
     from ..tune import tune as run_tune
     from .render import tune_result
 
     # every option checked before the model is resolved (a built-in may be converted first)
     check_search(max_strength, step, tol, allow_extrapolation=allow_extrapolation)
-    budget = budget_of(max_ppl_ratio, max_kl, confidence)
-    res = run_tune(
-        pipeline.load(model, placement=placement_of(device), log=log),
-        recipe,
-        maps=maps,
-        budget=budget,
+    options = TuneOptions(
+        budget=budget_of(max_ppl_ratio, max_kl, confidence),
         max_strength=max_strength,
         step=step,
         tol=tol,
         allow_extrapolation=allow_extrapolation,
-        out=output,
         curve=curve,
-        log=log,
+        out=output,
         force=force,
+    )
+    res = run_tune(
+        pipeline.load(model, placement=placement_of(device), log=log),
+        recipe,
+        maps=maps,
+        options=options,
+        log=log,
     )
     tune_result(res, model, recipe, output, maps)
     if not res.met:
