@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ModelResolutionError, OutputExistsError, RecipeError, UnknownArchitectureError
+from .io.st_format import tensor_index
 from .io.tree import read_config
 from .options import EvalOverrides
 from .recipe import Recipe, read_sentences
@@ -73,8 +74,8 @@ def check_eval_paths(baked, out: str | Path | None) -> None:
 
 
 def _check_baked_dirs(baked) -> None:
-    """Each --baked directory is a checkpoint plain transformers can load (config.json valid, its
-    model_type one transformers knows)."""
+    """Each --baked directory is a checkpoint plain transformers can load (safetensors weights with
+    complete headers, config.json valid, its model_type one transformers knows)."""
     from transformers import CONFIG_MAPPING
 
     for b in baked:
@@ -92,3 +93,10 @@ def _check_baked_dirs(baked) -> None:
                 f"does not know, so it cannot be loaded. Give a checkpoint of a supported model (e.g. the "
                 "output of `actmerge bake`), or upgrade transformers if the model is newer."
             )
+        weights = sorted(b.glob("*.safetensors"))
+        if not weights:
+            raise ModelResolutionError(
+                f"--baked {b}: no *.safetensors weights in it (not a checkpoint directory). Give the output "
+                "directory of `actmerge bake`, e.g. --baked out/gemma-3-270m-detox."
+            )
+        tensor_index(weights)  # every header readable and complete: a clear error, not a loader's

@@ -680,6 +680,31 @@ def test_eval_baked_with_an_unknown_model_type_is_refused_before_loading(world):
     assert "'zzz'" in res.output and "base:" not in res.output
 
 
+def test_eval_baked_without_weights_is_refused_and_its_card_untouched(world):
+    """A foreign directory with a config.json but no weights (issue 25, found by hand with --lm-eval):
+    a one-line error before any load, and its README.md is not rewritten."""
+    ex = world.example_dir()
+    ck = ex / "foreign"
+    ck.mkdir()
+    (ck / "config.json").write_text((world.llama / "config.json").read_text())
+    (ck / "README.md").write_text("my card\n")
+    out = ex / "report"
+    args = [
+        "eval",
+        world.llama,
+        "--strengths",
+        "",
+        "--baked",
+        ck,
+        "--prompts",
+        world.root / "data/prompts.txt",
+    ]
+    args += ["--lm-eval", "tinytask", "--lm-eval-include", Path(__file__).parent / "data" / "lmeval"]
+    res = run_cli(world, args + ["-o", out], out, "regression")
+    assert res.exit_code == errors.ModelResolutionError.exit_code, res.output
+    assert "no *.safetensors weights" in res.output and (ck / "README.md").read_text() == "my card\n"
+
+
 @pytest.mark.parametrize("verb", ["bake", "eval", "cv"])
 def test_maps_from_another_model_name_it_before_slow_work(world, verb):
     """gpt2 maps given with the llama model: "these maps were fitted on <gpt2>, not <llama>", before any
