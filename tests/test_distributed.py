@@ -115,10 +115,11 @@ def _rank(rank: int, size: int, port: int, args: list[str], log: Path) -> None:
 
 
 def launch(args: list[str], tmp: Path, size: int = 2) -> list[tuple[int, str, list[dict]]]:
-    """``torchrun --nproc-per-node size -m actmerge ARGS`` in forked processes: (exit code, output,
+    """``torchrun --nproc-per-node size -m actmerge ARGS`` in fresh processes: (exit code, output,
     what it computed: ``{"pooled": sentences}`` per collection, ``{"rows": n}`` per LinEAS forward)
-    of each rank."""
-    ctx = multiprocessing.get_context("fork")
+    of each rank. Spawned, not forked, as torchrun's are: a process forked after torch ran its
+    OpenMP thread pool in the parent can hang in its first parallel region."""
+    ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     logs = [tmp / f"rank{r}.log" for r in range(size)]
     procs = [ctx.Process(target=_rank, args=(r, size, port, args, logs[r])) for r in range(size)]
