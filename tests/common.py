@@ -143,3 +143,13 @@ def write_pico_fit_data(root: Path) -> None:
     """The source and target sentence files that ``PICO_RECIPE`` names, in ``root``."""
     (root / "src.txt").write_text("\n".join(PICO_SENTENCES[:12]))
     (root / "tgt.txt").write_text("\n".join(PICO_SENTENCES[12:]))
+
+
+def write_cli_setup(root: Path, recipe: str) -> Path:
+    """The CLI tests' pico setup in ``root``: a pico Llama (returned), 20 source and 20 target
+    sentences (``src.txt``, ``tgt.txt``) and ``recipe`` beside them as ``r.yaml``."""
+    model = make_pico("llama", root / "llama")
+    (root / "src.txt").write_text("\n".join(f"bad words number {i} are here!!" for i in range(20)))
+    (root / "tgt.txt").write_text("\n".join(f"kind text {i}, nice and calm." for i in range(20)))
+    (root / "r.yaml").write_text(recipe)
+    return model

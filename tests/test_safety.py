@@ -23,7 +23,7 @@ from actmerge.cli import app
 from actmerge.io import output, weights
 from actmerge.models import ModelSource
 
-from .common import make_pico, random_maps
+from .common import random_maps, write_cli_setup
 
 runner = CliRunner()
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -41,10 +41,7 @@ batch_size: 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    model = make_pico("llama", root / "llama")
-    (root / "src.txt").write_text("\n".join(f"bad words number {i} are here!!" for i in range(20)))
-    (root / "tgt.txt").write_text("\n".join(f"kind text {i}, nice and calm." for i in range(20)))
-    (root / "r.yaml").write_text(RECIPE)
+    model = write_cli_setup(root, RECIPE)
     maps = random_maps(ModelSource("pico", model).config, ["attn_ctx"], seed=3)
     maps.save(root / "maps.safetensors")
     return root, model

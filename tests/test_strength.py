@@ -20,7 +20,7 @@ from actmerge.models import ModelSource
 from actmerge.recipe import load_recipe
 from actmerge.tune import MAX_BISECT, MAX_GRID, Budget, search
 
-from .common import make_pico, random_maps
+from .common import random_maps, write_cli_setup
 
 runner = CliRunner()
 RECIPE = """
@@ -37,10 +37,7 @@ batch_size: 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("strength")
-    model = make_pico("llama", root / "llama")
-    (root / "src.txt").write_text("\n".join(f"bad words number {i} are here!!" for i in range(20)))
-    (root / "tgt.txt").write_text("\n".join(f"kind text {i}, nice and calm." for i in range(20)))
-    (root / "r.yaml").write_text(RECIPE)
+    model = write_cli_setup(root, RECIPE)
     config = ModelSource("pico", model).config
     maps = random_maps(config, ["attn_ctx"], seed=3)
     maps.recipe_hash = "feedc0de"

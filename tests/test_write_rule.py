@@ -25,7 +25,7 @@ from actmerge.io.markers import GGUF_KEY, is_actmerge_file
 from actmerge.io.output import atomic_dir
 from actmerge.models import ModelSource
 
-from .common import make_pico, random_maps
+from .common import make_pico, random_maps, write_cli_setup
 
 runner = CliRunner()
 DEAD = 2**22 + 12345  # above the default pid_max: no such process
@@ -43,10 +43,7 @@ batch_size: 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rule")
-    model = make_pico("llama", root / "llama")
-    (root / "src.txt").write_text("\n".join(f"bad words number {i} are here!!" for i in range(20)))
-    (root / "tgt.txt").write_text("\n".join(f"kind text {i}, nice and calm." for i in range(20)))
-    (root / "r.yaml").write_text(RECIPE)
+    model = write_cli_setup(root, RECIPE)
     config = ModelSource("pico", model).config
     random_maps(config, ["attn_ctx"], seed=3).save(root / "maps.safetensors")
     random_maps(config, ["mlp_out"], seed=4).save(root / "cv_maps.safetensors")
