@@ -151,8 +151,8 @@ def main() -> None:
         print("\n".join(CANDIDATES))
         return
     from actmerge import pipeline
-    from actmerge.placement import Placement
     from actmerge.options import TuneOptions
+    from actmerge.placement import Placement
     from actmerge.tune import Budget, HookedProbe, tune, tuning_split
 
     loaded = pipeline.load(args.model, placement=Placement(device=args.device), log=lambda *a: None)
