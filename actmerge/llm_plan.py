@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import MapsMismatchError, NotFoldableError
+from .errors import MapsMismatchError, NotFoldableError, SiteError
 from .fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, nonzero, not_one, refuse_shifts
 from .io.st_format import TensorInfo
 from .maps import MapSet
@@ -137,8 +137,8 @@ def check_maps(
     for key, amap in maps.items():
         try:
             site = site_for_key(arch, config, key)
-        except Exception:
-            why = f"{key!r} is not a module of this {arch.name} model"
+        except SiteError as exc:
+            why = str(exc).rstrip(".")
             raise MapsMismatchError(f"{fitted or 'maps do not match'}: {why}; {remedy}") from None
         width = _site_width(arch, site, namer)
         if width is not None and width != amap.dim:
