@@ -2,6 +2,8 @@
 
     python bench/heldout.py list                       # the rows
     python bench/heldout.py run ROW [ROW …] [--work DIR]   # bake, verify, eval once; record it
+    python bench/heldout.py check ROW [ROW …]          # re-measure into a scratch folder and compare
+                                                       # with the record within the noise margins
     python bench/heldout.py tables [--check]           # write (or check) the tables in README.md and
                                                        # docs/results.md from bench/results/heldout/
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -102,7 +105,7 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def run(name: str, work: Path, log=print) -> dict:
+def run(name: str, work: Path, log=print, records: Path = RECORDS) -> dict:
     row = ROWS[name]
     commit = _git("rev-parse", "--short", "HEAD")
     am = [sys.executable, "-m", "actmerge.cli"]
@@ -172,10 +175,64 @@ def run(name: str, work: Path, log=print) -> dict:
         "base": base["metrics"],
         "steered": steered["metrics"],
     }
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    (RECORDS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"recorded {RECORDS / (name + '.json')}")
+    records.mkdir(parents=True, exist_ok=True)
+    (records / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"recorded {records / (name + '.json')}")
     return record
+
+
+def count_margin(n: int, p: float) -> int:
+    """How many prompts a re-measurement of a fraction p over n prompts may move by: the 95 % binomial
+    margin 1.96·√(n·p·(1−p)) on the count, at least 2 (greedy decoding is deterministic on one machine;
+    another CPU's float rounding can flip a few near-tied continuations)."""
+    return max(2, math.ceil(1.96 * math.sqrt(n * p * (1 - p))))
+
+
+PPL_MARGIN = 0.01  # relative: perplexity of fixed text is deterministic up to float rounding
+SIMILARITY_MARGIN = 0.03
+
+
+def _n(rec: dict, key: str) -> int:
+    """The number of prompts behind a recorded fraction (``*_hard``: the hard split)."""
+    return rec["n_prompts_split"].get("hard", 0) if key.endswith("_hard") else rec["n_prompts"]
+
+
+def compare(new: dict, old: dict) -> list[str]:
+    """Where a re-measurement leaves the recorded figures' noise margins (empty: it holds them)."""
+    bad = []
+    for side in ("base", "steered"):
+        for key in ("toxic_fraction", "toxic_fraction_hard", "concept_presence"):
+            if key not in old[side]:
+                continue
+            n = _n(old, key)
+            if _n(new, key) != n:
+                bad.append(f"{key}: the split changed size since the record ({_n(new, key)} vs {n})")
+                continue
+            k_old, k_new = round(old[side][key] * n), round(new[side].get(key, -1) * n)
+            m = count_margin(n, old[side][key])
+            if abs(k_new - k_old) > m:
+                bad.append(f"{side} {key}: {k_new}/{n} vs recorded {k_old}/{n} (margin ±{m})")
+        if "similarity" in old[side] and abs(new[side].get("similarity", -1) - old[side]["similarity"]) > (
+            SIMILARITY_MARGIN
+        ):
+            bad.append(f"{side} similarity {new[side].get('similarity')} vs {old[side]['similarity']}")
+    ratio = lambda r: r["steered"]["perplexity"] / r["base"]["perplexity"]  # noqa: E731
+    if abs(ratio(new) / ratio(old) - 1) > PPL_MARGIN:
+        bad.append(f"perplexity ratio ×{ratio(new):.3f} vs recorded ×{ratio(old):.3f}")
+    if abs(new["strength"] - old["strength"]) > 1e-6:
+        bad.append(f"strength {new['strength']} vs recorded {old['strength']}")
+    return bad
+
+
+def check(names: list[str], work: Path, log=print) -> int:
+    failed = 0
+    for name in names:
+        old = json.loads((RECORDS / f"{name}.json").read_text())
+        new = run(name, work, log, records=work / "records")
+        bad = compare(new, old)
+        log(f"{name}: " + ("holds the record" if not bad else "OUTSIDE the record: " + "; ".join(bad)))
+        failed += bool(bad)
+    return 1 if failed else 0
 
 
 def _pct(x: float) -> str:
@@ -258,6 +315,9 @@ def main() -> int:
     r = sub.add_parser("run")
     r.add_argument("rows", nargs="+", choices=list(ROWS))
     r.add_argument("--work", type=Path, default=ROOT / "out" / "heldout")
+    c = sub.add_parser("check")
+    c.add_argument("rows", nargs="+", choices=list(ROWS))
+    c.add_argument("--work", type=Path, required=True)
     t = sub.add_parser("tables")
     t.add_argument("--check", action="store_true")
     a = ap.parse_args()
@@ -269,6 +329,8 @@ def main() -> int:
         for name in a.rows:
             run(name, a.work)
         return 0
+    if a.cmd == "check":
+        return check(a.rows, a.work)
     return tables(a.check)
 
 

@@ -1,21 +1,16 @@
 """End to end on the real Gemma-3-270M (slow; runs in CI): bake the detox recipe through the CLI,
-reload the checkpoint with plain transformers in a fresh process, verify against the hooked model,
-and check that toxic continuations go down at bounded perplexity."""
+reload the checkpoint with plain transformers in a fresh process and verify it against the hooked
+model. Its held-out toxicity and perplexity are held by tests/test_claims.py."""
 
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from actmerge import pipeline
 from actmerge.cli import app
-from actmerge.evaluate import perplexity, profanity_scorer, toxicity
-from actmerge.models import load_model, resolve
-from actmerge.recipe import load_recipe, read_sentences
-from actmerge.recipes_catalog import find_recipe
+from actmerge.models import resolve
 
-RECIPE = find_recipe("detox")  # the built-in recipe, as `--recipe detox.yaml` finds it
 
 pytestmark = pytest.mark.slow
 
@@ -41,25 +36,5 @@ def test_config_unchanged_and_plain_transformers_reload(baked):
     assert rep.argmax_agreement >= 0.99
 
 
-def test_toxicity_lower_than_base_at_bounded_perplexity(baked):
-    recipe = load_recipe(RECIPE)
-    prompts = read_sentences(recipe.path(recipe.eval_prompts))
-    neutral = read_sentences(pipeline.NEUTRAL_TEXT)  # the shipped neutral corpus (detox.yaml sets none)
-    scorer = profanity_scorer()
-    base_model, tok = load_model(resolve("gemma-3-270m"))
-    base = toxicity(base_model, tok, prompts, scorer, progress=False)
-    base_ppl = perplexity(base_model, tok, neutral)
-    del base_model
-    from transformers import AutoModelForCausalLM
-
-    steered_model = AutoModelForCausalLM.from_pretrained(str(baked), dtype=torch.float32).eval()
-    steered = toxicity(steered_model, tok, prompts, scorer, progress=False)
-    ppl = perplexity(steered_model, tok, neutral)
-    print(
-        f"toxic fraction {base.fraction:.2%} -> {steered.fraction:.2%}; mean {base.mean:.3f} -> {steered.mean:.3f}; "
-        f"perplexity {base_ppl:.2f} -> {ppl:.2f}"
-    )
-    assert steered.fraction < base.fraction and steered.mean < base.mean
-    # the README's main command as issue 17 asks: ≥ 4× fewer toxic continuations on the recipe's
-    # held-out prompts at perplexity ≤ ×1.10 (measured 11 % → 0 % at ×1.069)
-    assert 4 * steered.fraction <= base.fraction and ppl / base_ppl <= 1.10
+# The toxicity and perplexity of this bake on the held-out prompts (≥ 4× fewer toxic continuations at
+# perplexity ≤ ×1.10, and the README's figures within their noise margins): tests/test_claims.py.

@@ -2,12 +2,12 @@
 model with tied embeddings and a chat template, baked with the same portable recipes as Gemma.
 
 - the portable detox recipe through the CLI: exact, no config change, tied embedding untouched,
-  fresh-process verify, toxicity of continuations below base;
+  fresh-process verify (its held-out toxicity: tests/test_claims.py);
 - detox-lineas' Llama row (a short LinEAS fit): exact, and its reduction within ×1.10 perplexity;
 - the tied-embedding guard on the real tied model;
 - a chat-mode evaluation row (prompts as user turns, only the reply scored);
-- a llama.cpp round trip of a bake that uses the bias flags (football: attention_bias), whose
-  checkpoint also steers chat replies toward football on the held-out requests."""
+- football in chat: the bias-flag bake (attention_bias) steers chat replies toward football on the
+  held-out requests, and the same checkpoint round-trips through llama.cpp (where it is installed)."""
 
 import importlib.util
 import json
@@ -92,22 +92,11 @@ def _baked_scores(out: Path, tok, **kw):
 @pytest.fixture(scope="module")
 def base_scores():
     model, tok = load_model(resolve("smollm2-135m"))
-    return _scores(model, tok), tok
+    return _scores(model, tok, easy=False), tok
 
 
-def test_detox_toxicity_below_base(baked, base_scores):
-    base, tok = base_scores
-    steered = _baked_scores(baked, tok)
-    ppl = steered["ppl"] / base["ppl"]
-    print(
-        f"toxic fraction {base['easy'].fraction:.2%} -> {steered['easy'].fraction:.2%}, hard "
-        f"{base['hard'].fraction:.2%} -> {steered['hard'].fraction:.2%}; perplexity ×{ppl:.3f}"
-    )
-    assert steered["easy"].fraction < base["easy"].fraction and steered["easy"].mean < base["easy"].mean
-    # issue 17's acceptance at the default strength: ≥ 4× fewer toxic continuations at perplexity
-    # ≤ ×1.15 (measured on the hard split, where the base is toxic often enough to show it:
-    # 22.7 % → 2.6 %, ×1.126)
-    assert 4 * steered["hard"].fraction <= base["hard"].fraction and ppl <= 1.15
+# The detox bake's held-out toxicity (hard split ≥ 4× at perplexity ≤ ×1.15, and the README's figures
+# within their noise margins): tests/test_claims.py.
 
 
 def test_detox_lineas_short_fit_llama_row(tmp_path, base_scores):
@@ -166,14 +155,11 @@ def test_chat_mode_eval_row():
     )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
-def test_football_bias_flags_llamacpp_roundtrip_and_chat_steering(tmp_path):
-    """The football recipe's Llama row is shift-only at attn_ctx: o_proj biases via attention_bias,
-    which llama.cpp loads for Llama. Baked for --target llama.cpp and compared there; the same
-    checkpoint, reloaded by transformers, steers chat replies to the held-out requests toward football
-    (issue 17: ≥ 30 % of replies and ≥ 3× the base rate at perplexity ≤ ×1.3; measured 2.5 % → 47.5 %
-    at ×1.293)."""
-    out = tmp_path / "smollm2-football"
+@pytest.fixture(scope="module")
+def football(tmp_path_factory):
+    """The football recipe's Llama row, baked for --target llama.cpp: shift-only at attn_ctx, o_proj
+    biases via attention_bias, which llama.cpp (and vLLM, transformers) load for Llama."""
+    out = tmp_path_factory.mktemp("e2e") / "smollm2-football"
     (res,) = pipeline.bake(
         "smollm2-135m",
         recipe=RECIPES / "football.yaml",
@@ -182,21 +168,22 @@ def test_football_bias_flags_llamacpp_roundtrip_and_chat_steering(tmp_path):
     )
     config = json.loads((out / "config.json").read_text())
     assert config["attention_bias"] is True and res.plan.config_patch == {"attention_bias": True}
+    return out
+
+
+# Football in chat on the held-out requests (≥ 30 % of replies, ≥ 3× the base rate at perplexity
+# ≤ ×1.3, and the README's figures within their noise margins): tests/test_claims.py, independent of
+# llama.cpp.
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+def test_football_bias_flags_llamacpp_roundtrip(football):
+    """The same checkpoint converted to GGUF and run in llama.cpp agrees with transformers."""
     prompts = read_sentences(RECIPES / "data" / "detox" / "eval_prompts.txt")[:20]
     rep = pipeline.verify(
-        out, options=pipeline.VerifyOptions(runtime="llama.cpp", prompts=prompts), log=lambda *_: None
+        football, options=pipeline.VerifyOptions(runtime="llama.cpp", prompts=prompts), log=lambda *_: None
     )
     print(rep.to_json())
     assert rep.base.greedy_agreement >= 0.95, rep.base
     assert rep.baked.greedy_agreement >= 0.95, rep.baked
     assert rep.passed and rep.baked.argmax_agreement >= 0.98
-    recipe = load_recipe(RECIPES / "football.yaml")
-    requests = read_sentences(RECIPES / "data" / "concept" / "chat_eval_prompts.txt")
-    cfg = pipeline.eval_config(
-        recipe, pipeline.EvalOverrides(prompts=requests, metrics=["concept", "perplexity"], chat=True)
-    )
-    report = pipeline.evaluate("smollm2-135m", config=cfg, options=pipeline.EvalOptions(baked=[out]), **QUIET)
-    base, steered = (row.metrics for row in report.rows)
-    print(base, steered)
-    assert steered["concept_presence"] >= max(0.30, 3 * base["concept_presence"])
-    assert steered["perplexity_ratio"] <= 1.30
