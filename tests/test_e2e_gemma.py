@@ -11,7 +11,6 @@ from actmerge import pipeline
 from actmerge.cli import app
 from actmerge.models import resolve
 
-
 pytestmark = pytest.mark.slow
 
 
