@@ -269,11 +269,11 @@ def cells(rec: dict) -> list[str]:
     bake = f"{exact}; λ = {rec['strength']:.3g}" + (f"; verify {v:.1e}" if v is not None else "")
     model = MODELS[rec["model"]] + (", chat" if row.chat else "")
     recipe = f"`{rec['recipe']}.yaml` ({row.label})"
-    return [model, recipe, what, ppl, bake, f"{rec['date']}, `{rec['commit']}`"]
+    return [model, recipe, what, ppl, bake, f"{rec['date']}, `{rec['commit']}`, `run {rec['row']}`"]
 
 
 def table() -> str:
-    head = "| model | recipe (its row for the family) | base → steered | perplexity | bake | measured |"
+    head = "| model | recipe (its row for the family) | base → steered | perplexity | bake | measured (`bench/heldout.py`) |"
     lines = [head, "|---|---|---|---|---|---|"]
     for name in ROWS:
         path = RECORDS / f"{name}.json"
