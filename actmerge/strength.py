@@ -110,7 +110,7 @@ def record_path(model: str, recipe_hash: str) -> Path:
 
 
 def remember(result) -> Path:
-    """Record the strength ``actmerge tune`` chose (a ``tune.TuneResult``) for ``bake --strength auto``."""
+    """Record the strength ``actmerge tune`` chose (an ``evaluation.records.TuneResult``) for ``bake --strength auto``."""
     from .io.output import atomic_file
 
     path = record_path(result.model, result.recipe_hash)
@@ -122,7 +122,7 @@ def remember(result) -> Path:
 
 
 def recall(model: str, recipe_hash: str, budget) -> dict | None:
-    """The recorded tuning of this model + recipe for this budget (``tune.Budget``), unchecked, or None."""
+    """The recorded tuning of this model + recipe for this budget (``evaluation.budget.Budget``), unchecked, or None."""
     path = record_path(model, recipe_hash)
     if not path.is_file():
         return None

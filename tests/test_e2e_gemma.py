@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from actmerge import pipeline
 from actmerge.cli import app
-from actmerge.evaluate import perplexity, profanity_scorer, toxicity
+from actmerge.evaluation.metrics import perplexity, profanity_scorer, toxicity
 from actmerge.models import load_model, resolve
 from actmerge.recipe import load_recipe, read_sentences
 from actmerge.recipes_catalog import find_recipe

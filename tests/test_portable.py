@@ -10,10 +10,10 @@ import torch
 from actmerge import chat, pipeline
 from actmerge.collect import batches
 from actmerge.errors import ModelResolutionError, RecipeError, SiteError
+from actmerge.evaluation.records import EvalConfig
 from actmerge.recipe import load_recipe
 from actmerge.sites import architecture_for, parse_layers, resolve_sites
 from actmerge.strength import default_for
-from actmerge.sweep import EvalConfig
 
 from .common import (
     MODEL_TYPES,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ModelResolutionError, OutputExistsError, RecipeError, UnknownArchitectureError
-from .io.st_format import tensor_index
-from .io.tree import read_config
-from .options import EvalOverrides
-from .recipe import Recipe, read_sentences
-from .sweep import EvalConfig
+from ..errors import ModelResolutionError, OutputExistsError, RecipeError, UnknownArchitectureError
+from ..io.st_format import tensor_index
+from ..io.tree import read_config
+from ..options import EvalOverrides
+from ..recipe import Recipe, read_sentences
+from .records import EvalConfig
 
-NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "neutral.txt"
+NEUTRAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "neutral.txt"
 
 
 def eval_config(recipe: Recipe | None, given: EvalOverrides = EvalOverrides()) -> EvalConfig:
@@ -55,7 +55,7 @@ def chat_prompts(cfg: EvalConfig, tok, log=print) -> EvalConfig:
     the chat template when ``cfg.chat`` asks."""
     from dataclasses import replace
 
-    from . import chat
+    from .. import chat
 
     if cfg.chat == "off" or (cfg.chat == "auto" and not chat.has_template(tok)):
         if cfg.chat == "auto":
