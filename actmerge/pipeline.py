@@ -30,7 +30,7 @@ from .fitting import (  # noqa: F401
     resolved,
     source_path,
 )
-from .io.output import check_free_space, check_output, write_report_dir
+from .io.output import check_free_space, check_output
 from .io.provenance import MAPS_FILE, read_bake_info
 from .maps import MapSet
 from .models import resolve
@@ -339,7 +339,7 @@ def evaluate(
     there). The evaluation settings: ``config`` as given, or the recipe's under ``options.settings``.
     ``options.lm_eval``: lm-evaluation-harness tasks on the base and each baked directory
     (``evaluation.lmeval.scores``), into those rows' metrics and the card of each checkpoint actmerge wrote."""
-    from .evaluation.plot import plot
+    from .evaluation import write
     from .evaluation.sweep import SweepRows, run_sweep
 
     o = options
@@ -377,12 +377,7 @@ def evaluate(
             report, loaded.source.path, m, list(o.lm_eval), baked, o.lm_eval_include, o.lm_eval_limit, log
         )
     if out is not None:
-
-        def write(tmp: Path) -> None:
-            report.save(tmp / "report.json")
-            plot(report, tmp / "sweep.png")
-
-        write_report_dir(out, "eval", write, source=sources, force=o.force, log=log)
+        write.eval_dir(out, report, source=sources, force=o.force, log=log)
     return report
 
 

@@ -47,9 +47,9 @@ def tune(
     ``options.curve`` False: the behaviour only at λ = 0 and the chosen λ (the choice needs only the cost, which
     takes forwards on the neutral text; the behaviour takes generations)."""
     from .. import fitting
-    from ..io.output import check_output, write_report_dir
+    from ..io.output import check_output
     from ..maps import MapSet
-    from .plot import plot_tradeoff
+    from . import write
 
     o = options
     max_strength, step, tol, out, curve = o.max_strength, o.step, o.tol, o.out, o.curve
@@ -137,12 +137,7 @@ def tune(
         maps=maps,
     )
     if out is not None:
-
-        def write(tmp: Path) -> None:
-            result.save(tmp / "tune.json")
-            plot_tradeoff(result, tmp / "tune.png")
-
-        write_report_dir(out, "tune", write, source=sources, force=o.force, log=log)
+        write.tune_dir(out, result, source=sources, force=o.force, log=log)
     if o.record:
         strength_rules.remember(result)
         if isinstance(maps, MapSet) and maps.recipe_hash and maps.recipe_hash != result.recipe_hash:
