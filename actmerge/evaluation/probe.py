@@ -9,26 +9,29 @@ from ..errors import RecipeError
 from ..hooks import steer
 from ..placement import input_device
 from ..recipe import Recipe, read_sentences
+from ..recipe_sections import resolve as sections
 from .budget import Cost, TextCosts
 from .metrics import concept_presence, continuations, get_scorer, logit_kl, neutral_prompts, text_kl, text_nll
 
 
 def tuning_split(recipe: Recipe) -> tuple[list[str], list[str]]:
-    """The recipe's tuning prompts and tuning neutral text (never its eval prompts)."""
-    missing = [f for f in ("tune_prompts", "tune_neutral") if getattr(recipe, f) is None]
+    """The recipe's tuning prompts and tuning neutral text (its tune section; never its eval prompts)."""
+    tune = sections(recipe).tune
+    missing = [f for f, p in (("tune_prompts", tune.prompts), ("tune_neutral", tune.neutral)) if p is None]
     if missing:
         raise RecipeError(
             f"recipe {recipe.name!r} has no {' / '.join(missing)}: tuning needs its own split, never the "
             "eval prompts. Add e.g. `tune_prompts: data/detox/tune_prompts.txt` and "
             "`tune_neutral: data/neutral_tune.txt` to the recipe."
         )
-    return read_sentences(recipe.path(recipe.tune_prompts)), read_sentences(recipe.path(recipe.tune_neutral))
+    return read_sentences(tune.prompts), read_sentences(tune.neutral)
 
 
 def behaviour_name(recipe: Recipe) -> str:
-    if "toxicity" in recipe.metrics:
+    metrics = sections(recipe).eval.metrics
+    if "toxicity" in metrics:
         return "toxic_fraction"
-    if "concept" in recipe.metrics:
+    if "concept" in metrics:
         return "concept_presence"
     raise RecipeError(f"recipe {recipe.name!r}: tuning needs a behaviour metric (toxicity or concept).")
 
@@ -39,10 +42,10 @@ class HookedProbe:
     def __init__(self, loaded, recipe: Recipe, maps, prompts: list[str], neutral: list[str], progress=True):
         self.model, self.tok = loaded.get()
         self.recipe, self.maps, self.prompts, self.neutral = recipe, maps, prompts, neutral
-        self.progress = progress
-        self.scorer = get_scorer(recipe.scorer) if "toxicity" in recipe.metrics else None
-        concept = recipe.keywords and "concept" in recipe.metrics  # as Recipe.used_paths ships it
-        self.keywords = read_sentences(recipe.path(recipe.keywords)) if concept else []
+        self.progress, self.eval = progress, sections(recipe).eval
+        self.scorer = get_scorer(self.eval.scorer) if "toxicity" in self.eval.metrics else None
+        concept = self.eval.keywords and "concept" in self.eval.metrics  # as Recipe.used_paths ships it
+        self.keywords = read_sentences(self.eval.keywords) if concept else []
         self.base_nll = text_nll(self.model, self.tok, neutral)  # per text: (NLL, tokens)
         self.cache: dict[float, float] = {}
 
@@ -88,8 +91,8 @@ class HookedProbe:
                 self.model,
                 self.tok,
                 self.prompts,
-                max_new_tokens=self.recipe.eval_max_new_tokens,
-                seed=self.recipe.seed,
+                max_new_tokens=self.eval.max_new_tokens,
+                seed=self.eval.seed,
                 progress=self.progress,
             )
         if self.scorer is not None:
