@@ -133,11 +133,11 @@ def same_model(name: str, source) -> bool:
 
 def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
     arch = architecture_for(config)
-    fs = sections(recipe, arch).fit
+    sec = sections(recipe, arch)
     sites: list[Site] = []
-    for spec in fs.sites:
+    for spec in sec.need("sites"):
         sites += resolve_sites(arch, config, spec.names, spec.layers)
-    sites += [site_for_key(arch, config, key) for key in fs.modules]
+    sites += [site_for_key(arch, config, key) for key in sec.fit.modules]
     uniq = {s.key: s for s in sites}
     return sorted(uniq.values(), key=lambda s: s.order)
 
@@ -273,14 +273,15 @@ def fit_sites(
     """Fit the recipe's method at ``sites`` on sentences already read (and placed in the chat template
     where the recipe asks): LinEAS end to end (``frozen``: site key → why its shift stays 0), or the
     recipe's estimator site by site. Returns (maps by site key, the method's report)."""
-    fs = sections(recipe, architecture_for(model.config)).fit
+    sec = sections(recipe, architecture_for(model.config))
+    fs = sec.fit
     if fs.method == "lineas":
         from .lineas import LineasConfig, fit_lineas
 
         return fit_lineas(
             model, tok, sites, source, target,
             frozen_shift=frozen or {},
-            cfg=LineasConfig.from_options(fs.lineas, seed=fs.seed),
+            cfg=LineasConfig.from_options(sec.need("lineas"), seed=fs.seed),
             collection=CollectOptions(  # the target rows in collect's default batches
                 max_tokens=fs.max_tokens, pooling=fs.pooling, skip_special=fs.skip_special
             ),
@@ -290,7 +291,7 @@ def fit_sites(
         method=fs.method, incremental=fs.incremental, fit_shift=fs.fit_shift,
         degenerate=fs.degenerate, sample=fs.sample, seed=fs.seed,
         incremental_clamp=fs.incremental_clamp, incremental_order=fs.incremental_order,
-        top_neurons=fs.top_neurons,
+        top_neurons=sec.need("top_neurons"),
     )  # fmt: skip
     collection = CollectOptions(
         batch_size=fs.batch_size, max_tokens=fs.max_tokens, pooling=fs.pooling,

@@ -4,14 +4,14 @@ sections — fit, fold, eval, tune, chat — with every per-family field (``site
 sections are plain frozen values: a reader never asks the recipe ``…_for(arch)`` again.
 
 Per-family fields resolve as the fit uses them: ``lineas`` only for ``method: lineas`` (else
-``None``), ``top_neurons`` only for the other methods (LinEAS: 1); a family missing from
-``strength:`` is not an error until the strength is needed (``FoldSection.strength`` is ``None`` and
-``missing`` says what to add). ``arch=None`` (a diffusers pipeline, which has no family rows): a
-plain value, or the ``default`` entry."""
+``None``), ``top_neurons`` only for the other methods (LinEAS: 1). A family missing from a per-family
+field is not an error until that value is needed: it resolves to ``None``, and ``Sections.need``
+gives the value or raises the message that says what to add. ``arch=None`` (a diffusers pipeline,
+which has no family rows): a plain value, or the ``default`` entry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RecipeError
@@ -23,10 +23,10 @@ class FitSection:
     """What the fit reads: the method, where (sites, raw modules), on which sentences and how pooled."""
 
     method: str
-    sites: tuple[SiteSpec, ...]
+    sites: tuple[SiteSpec, ...] | None  # None: no entry for this family (``Sections.need``)
     modules: tuple[str, ...]
     lineas: LineasOptions | None  # method: lineas only
-    top_neurons: float  # the fraction of each site's neurons moved (LinEAS: 1)
+    top_neurons: float | None  # the fraction of each site's neurons moved (LinEAS: 1)
     max_sentences: int
     max_tokens: int
     batch_size: int
@@ -48,8 +48,7 @@ class FoldSection:
     fold_aware: bool
     allow_config_change: bool
     targets: tuple[str, ...]
-    strength: float | None  # None: `strength:` has no entry for this family (``missing`` says so)
-    missing: str = ""
+    strength: float | None  # None: `strength:` has no entry for this family (``Sections.need``)
 
 
 @dataclass(frozen=True)
@@ -94,13 +93,26 @@ class Sections:
     eval: EvalSection
     tune: TuneSection
     chat: ChatSection
+    missing: dict[str, str] = field(default_factory=dict)  # per-family field → what to add to the recipe
+
+    def need(self, what: str):
+        """The resolved per-family value ``what`` (sites, lineas, top_neurons, strength), or the
+        ``RecipeError`` saying which entry the recipe lacks for this family."""
+        if what in self.missing:
+            raise RecipeError(self.missing[what])
+        return getattr(self.fold if what == "strength" else self.fit, what)
 
 
-def _per_family(value, arch, what: str, default):
-    """A per-family field for ``arch``; ``arch`` None: the value itself, or its ``default`` entry."""
+def _per_family(value, arch, what: str, default, missing: dict[str, str]):
+    """A per-family field for ``arch`` (None, with the message in ``missing``, when the recipe has no
+    entry for it); ``arch`` None: the value itself, or its ``default`` entry."""
     if arch is None:
         return value.get("default", default) if isinstance(value, dict) else value
-    return for_family(value, arch, what)
+    try:
+        return for_family(value, arch, what)
+    except RecipeError as exc:
+        missing[what] = str(exc)
+        return None
 
 
 def _path(recipe: Recipe, p: Path | None) -> Path | None:
@@ -111,18 +123,14 @@ def resolve(recipe: Recipe, arch=None) -> Sections:
     """``recipe`` in sections, its per-family fields resolved for the architecture row ``arch``
     (``sites.Architecture``; None for a pipeline)."""
     r = recipe
-    lineas = r.method == "lineas"
-    sites = _per_family(r.sites, arch, "sites", [])
-    try:
-        strength, missing = _per_family(r.strength, arch, "strength", None), ""
-    except RecipeError as exc:
-        strength, missing = None, str(exc)
+    lineas, missing = r.method == "lineas", {}
+    sites = _per_family(r.sites, arch, "sites", [], missing)
     fit = FitSection(
         method=r.method,
-        sites=tuple(sites),
+        sites=None if sites is None else tuple(sites),
         modules=tuple(r.modules),
-        lineas=_per_family(r.lineas, arch, "lineas", LineasOptions()) if lineas else None,
-        top_neurons=1.0 if lineas else _per_family(r.top_neurons, arch, "top_neurons", 1.0),
+        lineas=_per_family(r.lineas, arch, "lineas", LineasOptions(), missing) if lineas else None,
+        top_neurons=1.0 if lineas else _per_family(r.top_neurons, arch, "top_neurons", 1.0, missing),
         max_sentences=r.max_sentences,
         max_tokens=r.max_tokens,
         batch_size=r.batch_size,
@@ -136,7 +144,8 @@ def resolve(recipe: Recipe, arch=None) -> Sections:
         fit_shift=r.fit_shift,
         seed=r.seed,
     )
-    fold = FoldSection(r.fold_aware, r.allow_config_change, tuple(r.targets), strength, missing)
+    strength = _per_family(r.strength, arch, "strength", None, missing)
+    fold = FoldSection(r.fold_aware, r.allow_config_change, tuple(r.targets), strength)
     ev = EvalSection(
         prompts=_path(r, r.eval_prompts),
         prompts_hard=_path(r, r.eval_prompts_hard),
@@ -150,4 +159,4 @@ def resolve(recipe: Recipe, arch=None) -> Sections:
     tune = TuneSection(_path(r, r.tune_prompts), _path(r, r.tune_neutral))
     chat = ChatSection(r.chat, r.chat_fit, r.instruction, _path(r, r.chat_requests))
     family = None if arch is None else arch.name
-    return Sections(r.name, family, fit, fold, ev, tune, chat)
+    return Sections(r.name, family, fit, fold, ev, tune, chat, missing)

@@ -97,10 +97,7 @@ def default_for(recipe: Recipe, source) -> float:
         from .sites import architecture_for
 
         arch = architecture_for(source.config)
-    fold = sections(recipe, arch).fold
-    if fold.strength is None:
-        raise RecipeError(fold.missing)
-    return fold.strength
+    return sections(recipe, arch).need("strength")
 
 
 # --strength auto: what `actmerge tune` recorded, one entry per (model, recipe, budget) in the cache

@@ -60,8 +60,10 @@ def test_a_family_missing_from_strength_is_an_error_only_when_the_strength_is_ne
     text = PICO_RECIPE.format(name="s", method="linear_act") + "strength:\n  gemma3: 0.5\n"
     (tmp_path / "r.yaml").write_text(text)
     r = load_recipe(tmp_path / "r.yaml")
-    fold = resolve(r, architecture_for("llama")).fold  # the fit, eval and tune read on
-    assert fold.strength is None and "no entry for llama" in fold.missing
+    sec = resolve(r, architecture_for("llama"))  # the fit, eval and tune read on
+    assert sec.fold.strength is None and sec.fit.sites == resolve(r, architecture_for("gemma3")).fit.sites
+    with pytest.raises(RecipeError, match="has no entry for llama.*add `llama:` or `default:`"):
+        sec.need("strength")
     with pytest.raises(RecipeError, match="has no entry for llama.*add `llama:` or `default:`"):
         default_for(r, SimpleNamespace(config={"model_type": "llama"}))
 

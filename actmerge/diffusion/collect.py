@@ -231,7 +231,7 @@ def fit_pipeline(
     source_prompts = recipe.read_source()[: recipe.max_sentences]
     target_prompts = recipe.read_target()[: recipe.max_sentences]
     pipe = pipe if pipe is not None else load_pipeline(source, device)
-    top = sections(recipe).fit.top_neurons
+    top = sections(recipe).need("top_neurons")
     t0 = time.perf_counter()
     src = collect(pipe, source, sites, source_prompts, recipe)
     tgt = collect(pipe, source, sites, target_prompts, recipe)
