@@ -14,7 +14,9 @@ import yaml
 
 from . import __version__, card, strength
 from .errors import MapsMismatchError, RecipeError
-from .evalconfig import chat_prompts, eval_config
+from .evaluation.records import Report
+from .evaluation.settings import chat_prompts, eval_config
+from .evaluation.tables import markdown_table
 from .fitting import Loaded
 from .fold import Exactness, FoldOptions, FoldPlan
 from .io.files import read_regular
@@ -27,7 +29,6 @@ from .options import BakeOptions
 from .progress import bar
 from .recipe import Recipe
 from .sites import architecture_for
-from .sweep import Report, markdown_table
 from .verify import DEFAULT_PROMPTS, VerifyReport, compare, hooked_outputs
 
 
@@ -303,7 +304,7 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
 def _evaluate_plan(loaded: Loaded, held: MapSet, lam: float, recipe: Recipe, progress, log) -> Report:
     """Base vs the maps at ``lam`` hooked (what the checkpoint computes), on the recipe's eval prompts,
     evaluated before the write so the table goes into the card inside the atomic output."""
-    from .sweep import SweepRows, run_sweep
+    from .evaluation.sweep import SweepRows, run_sweep
 
     m, tok = loaded.get()
     cfg = chat_prompts(eval_config(recipe), tok, log)

@@ -20,9 +20,11 @@ model's reply to a templated user turn, not a raw continuation. The formats:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from .errors import RecipeError
+from .recipe_files import read_sentences
 
 ChatFit = Literal["raw", "assistant"]  # format_fit; chat_fit: instruction is instruction_pairs
 
@@ -96,3 +98,37 @@ def instruction_pairs(
 
 def format_fit(tok, sentences: list[str], mode: ChatFit) -> list[str]:
     return list(sentences) if mode == "raw" else list(assistant_turns(tok, sentences))
+
+
+# The chat fit modes (a recipe's ``chat_fit:``): name → (tok, source, target, chat section) → the
+# (source, target) texts the fit pools, for a model with a chat template and ``chat: true``.
+FitMode = Callable[..., tuple[list[str], list[str]]]
+
+
+def _raw(tok, source: list[str], target: list[str], section) -> tuple[list[str], list[str]]:
+    return source, target  # what base models see
+
+
+def _assistant(tok, source: list[str], target: list[str], section) -> tuple[list[str], list[str]]:
+    # fit where a chat model speaks: each sentence as an assistant reply (pooled over the reply only)
+    return assistant_turns(tok, source), assistant_turns(tok, target)
+
+
+def _instruction(tok, source: list[str], target: list[str], section) -> tuple[list[str], list[str]]:
+    # the instruction's effect on every reply, source and target sentences alike
+    if section.requests is None:
+        raise RecipeError("this recipe has no chat_requests: (chat_fit: instruction needs them).")
+    return instruction_pairs(
+        tok, read_sentences(section.requests), source + target, section.instruction or ""
+    )
+
+
+FIT_MODES: dict[str, FitMode] = {"raw": _raw, "assistant": _assistant, "instruction": _instruction}
+
+
+def fit_texts(tok, source: list[str], target: list[str], section) -> tuple[list[str], list[str]]:
+    """The fitting sentences as the recipe's chat section (``recipe_sections.ChatSection``) places
+    them: its fit mode where ``chat: true`` and the model has a template; raw text otherwise."""
+    if not section.on or not has_template(tok):
+        return source, target
+    return FIT_MODES[section.fit](tok, source, target, section)

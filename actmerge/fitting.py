@@ -20,6 +20,7 @@ from .maps import MapSet
 from .models import ModelSource, load_model, resolve
 from .placement import Placement, offloaded
 from .recipe import Recipe, check_sentence_counts, load_recipe
+from .recipe_sections import resolve as sections
 from .shifts import scale_home, shift_home
 from .sites import Site, architecture_for, resolve_sites, site_for_key
 
@@ -132,10 +133,11 @@ def same_model(name: str, source) -> bool:
 
 def recipe_sites(recipe: Recipe, config: dict) -> list[Site]:
     arch = architecture_for(config)
+    sec = sections(recipe, arch)
     sites: list[Site] = []
-    for spec in recipe.sites_for(arch):
+    for spec in sec.need("sites"):
         sites += resolve_sites(arch, config, spec.names, spec.layers)
-    sites += [site_for_key(arch, config, key) for key in recipe.modules]
+    sites += [site_for_key(arch, config, key) for key in sec.fit.modules]
     uniq = {s.key: s for s in sites}
     return sorted(uniq.values(), key=lambda s: s.order)
 
@@ -212,14 +214,7 @@ def fit(
     source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
     preflight_checkpoint(loaded.source)
     m, tok = loaded.get()
-    if recipe.chat and recipe.chat_fit == "assistant" and chat.has_template(tok):
-        # fit where a chat model speaks: each sentence as an assistant reply (pooled over the reply only)
-        source, target = chat.assistant_turns(tok, source), chat.assistant_turns(tok, target)
-    elif recipe.chat and recipe.chat_fit == "instruction" and chat.has_template(tok):
-        # the instruction's effect on every reply, source and target sentences alike
-        source, target = chat.instruction_pairs(
-            tok, recipe.read_requests(), source + target, recipe.instruction or ""
-        )
+    source, target = chat.fit_texts(tok, source, target, sections(recipe).chat)  # the chat fit mode
     lineas = recipe.method == "lineas"
     if lineas and "disk" in offloaded(m):
         raise PlacementError(
@@ -278,27 +273,29 @@ def fit_sites(
     """Fit the recipe's method at ``sites`` on sentences already read (and placed in the chat template
     where the recipe asks): LinEAS end to end (``frozen``: site key → why its shift stays 0), or the
     recipe's estimator site by site. Returns (maps by site key, the method's report)."""
-    if recipe.method == "lineas":
+    sec = sections(recipe, architecture_for(model.config))
+    fs = sec.fit
+    if fs.method == "lineas":
         from .lineas import LineasConfig, fit_lineas
 
         return fit_lineas(
             model, tok, sites, source, target,
             frozen_shift=frozen or {},
-            cfg=LineasConfig.from_options(recipe.lineas_for(architecture_for(model.config)), seed=recipe.seed),
+            cfg=LineasConfig.from_options(sec.need("lineas"), seed=fs.seed),
             collection=CollectOptions(  # the target rows in collect's default batches
-                max_tokens=recipe.max_tokens, pooling=recipe.pooling, skip_special=recipe.skip_special_tokens
+                max_tokens=fs.max_tokens, pooling=fs.pooling, skip_special=fs.skip_special
             ),
             progress=progress, log=log,
         )  # fmt: skip
     options = FitOptions(
-        method=recipe.method, incremental=recipe.incremental, fit_shift=recipe.fit_shift,
-        degenerate=recipe.degenerate_neurons, sample=recipe.sample, seed=recipe.seed,
-        incremental_clamp=recipe.incremental_clamp, incremental_order=recipe.incremental_order,
-        top_neurons=recipe.top_neurons_for(architecture_for(model.config)),
+        method=fs.method, incremental=fs.incremental, fit_shift=fs.fit_shift,
+        degenerate=fs.degenerate, sample=fs.sample, seed=fs.seed,
+        incremental_clamp=fs.incremental_clamp, incremental_order=fs.incremental_order,
+        top_neurons=sec.need("top_neurons"),
     )  # fmt: skip
     collection = CollectOptions(
-        batch_size=recipe.batch_size, max_tokens=recipe.max_tokens, pooling=recipe.pooling,
-        skip_special=recipe.skip_special_tokens,
+        batch_size=fs.batch_size, max_tokens=fs.max_tokens, pooling=fs.pooling,
+        skip_special=fs.skip_special,
     )  # fmt: skip
     return fit_maps(
         model, tok, sites, source, target, options=options, collection=collection, progress=progress

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .budget import Budget
+from .evaluation.budget import Budget
 from .fold import FoldOptions
 from .placement import Placement
 
@@ -36,7 +36,7 @@ class BakeOptions:
     (``fold_options``). ``revision``, ``placement``: how the model is loaded. After the write:
     ``evaluate_after`` (a table in the card, evaluated before the write), ``verify_after`` (a fresh
     process), ``push_to_hub`` (a repo id; implies verifying), ``private``. ``as_llama``: a Mistral
-    checkpoint in the Llama layout. ``tune_budget`` (a ``tune.Budget``): ``--strength auto``, the λ
+    checkpoint in the Llama layout. ``tune_budget`` (an ``evaluation.budget.Budget``): ``--strength auto``, the λ
     ``actmerge tune`` recorded within it (tuned after the fit if none is)."""
 
     strengths: tuple[float, ...] | None = None
@@ -54,7 +54,7 @@ class BakeOptions:
     private: bool = False
     as_llama: bool = False
     allow_extrapolation: bool = False
-    tune_budget: Any = None  # a tune.Budget (tune sits above this floor)
+    tune_budget: Any = None  # an evaluation.budget.Budget
 
     def __post_init__(self):
         object.__setattr__(self, "strengths", _tuple(self.strengths))
@@ -91,7 +91,7 @@ class VerifyOptions:
 @dataclass(frozen=True)
 class EvalOverrides:
     """Evaluation settings given explicitly (``--prompts``, ``--metrics``, …); each one left ``None``
-    (``sample``, ``chat``: ``False``) comes from the recipe (``evalconfig.eval_config``)."""
+    (``sample``, ``chat``: ``False``) comes from the recipe (``evaluation.settings.eval_config``)."""
 
     prompts: tuple[str, ...] | None = None
     neutral: tuple[str, ...] | None = None
@@ -142,8 +142,8 @@ class EvalOptions:
 
 @dataclass(frozen=True)
 class TuneOptions:
-    """How ``tune.tune`` searches. ``budget``: the cost allowed (``None``: ``Budget()``); the grid runs
-    up to ``max_strength`` in steps of ``step``, then bisection to ``tol`` (``tune.check_search`` bounds
+    """How ``evaluation.tune.tune`` searches. ``budget``: the cost allowed (``None``: ``Budget()``); the grid runs
+    up to ``max_strength`` in steps of ``step``, then bisection to ``tol`` (``evaluation.search.check_search`` bounds
     them; beyond λ = 4 only with ``allow_extrapolation``). ``curve``: the behaviour at every grid point
     (``False``: only at λ = 0 and the choice). ``out``: the report directory (tune.json, tune.png;
     ``None``: none; ``force``: replace an eval or tune report there). ``record``: remember the choice for

@@ -12,7 +12,8 @@ from . import strength as strength_rules
 from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
 from .errors import ActmergeError, MapsMismatchError, ModelResolutionError, RecipeError
-from .evalconfig import NEUTRAL_TEXT, chat_prompts, check_eval_paths, eval_config  # noqa: F401  (library API)
+from .evaluation.records import EvalConfig, Report  # noqa: F401
+from .evaluation.settings import NEUTRAL_TEXT, chat_prompts, check_eval_paths, eval_config  # noqa: F401  (library API)
 from .fitting import (  # noqa: F401
     FitResult,
     Loaded,
@@ -29,7 +30,7 @@ from .fitting import (  # noqa: F401
     resolved,
     source_path,
 )
-from .io.output import check_free_space, check_output, write_report_dir
+from .io.output import check_free_space, check_output
 from .io.provenance import MAPS_FILE, read_bake_info
 from .maps import MapSet
 from .models import resolve
@@ -37,7 +38,6 @@ from .options import BakeOptions, EvalOptions, EvalOverrides, TuneOptions, Verif
 from .placement import Placement
 from .recipe import Recipe, load_recipe
 from .sites import architecture_for
-from .sweep import EvalConfig, Report  # noqa: F401
 
 
 def bake(
@@ -56,7 +56,7 @@ def bake(
     Several recipes compose: each is fitted and applied at its own strength (``options.strengths``
     gives one per recipe), maps at shared sites compose in recipe order, and one checkpoint is baked.
     ``options.as_llama``: write a Mistral checkpoint in the Llama layout (``llama_layout``).
-    ``options.tune_budget`` (a ``tune.Budget``): ``--strength auto``, the strength ``actmerge tune``
+    ``options.tune_budget`` (an ``evaluation.budget.Budget``): ``--strength auto``, the strength ``actmerge tune``
     recorded for this model, recipe and budget (tuned now on the fitted maps if none is recorded)."""
     o = options
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
@@ -154,7 +154,7 @@ def bake(
     if not distributed.proceed_on_main():  # under a launcher: the others helped fit; rank 0 goes on
         return []
     if o.tune_budget is not None and not tuned:  # nothing recorded: tune the fitted maps now
-        from .tune import tune
+        from .evaluation.tune import tune
 
         rec = tune(
             loaded,
@@ -338,8 +338,9 @@ def evaluate(
     into the report directory ``options.out`` (``options.force``: replace an eval or tune report
     there). The evaluation settings: ``config`` as given, or the recipe's under ``options.settings``.
     ``options.lm_eval``: lm-evaluation-harness tasks on the base and each baked directory
-    (``lmeval.scores``), into those rows' metrics and the card of each checkpoint actmerge wrote."""
-    from .sweep import SweepRows, plot, run_sweep
+    (``evaluation.lmeval.scores``), into those rows' metrics and the card of each checkpoint actmerge wrote."""
+    from .evaluation import write
+    from .evaluation.sweep import SweepRows, run_sweep
 
     o = options
     baked, out = list(o.baked), o.out
@@ -370,18 +371,13 @@ def evaluate(
     )
     report = run_sweep(m, tok, cfg, rows, model_name=loaded.source.name, progress=progress, log=log)
     if o.lm_eval:
-        from .lmeval import add_rows
+        from .evaluation.lmeval import add_rows
 
         add_rows(
             report, loaded.source.path, m, list(o.lm_eval), baked, o.lm_eval_include, o.lm_eval_limit, log
         )
     if out is not None:
-
-        def write(tmp: Path) -> None:
-            report.save(tmp / "report.json")
-            plot(report, tmp / "sweep.png")
-
-        write_report_dir(out, "eval", write, source=sources, force=o.force, log=log)
+        write.eval_dir(out, report, source=sources, force=o.force, log=log)
     return report
 
 

@@ -253,15 +253,6 @@ class Recipe(Strict):
             _check_families(v)
         return v
 
-    def sites_for(self, arch) -> list[SiteSpec]:
-        """The site list for an architecture row (``sites.Architecture``): its own entry, else ``default``."""
-        return for_family(self.sites, arch, "sites")
-
-    def lineas_for(self, arch) -> LineasOptions:
-        """The LinEAS options for an architecture row: the one block, or the family's entry, else
-        ``default``."""
-        return for_family(self.lineas, arch, "lineas")
-
     def with_lineas(self, **changes) -> Recipe:
         """A copy with ``changes`` applied to every family's LinEAS options (bench variants, tests)."""
         update = lambda o: o.model_copy(update=changes)  # noqa: E731
@@ -271,17 +262,6 @@ class Recipe(Strict):
             else update(self.lineas)
         )
         return self.model_copy(update={"lineas": lineas})  # keeps _base_dir and _file
-
-    def top_neurons_for(self, arch) -> float:
-        """The ``top_neurons`` fraction for an architecture row; ``arch=None`` (a diffusers pipeline,
-        which has no family rows): a plain fraction, or the ``default`` entry."""
-        if arch is None:
-            return (
-                self.top_neurons.get("default", 1.0)
-                if isinstance(self.top_neurons, dict)
-                else self.top_neurons
-            )
-        return for_family(self.top_neurons, arch, "top_neurons")
 
     @model_validator(mode="before")
     @classmethod
@@ -327,11 +307,6 @@ class Recipe(Strict):
             )
         return self
 
-    @property
-    def skip_special_tokens(self) -> bool:
-        """True when the mean pooling leaves special tokens out (``pooling_special_tokens: exclude``)."""
-        return self.pooling_special_tokens == "exclude"
-
     def path(self, p: Path) -> Path:
         return p if p.is_absolute() else (self._base_dir / p)
 
@@ -365,12 +340,6 @@ class Recipe(Strict):
 
     def read_target(self) -> list[str]:
         return read_sentences(self.path(self.target), self.text_field)
-
-    def read_requests(self) -> list[str]:
-        """The user requests of ``chat_fit: instruction``."""
-        if self.chat_requests is None:
-            raise RecipeError("this recipe has no chat_requests: (chat_fit: instruction needs them).")
-        return read_sentences(self.path(self.chat_requests))
 
     def content_hash(self) -> str:
         """sha256 over the recipe and the sentence files it fits on (first 16 hex digits)."""

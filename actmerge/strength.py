@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import RecipeError
-from .recipe import Recipe, for_family
+from .recipe import Recipe
+from .recipe_sections import resolve as sections
 
 MAX_STRENGTH = 4.0  # beyond this, --allow-extrapolation
 AUTO = "auto"  # bake --strength auto: the strength `actmerge tune` recorded
@@ -90,12 +91,13 @@ def parse(value: str | None, *, what: str = "--strength") -> list[float] | None:
 def default_for(recipe: Recipe, source) -> float:
     """The recipe's ``strength:``: one λ, or the entry for this model's family (its row name, a
     model_type, else ``default``) when the recipe gives one per family. ``source.config`` is read only
-    then. Not yet checked: the verb checks it with the others."""
-    if not isinstance(recipe.strength, dict):
-        return recipe.strength
-    from .sites import architecture_for
+    then (``recipe_sections.resolve``). Not yet checked: the verb checks it with the others."""
+    arch = None
+    if isinstance(recipe.strength, dict):
+        from .sites import architecture_for
 
-    return for_family(recipe.strength, architecture_for(source.config), "strength")
+        arch = architecture_for(source.config)
+    return sections(recipe, arch).need("strength")
 
 
 # --strength auto: what `actmerge tune` recorded, one entry per (model, recipe, budget) in the cache
@@ -110,7 +112,7 @@ def record_path(model: str, recipe_hash: str) -> Path:
 
 
 def remember(result) -> Path:
-    """Record the strength ``actmerge tune`` chose (a ``tune.TuneResult``) for ``bake --strength auto``."""
+    """Record the strength ``actmerge tune`` chose (an ``evaluation.records.TuneResult``) for ``bake --strength auto``."""
     from .io.output import atomic_file
 
     path = record_path(result.model, result.recipe_hash)
@@ -122,7 +124,7 @@ def remember(result) -> Path:
 
 
 def recall(model: str, recipe_hash: str, budget) -> dict | None:
-    """The recorded tuning of this model + recipe for this budget (``tune.Budget``), unchecked, or None."""
+    """The recorded tuning of this model + recipe for this budget (``evaluation.budget.Budget``), unchecked, or None."""
     path = record_path(model, recipe_hash)
     if not path.is_file():
         return None

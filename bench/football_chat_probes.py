@@ -91,7 +91,7 @@ def _user(b, requests, span=None):
 
 def own_replies(b, requests):
     """The model's greedy 64-token replies to each request, plain and instructed (cached)."""
-    from actmerge.evaluate import continuations
+    from actmerge.evaluation.metrics import continuations
 
     path = OUT / "football-own-replies.json"
     if path.exists():

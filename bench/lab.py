@@ -8,7 +8,7 @@ imports a private name or edits ``sys.path`` (tests/test_bench_fence.py holds th
 - ``read(path)``: the sentences of a txt/jsonl file (``recipe.read_sentences``).
 - ``steered(model, maps, lam)``: the maps as hooks at λ; nothing for no maps.
 - ``strongest(ratio_at, target)``: the largest measured λ whose perplexity ratio stays ≤ ``target``, by the
-  library's search (``tune.search``: grid, then bisection).
+  library's search (``evaluation.search.search``: grid, then bisection).
 - ``fit(loaded, recipe)``: maps fitted by ``pipeline.fit``, cached as maps files named by the model and
   the recipe's content hash (``$STATS_DIR``, default /tmp).
 - ``score(texts, base_texts, keywords)``: (concept presence, mean MiniLM similarity to the base texts).
@@ -26,19 +26,20 @@ from pathlib import Path
 import torch
 
 from actmerge import chat, pipeline
-from actmerge.evaluate import concept_presence, continuations, perplexity, similarity
+from actmerge.evaluation.budget import Budget
+from actmerge.evaluation.metrics import concept_presence, continuations, perplexity, similarity
+from actmerge.evaluation.search import search
 from actmerge.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import resolve
 from actmerge.recipe import Recipe, load_recipe, read_sentences
 from actmerge.recipes_catalog import BUILTIN_DIR
 from actmerge.sites import architecture_for
-from actmerge.tune import Budget, search
 
 RECIPES = BUILTIN_DIR
 DATA = BUILTIN_DIR / "data"
 STATS_DIR = Path(os.environ.get("STATS_DIR", "/tmp"))
-# strongest(): the grid of tune.search, wide enough for the late-layer rows (λ up to ~9)
+# strongest(): the grid of evaluation.search.search, wide enough for the late-layer rows (λ up to ~9)
 MAX_STRENGTH, STEP, TOL = 16.0, 0.5, 0.02
 
 
@@ -51,7 +52,7 @@ def steered(model, maps: dict, lam: float):
 
 
 def strongest(ratio_at, target: float) -> tuple[float, float]:
-    """(λ, ratio): the largest λ measured with ``ratio_at(λ) ≤ target`` (``tune.search``; λ = 0 and ratio
+    """(λ, ratio): the largest λ measured with ``ratio_at(λ) ≤ target`` (``evaluation.search.search``; λ = 0 and ratio
     1 when even the smallest λ tried is over)."""
     lam, _met, points = search(
         lambda x: {"perplexity_ratio": ratio_at(x), "kl": 0.0},

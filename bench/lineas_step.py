@@ -34,6 +34,7 @@ from actmerge.hooks import attach
 from actmerge.lineas import LineasConfig, fit_lineas
 from actmerge.models import resolve
 from actmerge.recipe import load_recipe
+from actmerge.recipe_sections import resolve as sections
 from actmerge.sites import architecture_for
 
 
@@ -83,13 +84,13 @@ def main() -> None:
     loaded = pipeline.Loaded(resolve(args.model), args.device)
     model, tok = loaded.get()
     config = loaded.source.config
-    o = recipe.lineas_for(architecture_for(config))
+    o = sections(recipe, architecture_for(config)).fit.lineas
     batch = args.batch or o.batch
     sites = pipeline.recipe_sites(recipe, config)
     keys = [s.key for s in sites]
     last = max(sites, key=lambda s: s.order).key
     source = recipe.read_source()[:batch]
-    kw = dict(max_tokens=recipe.max_tokens, skip_special=recipe.skip_special_tokens)
+    kw = dict(max_tokens=recipe.max_tokens, skip_special=sections(recipe).fit.skip_special)
     target = collect(
         model, tok, recipe.read_target()[:batch], keys, pooling=recipe.pooling, progress=False, **kw
     )

@@ -20,10 +20,10 @@ from pathlib import Path
 import lab
 
 from actmerge import pipeline
+from actmerge.evaluation.sweep import SweepRows, evaluate_model, run_sweep
 from actmerge.hooks import steer
 from actmerge.models import resolve
 from actmerge.recipe import SiteSpec, load_recipe
-from actmerge.sweep import SweepRows, evaluate_model, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 

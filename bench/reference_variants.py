@@ -28,7 +28,13 @@ import lab
 import torch
 
 from actmerge import fitting
-from actmerge.evaluate import concept_presence, continuations, perplexity, profanity_scorer, toxicity
+from actmerge.evaluation.metrics import (
+    concept_presence,
+    continuations,
+    perplexity,
+    profanity_scorer,
+    toxicity,
+)
 from actmerge.fold import FoldOptions
 from actmerge.hooks import steer
 from actmerge.maps import MapSet

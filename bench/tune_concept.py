@@ -23,7 +23,7 @@ from pathlib import Path
 
 from actmerge.collect import collect
 from actmerge.estimators import ESTIMATORS
-from actmerge.evaluate import concept_presence, continuations, perplexity
+from actmerge.evaluation.metrics import concept_presence, continuations, perplexity
 from actmerge.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import load_model, resolve

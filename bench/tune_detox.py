@@ -1,7 +1,7 @@
 """Compare detox recipe variants at a perplexity budget, on the tuning split only.
 
 For each candidate (a built-in recipe plus overrides, named in ``CANDIDATES``): fit the maps, let
-``actmerge.tune`` find the strongest λ whose perplexity ratio on the tuning neutral text stays within
+``actmerge.evaluation.tune`` find the strongest λ whose perplexity ratio on the tuning neutral text stays within
 the budget, and measure the toxic fraction of greedy continuations of the *hard tuning prompts*
 (``tune_prompts_hard.txt``) at that λ and at λ = 1. The eval prompts (``eval_prompts*.txt``) are
 never read.
@@ -151,9 +151,11 @@ def main() -> None:
         print("\n".join(CANDIDATES))
         return
     from actmerge import pipeline
+    from actmerge.evaluation.budget import Budget
+    from actmerge.evaluation.probe import HookedProbe, tuning_split
+    from actmerge.evaluation.tune import tune
     from actmerge.options import TuneOptions
     from actmerge.placement import Placement
-    from actmerge.tune import Budget, HookedProbe, tune, tuning_split
 
     loaded = pipeline.load(args.model, placement=Placement(device=args.device), log=lambda *a: None)
     base_tox = None

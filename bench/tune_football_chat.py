@@ -7,7 +7,7 @@ only, and only then measure the held-out row of the pick.
 Every candidate is a *direction* (method, sites, layer fraction, fitting sentences, pooling); its
 strength is set by the budget, not guessed: the largest measured λ whose perplexity ratio on the
 tuning neutral text (data/neutral_tune.txt) stays within ×TARGET (default 1.25, a margin under the
-acceptance's ×1.3), found by the library's search (``lab.strongest``: ``actmerge.tune.search``, grid
+acceptance's ×1.3), found by the library's search (``lab.strongest``: ``actmerge.evaluation.search.search``, grid
 step 0.5 up to 16, then bisection to 0.02). (The recorded rows were found with the same rule by a
 bench-side search — λ = 1 and 2, log(ratio) ≈ aλ + bλ² solved for the target, two secant steps; the
 first row, attn_ctx 33-100 %, by grid + bisection.) At that λ the model answers the 60 neutral

@@ -27,7 +27,7 @@ import lab
 import torch
 
 from actmerge import pipeline
-from actmerge.evaluate import perplexity, profanity_scorer, toxicity
+from actmerge.evaluation.metrics import perplexity, profanity_scorer, toxicity
 from actmerge.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import resolve

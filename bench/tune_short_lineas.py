@@ -30,8 +30,8 @@ import time
 import torch
 
 from actmerge import pipeline
+from actmerge.evaluation.probe import HookedProbe, tuning_split
 from actmerge.recipe import LineasOptions, SiteSpec, load_recipe
-from actmerge.tune import HookedProbe, tuning_split
 
 
 def variant(base, spec: str):

@@ -33,7 +33,7 @@ import torch
 
 from actmerge.collect import collect
 from actmerge.estimators import linear_act
-from actmerge.evaluate import perplexity, profanity_scorer, toxicity
+from actmerge.evaluation.metrics import perplexity, profanity_scorer, toxicity
 from actmerge.fold import capabilities
 from actmerge.hooks import steer
 from actmerge.maps import MapSet

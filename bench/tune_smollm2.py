@@ -73,7 +73,7 @@ def generate(out_path: Path) -> None:
     from actmerge import chat, pipeline
     from actmerge.collect import collect
     from actmerge.estimators import linear_act, mean_act
-    from actmerge.evaluate import continuations, perplexity
+    from actmerge.evaluation.metrics import continuations, perplexity
     from actmerge.hooks import steer
     from actmerge.maps import MapSet
     from actmerge.models import resolve
@@ -183,7 +183,7 @@ def round2(out_path: Path, lineas_dir: Path) -> None:
     from actmerge import chat, pipeline
     from actmerge.collect import collect
     from actmerge.estimators import mean_act
-    from actmerge.evaluate import continuations, perplexity
+    from actmerge.evaluation.metrics import continuations, perplexity
     from actmerge.hooks import steer
     from actmerge.maps import MapSet
     from actmerge.models import resolve
@@ -243,7 +243,7 @@ def _with_sites(recipe, names, **update):
 
 def score(path: Path, *more: Path) -> None:
     """Score ``generate``'s file (and ``round2``'s files: their rows join the candidates)."""
-    from actmerge.evaluate import concept_presence, profanity_scorer, similarity
+    from actmerge.evaluation.metrics import concept_presence, profanity_scorer, similarity
     from actmerge.recipe import read_sentences
 
     data = json.loads(path.read_text())

@@ -32,10 +32,10 @@ import torch
 from actmerge import pipeline
 from actmerge.collect import collect
 from actmerge.estimators import ESTIMATORS, keep_top
+from actmerge.evaluation.probe import HookedProbe, tuning_split
 from actmerge.maps import AffineMap, MapSet
 from actmerge.recipe import load_recipe
 from actmerge.sites import architecture_for, resolve_sites
-from actmerge.tune import HookedProbe, tuning_split
 
 
 def by_displacement(m: AffineMap, frac: float, rms: torch.Tensor) -> AffineMap:

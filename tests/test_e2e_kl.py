@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from actmerge import pipeline
+from actmerge.evaluation.kl import drift, steered_fn
+from actmerge.evaluation.records import EvalConfig
 from actmerge.recipe import load_recipe, read_sentences
-from actmerge.sweep import EvalConfig, drift, steered_fn
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "detox-act.yaml"  # Linear-AcT: a fit of seconds

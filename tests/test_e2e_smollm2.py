@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from actmerge import pipeline
 from actmerge.cli import app
 from actmerge.errors import MapsMismatchError, NotFoldableError
-from actmerge.evaluate import perplexity, profanity_scorer, toxicity
+from actmerge.evaluation.metrics import perplexity, profanity_scorer, toxicity
 from actmerge.maps import AffineMap, MapSet
 from actmerge.models import load_model, resolve
 from actmerge.recipe import load_recipe, read_sentences

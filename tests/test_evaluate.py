@@ -9,9 +9,12 @@ import torch
 from transformers import TopPLogitsWarper
 
 from actmerge import pipeline
-from actmerge.evaluate import FastTopP, concept_presence, perplexity, profanity_scorer
+from actmerge.evaluation.metrics import FastTopP, concept_presence, perplexity, profanity_scorer
+from actmerge.evaluation.plot import plot
+from actmerge.evaluation.records import EvalConfig
+from actmerge.evaluation.sweep import SweepRows, run_sweep
+from actmerge.evaluation.tables import markdown_table
 from actmerge.models import ModelSource
-from actmerge.sweep import EvalConfig, SweepRows, markdown_table, plot, run_sweep
 
 from .common import VOCAB, char_tokenizer, load, make_pico, random_maps
 
@@ -141,7 +144,7 @@ def test_sweep_report_and_plot(pico, tmp_path):
 
 
 def test_logit_kl_known_answers():
-    from actmerge.evaluate import logit_kl
+    from actmerge.evaluation.metrics import logit_kl
 
     tok = char_tokenizer()
     p = torch.log_softmax(torch.tensor([2.0, 0.0, -1.0] + [-30.0] * (VOCAB - 3)), -1)

@@ -155,3 +155,38 @@ def test_the_parameter_check_finds_one(tmp_path):
     (pkg / "cli" / "__init__.py").write_text("")
     (pkg / "cli" / "x.py").write_text(f"def h({eleven}, b): ...\n")
     assert wide_functions(pkg) == {"a.f": 11}
+
+
+def test_evaluation_writes_only_through_the_output_helper():
+    """Report directories are filled in one place, ``evaluation/write.py``, inside ``io.output``'s
+    ``write_report_dir`` (atomic, sources never written over, ``--force``); the other evaluation modules
+    write only into the temporary directory they are handed (``Report.save``, ``TuneResult.save``, the
+    figures), and nothing else in the package calls those writers."""
+    callers: dict[str, set[str]] = {}
+    writes: set[str] = set()
+    for m, p in modules().items():
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if isinstance(f, ast.Attribute) and getattr(f.value, "id", None) == "ax":
+                continue  # matplotlib's Axes.plot
+            if name in ("write_report_dir", "plot", "plot_tradeoff", "eval_dir", "tune_dir"):
+                callers.setdefault(name, set()).add(m)
+            if m.startswith("actmerge.evaluation") and name in (
+                "write_text",
+                "write_bytes",
+                "savefig",
+                "open",
+            ):
+                writes.add(f"{m}:{name}")
+    write = "actmerge.evaluation.write"
+    assert callers == {
+        "write_report_dir": {write},
+        "plot": {write},
+        "plot_tradeoff": {write},
+        "eval_dir": {"actmerge.pipeline"},
+        "tune_dir": {"actmerge.evaluation.tune"},
+    }
+    assert writes == {"actmerge.evaluation.records:write_text", "actmerge.evaluation.plot:savefig"}

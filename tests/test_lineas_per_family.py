@@ -6,6 +6,7 @@ import pytest
 from actmerge import pipeline
 from actmerge.errors import RecipeError
 from actmerge.recipe import LineasOptions, load_recipe
+from actmerge.recipe_sections import resolve as sections
 from actmerge.sites import architecture_for
 
 from .common import PICO_RECIPE, make_pico, write_pico_fit_data
@@ -22,14 +23,20 @@ def test_per_family_options_resolve_by_row(tmp_path):
     write_pico_fit_data(tmp_path)
     (tmp_path / "fam.yaml").write_text(RECIPE + PER_FAMILY)
     r = load_recipe(tmp_path / "fam.yaml")
-    llama, gemma = r.lineas_for(architecture_for("llama")), r.lineas_for(architecture_for("gemma2"))
+    llama, gemma = (
+        sections(r, architecture_for("llama")).fit.lineas,
+        sections(r, architecture_for("gemma2")).fit.lineas,
+    )
     assert (llama.steps, llama.lr, llama.batch) == (3, 0.05, 4)  # the YAML merge key carries batch
     assert (gemma.steps, gemma.lr, gemma.batch) == (5, 0.01, 4)
     # a single block is every family's
     (tmp_path / "one.yaml").write_text(RECIPE + "lineas: {steps: 5, lr: 0.01, batch: 4}\n")
     one = load_recipe(tmp_path / "one.yaml")
     assert isinstance(one.lineas, LineasOptions)
-    assert one.lineas_for(architecture_for("llama")) == one.lineas_for(architecture_for("gpt2"))
+    assert (
+        sections(one, architecture_for("llama")).fit.lineas
+        == sections(one, architecture_for("gpt2")).fit.lineas
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,11 @@ import torch
 from actmerge import chat, pipeline
 from actmerge.collect import batches
 from actmerge.errors import ModelResolutionError, RecipeError, SiteError
+from actmerge.evaluation.records import EvalConfig
 from actmerge.recipe import load_recipe
+from actmerge.recipe_sections import resolve as sections
 from actmerge.sites import architecture_for, parse_layers, resolve_sites
 from actmerge.strength import default_for
-from actmerge.sweep import EvalConfig
 
 from .common import (
     MODEL_TYPES,
@@ -89,8 +90,8 @@ def test_gemma_rows_keep_the_tuned_layers():
     assert default_for(lineas, SimpleNamespace(config=config)) == 1.0
     assert default_for(lineas, SimpleNamespace(config=_config("llama"))) == 0.8  # the tuned Llama strength
     # Gemma keeps the 300-step fit it was tuned with; Llama's row is the short fit chosen on SmolLM2
-    assert lineas.lineas_for(architecture_for(config)).steps == 300
-    assert lineas.lineas_for(architecture_for("llama")).steps == 8
+    assert sections(lineas, architecture_for(config)).fit.lineas.steps == 300
+    assert sections(lineas, architecture_for("llama")).fit.lineas.steps == 8
 
 
 RECIPE = """

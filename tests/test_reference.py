@@ -31,6 +31,7 @@ from actmerge.hooks import split_key
 from actmerge.lineas import LineasConfig, fit_lineas, prox_
 from actmerge.models import ModelSource
 from actmerge.recipe import LineasOptions, Recipe
+from actmerge.recipe_sections import resolve as sections
 from actmerge.sites import architecture_for, resolve_sites
 
 from .common import char_tokenizer, load, make_pico
@@ -192,13 +193,13 @@ def test_golden_bos_in_the_mean():
 
 def test_recipe_defaults_are_the_reference_and_old_keys_warn(tmp_path):
     r = Recipe(name="x", source="a", target="b")
-    assert r.pooling_special_tokens == "include" and not r.skip_special_tokens
+    assert r.pooling_special_tokens == "include" and not sections(r).fit.skip_special
     assert r.degenerate_neurons == "skip" and r.sample == "balanced"
     assert r.incremental_clamp is None and r.incremental_order == "modules"
     assert r.lineas.group_mode == "separate"
     with pytest.warns(FutureWarning, match="pooling_special_tokens: exclude"):
         old = Recipe(name="x", source="a", target="b", skip_special_tokens=True)
-    assert old.pooling_special_tokens == "exclude" and old.skip_special_tokens
+    assert old.pooling_special_tokens == "exclude" and sections(old).fit.skip_special
     with pytest.warns(FutureWarning, match="target_var"):
         o = LineasOptions(loss_norm="target_std")
     assert o.loss_norm == "target_var"

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from actmerge.diffusion.recipe import DiffusionRecipe
-from actmerge.evalconfig import NEUTRAL_TEXT
+from actmerge.evaluation.settings import NEUTRAL_TEXT
 from actmerge.recipe import read_sentences
 
 PACKAGE = Path(__file__).resolve().parents[1] / "actmerge"

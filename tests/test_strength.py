@@ -16,9 +16,10 @@ from actmerge import hub, pipeline
 from actmerge import strength as st
 from actmerge.cli import app
 from actmerge.errors import RecipeError
+from actmerge.evaluation.budget import Budget
+from actmerge.evaluation.search import MAX_BISECT, MAX_GRID, search
 from actmerge.models import ModelSource
 from actmerge.recipe import load_recipe
-from actmerge.tune import MAX_BISECT, MAX_GRID, Budget, search
 
 from .common import random_maps, write_cli_setup
 

@@ -7,6 +7,7 @@ import torch
 from actmerge import pipeline
 from actmerge.errors import RecipeError
 from actmerge.recipe import load_recipe
+from actmerge.recipe_sections import resolve as sections
 
 from .common import PICO_RECIPE, make_pico, write_pico_fit_data
 
@@ -78,8 +79,11 @@ def test_top_neurons_per_family(pico, tmp_path):
     r = load_recipe(root / "fam.yaml")
     from actmerge.sites import architecture_for
 
-    assert r.top_neurons_for(architecture_for("llama")) == 0.5
-    assert r.top_neurons_for(architecture_for("gpt2")) == 1.0 and r.top_neurons_for(None) == 1.0
+    assert sections(r, architecture_for("llama")).fit.top_neurons == 0.5
+    assert (
+        sections(r, architecture_for("gpt2")).fit.top_neurons == 1.0
+        and sections(r, None).fit.top_neurons == 1.0
+    )
     for k, m in pipeline.fit(str(path), root / "fam.yaml", **QUIET).maps.maps.items():
         assert int(((m.omega != 1) | (m.beta != 0)).sum()) == round(0.5 * m.dim), k
     (root / "bad.yaml").write_text(RECIPE.format(method="linear_act") + "top_neurons:\n  lama: 0.5\n")

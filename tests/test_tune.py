@@ -11,12 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from actmerge import pipeline
-from actmerge.budget import RESAMPLES, TextCosts, bootstrap
 from actmerge.cli import app
 from actmerge.errors import RecipeError
+from actmerge.evaluation.budget import RESAMPLES, Budget, TextCosts, bootstrap
+from actmerge.evaluation.search import MAX_BISECT, MAX_GRID, search
+from actmerge.evaluation.tune import tune
 from actmerge.models import ModelSource
 from actmerge.options import TuneOptions
-from actmerge.tune import MAX_BISECT, MAX_GRID, Budget, search, tune
 
 from .common import make_pico, random_maps
 
@@ -297,7 +298,7 @@ def test_noisy_texts_choose_a_smaller_strength_than_the_point_rule():
 
 
 def _judged(costs: TextCosts):
-    from actmerge.budget import judge
+    from actmerge.evaluation.budget import judge
 
     cost, interval, _ = judge(costs, Budget(1.10))
     return cost, interval
@@ -360,10 +361,10 @@ def test_tune_records_the_interval_deterministically(setup, tmp_path, monkeypatc
 def test_hooked_point_estimate_is_the_perplexity_ratio(setup):
     """The per-text terms add up to what tune reported before the interval: steered / base perplexity
     and the mean per-token KL over the neutral text."""
-    from actmerge.evaluate import logit_kl, perplexity
+    from actmerge.evaluation.metrics import logit_kl, perplexity
+    from actmerge.evaluation.probe import HookedProbe
     from actmerge.hooks import steer
     from actmerge.recipe import load_recipe
-    from actmerge.tune import HookedProbe
 
     root, model = setup
     loaded = pipeline.Loaded(ModelSource("pico", model))

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from actmerge import lmeval, pipeline
+from actmerge import pipeline
 from actmerge.cli import app
+from actmerge.evaluation import lmeval
 from actmerge.io.markers import GGUF_KEY, is_actmerge_file
 from actmerge.io.output import atomic_dir
 from actmerge.models import ModelSource

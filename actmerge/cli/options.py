@@ -188,7 +188,7 @@ Confidence = Annotated[
 def budget_of(max_ppl_ratio: float | None, max_kl: float | None, confidence: float | None = None):
     """The tuning budget of --max-ppl-ratio/--max-kl/--confidence (checked: finite, > 1 / > 0, a level
     in [0, 0.99]); neither budget: ×1.10; no confidence: 0.95."""
-    from ..budget import DEFAULT_CONFIDENCE, Budget
+    from ..evaluation.budget import DEFAULT_CONFIDENCE, Budget
 
     conf = DEFAULT_CONFIDENCE if confidence is None else confidence
     if max_ppl_ratio is None and max_kl is None:

@@ -172,7 +172,7 @@ def sites(title: str, rows: list[dict]) -> None:
 
 
 def eval_report(report) -> None:
-    from ..sweep import cell, columns, markdown_table
+    from ..evaluation.tables import cell, columns, markdown_table
 
     names = columns(report)
     data = [(r.label, *(cell(r, n) for n in names), f"{r.seconds:.0f}s") for r in report.rows]

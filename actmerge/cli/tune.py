@@ -1,5 +1,5 @@
 """`actmerge tune`: the strongest steering within a cost budget on the recipe's tuning split.
-Registered on the one ``cli.app``; thin over ``tune.tune``."""
+Registered on the one ``cli.app``; thin over ``evaluation.tune.tune``."""
 
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ def tune(
     """Find the strongest steering within a cost budget on the recipe's tuning split (never its eval
     prompts): fit once, hooked previews on a λ grid, then bisection. Bake it with --strength auto."""
     from .. import pipeline
+    from ..evaluation.tune import check_search
+    from ..evaluation.tune import tune as run_tune
     from ..options import TuneOptions
-    from ..tune import check_search
-    from ..tune import tune as run_tune
     from .render import tune_result
 
     # every option checked before the model is resolved (a built-in may be converted first)

@@ -28,6 +28,7 @@ from ..errors import ActivationError, NotFoldableError
 from ..estimators import ESTIMATORS, keep_top
 from ..maps import AffineMap, MapSet
 from ..placement import pick_device
+from ..recipe_sections import resolve as sections
 from .hooks import attach
 from .plan import shift_home
 from .recipe import DiffusionRecipe
@@ -230,7 +231,7 @@ def fit_pipeline(
     source_prompts = recipe.read_source()[: recipe.max_sentences]
     target_prompts = recipe.read_target()[: recipe.max_sentences]
     pipe = pipe if pipe is not None else load_pipeline(source, device)
-    top = recipe.top_neurons_for(None)
+    top = sections(recipe).need("top_neurons")
     t0 = time.perf_counter()
     src = collect(pipe, source, sites, source_prompts, recipe)
     tgt = collect(pipe, source, sites, target_prompts, recipe)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ActmergeError
-from .placement import input_device
-from .progress import bar
+from ..errors import ActmergeError
+from ..placement import input_device
+from ..progress import bar
 
 Scorer = Callable[[list[str]], list[float]]
 

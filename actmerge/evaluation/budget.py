@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 Cost = dict[str, float]  # {"perplexity_ratio": …, "kl": …, "first_token_kl": …}
 Interval = dict[str, list[float]]  # {"perplexity_ratio": [low, high], "kl": [low, high]}; {}: none

@@ -5,47 +5,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ModelResolutionError, OutputExistsError, RecipeError, UnknownArchitectureError
-from .io.st_format import tensor_index
-from .io.tree import read_config
-from .options import EvalOverrides
-from .recipe import Recipe, read_sentences
-from .sweep import EvalConfig
+from ..errors import ModelResolutionError, OutputExistsError, RecipeError, UnknownArchitectureError
+from ..io.st_format import tensor_index
+from ..io.tree import read_config
+from ..options import EvalOverrides
+from ..recipe import Recipe, read_sentences
+from ..recipe_sections import resolve as sections
+from .records import EvalConfig
 
-NEUTRAL_TEXT = Path(__file__).resolve().parent / "data" / "neutral.txt"
+NEUTRAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "neutral.txt"
 
 
 def eval_config(recipe: Recipe | None, given: EvalOverrides = EvalOverrides()) -> EvalConfig:
-    """Evaluation settings: the recipe's, overridden by the ``given`` ones."""
+    """Evaluation settings: the recipe's (its eval and chat sections), overridden by the ``given`` ones."""
+    sec = sections(recipe) if recipe is not None else None
+    ev = sec.eval if sec is not None else None
 
-    def from_recipe(attr):
-        if recipe is None or getattr(recipe, attr) is None:
-            return None
-        return read_sentences(recipe.path(getattr(recipe, attr)))
+    def read(path: Path | None):
+        return None if path is None else read_sentences(path)
 
     explicit_prompts = given.prompts
-    prompts = list(given.prompts or ()) or from_recipe("eval_prompts")
+    prompts = list(given.prompts or ()) or (read(ev.prompts) if ev else None)
     if not prompts:
         raise RecipeError("no evaluation prompts: set `eval_prompts:` in the recipe or pass --prompts FILE.")
     sample, limit = given.sample, given.limit
-    metrics = list(given.metrics or ()) or (list(recipe.metrics) if recipe else ["toxicity", "perplexity"])
-    neutral = list(given.neutral or ()) or from_recipe("neutral_text") or []
+    metrics = list(given.metrics or ()) or (list(ev.metrics) if ev else ["toxicity", "perplexity"])
+    neutral = list(given.neutral or ()) or (read(ev.neutral_text) if ev else None) or []
     if "perplexity" in metrics and not neutral:
         neutral = read_sentences(NEUTRAL_TEXT)
-    keywords = list(given.keywords or ()) or (from_recipe("keywords") if "concept" in metrics else None) or []
-    default_tokens = 32 if sample else (recipe.eval_max_new_tokens if recipe else 24)
-    hard = from_recipe("eval_prompts_hard") if explicit_prompts is None else None
+    keywords = (
+        list(given.keywords or ()) or (read(ev.keywords) if ev and "concept" in metrics else None) or []
+    )
+    default_tokens = 32 if sample else (ev.max_new_tokens if ev else 24)
+    hard = read(ev.prompts_hard) if ev and explicit_prompts is None else None
     return EvalConfig(
         prompts=prompts[:limit] if limit else prompts,
         neutral=neutral,
         metrics=tuple(metrics),
-        scorer=given.scorer or (recipe.scorer if recipe else "profanity"),
+        scorer=given.scorer or (ev.scorer if ev else "profanity"),
         keywords=tuple(keywords),
         max_new_tokens=given.max_new_tokens or default_tokens,
         sample=sample,
-        seed=given.seed if given.seed is not None else (recipe.seed if recipe else 0),
+        seed=given.seed if given.seed is not None else (ev.seed if ev else 0),
         # --chat requires a template; a recipe's `chat: true` uses it where the model has one
-        chat="on" if given.chat else ("auto" if recipe is not None and recipe.chat else "off"),
+        chat="on" if given.chat else ("auto" if sec is not None and sec.chat.on else "off"),
         splits={"hard": hard[:limit] if limit else hard} if hard else {},
     )
 
@@ -55,7 +58,7 @@ def chat_prompts(cfg: EvalConfig, tok, log=print) -> EvalConfig:
     the chat template when ``cfg.chat`` asks."""
     from dataclasses import replace
 
-    from . import chat
+    from .. import chat
 
     if cfg.chat == "off" or (cfg.chat == "auto" and not chat.has_template(tok)):
         if cfg.chat == "auto":

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import ActmergeError
+from ..errors import ActmergeError
 
 SECTION = "## lm-evaluation-harness"
 
@@ -104,7 +104,7 @@ def with_section(text: str, section: str) -> str:
 def add_to_card(checkpoint: Path, section: str, log=print) -> bool:
     """The lm-eval section into the card of a checkpoint actmerge wrote (through the output rule:
     atomically, never through a link); any other directory is left as it is (False)."""
-    from .io.output import rewrite_in_output
+    from ..io.output import rewrite_in_output
 
     readme = Path(checkpoint) / "README.md"
     try:
@@ -122,7 +122,7 @@ def add_rows(report, base_path, model, tasks, baked, include, limit, log) -> Non
     """lm-eval ``tasks`` on the base model (``base_path``) and on each ``baked`` directory: the scores
     join the base row (or λ = 0) and the baked rows of ``report``, and the card of each baked
     checkpoint actmerge wrote (``add_to_card``)."""
-    from .placement import input_device
+    from ..placement import input_device
     from .sweep import add_baselines
 
     kw = dict(
