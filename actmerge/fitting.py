@@ -4,12 +4,13 @@ model argument becomes a loaded model, and the one decision "language model or p
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import chat
+from . import chat, distributed
 from .collect import CollectOptions, FitOptions, FitReport
 from .collect import fit as fit_maps
 from .errors import NotFoldableError, PlacementError
@@ -17,6 +18,7 @@ from .fold import FoldOptions
 from .io.provenance import read_bake_info
 from .io.st_format import tensor_index
 from .maps import MapSet
+from .memory import MemoryEstimate, lineas_memory, site_dim
 from .models import ModelSource, load_model, resolve
 from .placement import Placement, offloaded
 from .recipe import Recipe, check_sentence_counts, load_recipe
@@ -44,6 +46,10 @@ class Loaded:
         if self._model is None:
             self._model, self._tok = load_model(self.source, placement=self.placement)
         return self._model, self._tok
+
+    def release(self) -> None:
+        """Drop the loaded model (``get`` loads it again): frees its memory once no one else holds it."""
+        self._model = self._tok = None
 
 
 def model_kind(model, revision: str | None = None) -> Kind:
@@ -213,6 +219,10 @@ def fit(
     source, target = recipe.read_source(), recipe.read_target()
     source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
     preflight_checkpoint(loaded.source)
+    if recipe.method == "lineas":
+        batch = min(recipe.lineas_for(architecture_for(config)).batch, len(source))
+        estimate = lineas_estimate(recipe, config, sites, batch, len(target), loaded.source.path)
+        log(estimate.describe(batch, recipe.max_tokens, ranks()))
     m, tok = loaded.get()
     source, target = chat.fit_texts(tok, source, target, sections(recipe).chat)  # the chat fit mode
     lineas = recipe.method == "lineas"
@@ -248,6 +258,28 @@ def fit(
         f"{len(target)} target sentences in {seconds:.1f}s; {detail}"
     )
     return FitResult(mapset, report, recipe, seconds)
+
+
+def ranks() -> int:
+    """Processes the launcher started (1 without one); known before the process group opens."""
+    return int(os.environ.get("WORLD_SIZE", "1") or "1") if distributed.launched() else 1
+
+
+def lineas_estimate(
+    recipe: Recipe, config: dict, sites: list[Site], batch: int, n_target: int, path=None
+) -> MemoryEstimate:
+    """The memory one process of a LinEAS fit of ``recipe`` at ``sites`` needs (``memory``), before
+    loading: ``batch`` sentences a step, the forward up to the last site's layer."""
+    return lineas_memory(
+        config,
+        site_dims=[site_dim(s.name, config) for s in sites],
+        batch=batch,
+        tokens=recipe.max_tokens,
+        n_target=n_target,
+        layers=max((s.layer for s in sites), default=0) + 1,
+        ranks=ranks(),
+        path=path,
+    )
 
 
 def frozen_shifts(recipe: Recipe, config: dict, sites: list[Site], options: FoldOptions) -> dict[str, str]:
