@@ -367,7 +367,12 @@ def evaluate(
     m, tok = loaded.get()
     cfg = chat_prompts(cfg, tok, log)
     rows = SweepRows(
-        maps=mapset, strengths=strengths, baked=baked, include_base=o.include_base, support=support
+        maps=mapset,
+        strengths=strengths,
+        baked=baked,
+        include_base=o.include_base,
+        support=support,
+        placement=o.placement,
     )
     report = run_sweep(m, tok, cfg, rows, model_name=loaded.source.name, progress=progress, log=log)
     if o.lm_eval:

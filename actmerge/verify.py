@@ -3,6 +3,7 @@ fresh process that never imports actmerge. Two independent implementations of on
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from .errors import VerificationError
 from .hooks import steer
 from .maps import MapSet
-from .placement import input_device
+from .placement import Placement, input_device
 from .tolerance import HALF_DTYPES, LOGITS, for_dtypes
 
 DEFAULT_PROMPTS = [
@@ -36,10 +37,12 @@ NEW_TOKENS = 16
 # ids (``input_ids``, ``attention_mask``, ``positions`` to keep) and where to write the logits there.
 # float32 for any checkpoint dtype, as the hooked base (``models.load_model``): a bf16/fp16 checkpoint
 # is then compared for the rounding of its folded weights only (``tolerance.LOGITS`` says why).
+# ``argv[2]``: JSON of the placement's ``from_pretrained`` arguments (device map, memory budget, offload).
 _FRESH = r"""
-import sys, torch
+import json, sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+kwargs = json.loads(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kwargs).eval()
 print("loaded", flush=True)
 line = sys.stdin.readline().strip()
 if not line:
@@ -49,7 +52,7 @@ batch = torch.load(in_path)
 with torch.no_grad():
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 assert not any(m == "actmerge" or m.startswith("actmerge.") for m in sys.modules), "actmerge was imported"
-torch.save({"logits": logits[batch["positions"]].float()}, out_path)
+torch.save({"logits": logits.cpu()[batch["positions"]].float()}, out_path)
 print("done", flush=True)
 """
 
@@ -89,14 +92,14 @@ class FreshProcess:
     """The baked checkpoint loaded by plain transformers in a subprocess, started at once so that its
     start-up and load overlap with the caller's work; ``logits`` sends it one batch of token ids."""
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, load_kwargs: dict | None = None):
         self.checkpoint = Path(checkpoint)
         # token ids and logits travel through files: in memory (/dev/shm) where there is one
         shm = Path("/dev/shm")
         self._dir = tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None)
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _FRESH, str(self.checkpoint.resolve())],
+            [sys.executable, "-c", _FRESH, str(self.checkpoint.resolve()), json.dumps(load_kwargs or {})],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -215,6 +218,8 @@ def verify_transformers(
     tolerance: float,
     log: Callable[[str], None] = print,
     new_tokens: int = 0,
+    placement: Placement | None = None,
+    release: Callable[[], None] | None = None,
 ) -> VerifyReport:
     """The hooked base model (``load_base()``: model, tokenizer) vs ``checkpoint`` in a fresh process.
 
@@ -222,11 +227,30 @@ def verify_transformers(
     tokenizer) while this one loads (or reuses) the base model and runs the hooked forward of the
     fixed ``prompts``; then the fresh process runs one forward of the same tokens. Greedy agreement is
     teacher forced: the top-1 at each prompt's last position (its first greedy token), and with
-    ``new_tokens`` > 0 along the hooked model's greedy continuation (generated here, never there)."""
+    ``new_tokens`` > 0 along the hooked model's greedy continuation (generated here, never there).
+
+    ``placement`` with a device map or memory budget (a model beyond RAM): one model at a time — the
+    hooked base runs under it, ``release()`` frees it, then the fresh process loads the checkpoint under
+    the same placement (its layers beyond the budget read from disk as they run)."""
     t0 = time.perf_counter()
 
     def step(what: str) -> None:
         log(f"verify: {what} ({time.perf_counter() - t0:.1f}s)")
+
+    if placement is not None and placement.dispatched:
+        model, tok = load_base()
+        step(f"base model ready under {placement.to_dict()}; hooked forward of {len(prompts)} prompts …")
+        ref = reference(model, tok, prompts, maps, strength, new_tokens)
+        del model, tok
+        if release is not None:
+            release()
+        gc.collect()
+        step(f"base freed; loading {checkpoint} in a fresh process under the same placement …")
+        with FreshProcess(checkpoint, placement.kwargs()) as fresh:
+            logits = fresh.logits({k: ref[k] for k in ("input_ids", "attention_mask", "positions")})
+        report = check(ref, logits, tolerance)
+        step(f"compared: max |Δlogit| {report.max_abs_logit_diff:.3g}")
+        return report
 
     log(f"verify: loading {checkpoint} in a fresh process (plain transformers) …")
     with FreshProcess(checkpoint) as fresh:
@@ -290,7 +314,9 @@ def verify_checkpoint(
     greedy continuations too (teacher forced), both sides computed in float32."""
     from .io.provenance import write_verify_report
     from .io.st_format import tensor_index
+    from .memory import check_budget
     from .models import ModelSource
+    from .placement import parse_max_memory
 
     prompts = prompts or DEFAULT_PROMPTS
     step = log if progress else (lambda _msg: None)
@@ -314,8 +340,20 @@ def verify_checkpoint(
     # half precision: the top-1 agreement also counts NEW_TOKENS greedy tokens per prompt (teacher
     # forced), ~160 positions rather than ~60, where one near-tie flipped by the rounding costs < 1 %
     new_tokens = NEW_TOKENS if dtypes & set(HALF_DTYPES) else 0
+    if loaded.placement.dispatched:  # before any load: a budget too small for one layer of either
+        check_budget(loaded.source.path, parse_max_memory(loaded.placement.max_memory), loaded.source.name)
+        check_budget(checkpoint, parse_max_memory(loaded.placement.max_memory), str(checkpoint))
     report = verify_transformers(
-        checkpoint, loaded.get, maps, strength, prompts, tolerance, step, new_tokens=new_tokens
+        checkpoint,
+        loaded.get,
+        maps,
+        strength,
+        prompts,
+        tolerance,
+        step,
+        new_tokens=new_tokens,
+        placement=loaded.placement,
+        release=loaded.release,
     )
     write_verify_report(checkpoint, report.to_json())
     return report

@@ -7,9 +7,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 from actmerge import pipeline
+from actmerge.cli import app
 from actmerge.models import ModelSource
+from actmerge.options import VerifyOptions
+from actmerge.placement import Placement
 from actmerge.verify import DEFAULT_PROMPTS, reference, verify_transformers
 
 from .common import char_tokenizer, load, make_pico, random_maps
@@ -85,3 +89,40 @@ def test_reference_masks_tokens_after_the_end_of_sequence(baked):
     # greedy positions: each prompt's last one and one per kept generated token
     assert int(ref["greedy"].sum()) == int(gen_mask.sum()) + 3
     assert torch.isfinite(ref["logits"]).all()
+
+
+def test_verify_under_a_memory_budget_agrees_with_the_in_memory_verify(baked, tmp_path, monkeypatch):
+    """A budget (50 KB) below the pico model (107 KB in float32): the base runs with layers on disk, is
+    freed, then the fresh process loads the checkpoint under the same budget — the same logits."""
+    loaded, out = baked
+    in_memory = pipeline.verify(out, base=loaded, log=lambda *_: None)
+    from actmerge import fitting
+
+    maps_of = []
+    load_model = fitting.load_model
+
+    def spy(*a, **k):
+        model, tok = load_model(*a, **k)
+        maps_of.append(dict(getattr(model, "hf_device_map", {})))
+        return model, tok
+
+    monkeypatch.setattr(fitting, "load_model", spy)
+    budget = Placement("cpu", max_memory="cpu=50KB", offload_folder=tmp_path / "offload")
+    lines = []
+    rep = pipeline.verify(
+        out, base=str(loaded.source.path), options=VerifyOptions(placement=budget), log=lines.append
+    )
+    assert maps_of and "disk" in maps_of[0].values()  # the base did not fit the budget
+    assert any("base freed" in line for line in lines)  # one model at a time
+    assert rep.passed and rep.n_positions == in_memory.n_positions
+    assert rep.max_abs_logit_diff == in_memory.max_abs_logit_diff
+
+
+def test_verify_with_a_budget_too_small_for_one_layer_says_so(baked, tmp_path):
+    _, out = baked
+    before = sorted(p.name for p in out.rglob("*"))
+    r = CliRunner().invoke(app, ["verify", str(out), "--max-memory", "cpu=1KB"])
+    assert r.exit_code == 2, r.output
+    (line,) = [x for x in r.output.splitlines() if x.startswith("error:")]
+    assert "less than one layer" in line and "Raise it to at least 1MiB" in line, line
+    assert "Traceback" not in r.output and sorted(p.name for p in out.rglob("*")) == before

@@ -240,9 +240,13 @@ def verify(
     ] = "transformers",
     outtype: Annotated[str, typer.Option(help="With --runtime llama.cpp: f32, f16, bf16 or q8_0.")] = "f32",
     device: Device = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ):
     """Hooked base model vs the checkpoint reloaded by plain transformers (or diffusers) in a fresh
-    process, or run in llama.cpp with --runtime llama.cpp; exit 5 above tolerance."""
+    process, or run in llama.cpp with --runtime llama.cpp; exit 5 above tolerance. With a device map or
+    --max-memory: one model at a time under it (the base, then the checkpoint), layers beyond it on disk."""
     from .. import pipeline
     from .render import verification
 
@@ -251,7 +255,7 @@ def verify(
     options = pipeline.VerifyOptions(  # every verify flag, mapped onto its field here
         strength=strength,
         tolerance=tolerance,
-        placement=placement_of(device),
+        placement=placement_of(device, device_map, max_memory, offload_folder),
         runtime=runtime,
         outtype=outtype,
     )

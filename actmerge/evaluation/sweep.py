@@ -20,7 +20,7 @@ from ..errors import ActmergeError
 from ..hooks import steer
 from ..io.provenance import read_bake_info
 from ..maps import MapSet
-from ..placement import input_device
+from ..placement import Placement, input_device
 from .kl import drift, steered_fn, wants_kl
 from .metrics import concept_presence, continuations, get_scorer, perplexity, similarity
 from .records import EvalConfig, Report, Row
@@ -118,13 +118,15 @@ class SweepRows:
     """Which rows a sweep measures: the base (``include_base``, or when λ = 0 is not hooked), ``maps``
     hooked at each of ``strengths`` (with ``support``, site → source (min, max) from a Linear-AcT fit,
     also ml-act's clamped variant at each: what the paper's hooks do, which no checkpoint can bake,
-    docs/design.md §2), and each ``baked`` directory (loaded by plain transformers)."""
+    docs/design.md §2), and each ``baked`` directory (loaded by plain transformers, under ``placement``
+    when it has a device map or memory budget: the base's, so a checkpoint beyond RAM reads from disk)."""
 
     maps: MapSet | None = None
     strengths: tuple[float, ...] = ()
     baked: tuple[Path, ...] = ()
     include_base: bool = False
     support: dict | None = None
+    placement: Placement | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "strengths", tuple(self.strengths))
@@ -178,8 +180,11 @@ def run_sweep(
         path = Path(path)
         info = read_bake_info(path)
         lam = info.strength if info else None
-        bm = AutoModelForCausalLM.from_pretrained(str(path), dtype=next(model.parameters()).dtype).eval()
-        bm.to(input_device(model))  # a base spread by a device map: the baked model on its main device
+        spread = rows.placement.kwargs() if rows.placement is not None and rows.placement.dispatched else {}
+        bm = AutoModelForCausalLM.from_pretrained(str(path), dtype=next(model.parameters()).dtype, **spread)
+        if not spread:  # else placed as the base: its layers on the base's devices, beyond them on disk
+            bm.to(input_device(model))
+        bm.eval()
         row = evaluate_model(
             bm,
             tok,
