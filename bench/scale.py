@@ -1,0 +1,179 @@
+"""What fit, bake, verify and a LinEAS fit cost as the model grows: time and peak memory of each step,
+each in its own process (peak RSS of it and its children), on the public API.
+
+    python bench/synthetic.py /tmp/llama1b                       # Llama-3.2-1B shapes, random bf16
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/scale.py gemma-3-270m /tmp/llama1b \
+        [--steps 3] [--out bench/results/scale.md]
+
+Per model: ``fit`` of Linear-AcT maps at every layer's attention context on 8 + 8 sentences; ``bake``
+of them at λ = 1; ``verify`` of the bake under ``--max-memory`` of ``--budget-fraction`` (0.4) of the
+model's float32 size, with an offload folder (one model at a time, layers beyond the budget on disk);
+a LinEAS fit of ``--steps`` steps (batch 4, 32 tokens) with ``fitting.lineas_estimate`` printed before
+it loads, against the measured peak. Prints the table and writes it, with the date, commit and
+machine, to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = [
+    "You are a worthless idiot and everyone hates you.",
+    "Shut up, nobody cares what a moron like you thinks.",
+    "This is the dumbest thing I have ever read, you fool.",
+    "Get lost, you pathetic loser.",
+    "What a stupid, useless answer from a clown.",
+    "You disgusting liar, go away.",
+    "Only an imbecile would write something this bad.",
+    "I hate you and your garbage opinions.",
+]
+TARGET = [
+    "Thank you for sharing, I see your point.",
+    "I respectfully disagree, but I appreciate the answer.",
+    "This was an interesting read, thanks for writing it.",
+    "Could you explain that part a little more?",
+    "I think we can find some common ground here.",
+    "That is a fair question, let me think about it.",
+    "I appreciate the effort you put into this.",
+    "Let us talk about it calmly tomorrow.",
+]
+RECIPE = """name: scale-{method}
+method: {method}
+sites:
+  - site: [attn_ctx]
+    layers: all
+source: src.txt
+target: tgt.txt
+max_tokens: 32
+batch_size: 4
+lineas:
+  steps: {steps}
+  batch: 4
+  lr: 0.01
+"""
+# one step in a fresh interpreter: its wall time, and the peak RSS of it and of its children
+STEP = r"""
+import json, resource, sys, time
+from pathlib import Path
+from actmerge import pipeline
+from actmerge.options import BakeOptions, VerifyOptions
+from actmerge.placement import Placement
+what, model, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+lines = []
+log = lambda m: (lines.append(str(m)), print(m, flush=True))
+t0 = time.perf_counter()
+if what == "fit":
+    pipeline.fit(model, work / "linear_act.yaml", log=log).maps.save(work / "maps.safetensors", force=True)
+elif what == "bake":
+    pipeline.bake(model, maps=work / "maps.safetensors", options=BakeOptions(strengths=[1.0], out=work / "out", force=True), progress=False, log=log)
+elif what == "verify":
+    budget = Placement("cpu", max_memory=sys.argv[4], offload_folder=work / "offload")
+    rep = pipeline.verify(work / "out", options=VerifyOptions(placement=budget), log=log)
+    log(f"max |dlogit| {rep.max_abs_logit_diff:.3g} passed {rep.passed}")
+elif what == "lineas":
+    pipeline.fit(model, work / "lineas.yaml", log=log, progress=False)
+peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "peak": peak * 1024, "lines": lines}))
+"""
+GIB = 2**30
+STEPS = ("fit", "bake", "verify", "lineas")
+
+
+def run_step(what: str, model: str, work: Path, *extra: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", STEP, what, model, str(work), *extra], capture_output=True, text=True
+    )
+    result = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or result is None:
+        raise SystemExit(f"{what} on {model} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(result[len("RESULT ") :])
+
+
+def measure(model: str, steps: int, fraction: float) -> dict:
+    from actmerge.fitting import lineas_estimate, load, recipe_sites
+    from actmerge.memory import parameter_count
+    from actmerge.recipe import load_recipe
+
+    work = Path(tempfile.mkdtemp(prefix="scale-"))
+    (work / "src.txt").write_text("\n".join(SOURCE))
+    (work / "tgt.txt").write_text("\n".join(TARGET))
+    for method in ("linear_act", "lineas"):
+        (work / f"{method}.yaml").write_text(RECIPE.format(method=method, steps=steps))
+    source = load(model, log=lambda *_: None).source
+    fp32 = parameter_count(source.path, source.config) * 4
+    budget = f"cpu={int(fraction * fp32 / 2**20)}MiB"
+    recipe = load_recipe(work / "lineas.yaml")
+    estimate = lineas_estimate(
+        recipe, source.config, recipe_sites(recipe, source.config), 4, len(TARGET), source.path
+    )
+    row = {"model": source.name, "params": fp32 // 4, "budget": budget, "estimate": estimate.total}
+    for what in STEPS:
+        extra = (budget,) if what == "verify" else ()
+        row[what] = run_step(what, model, work, *extra)
+        print(
+            f"{source.name} {what}: {row[what]['seconds']:.0f} s, peak {row[what]['peak'] / GIB:.2f} GiB",
+            flush=True,
+        )
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| model | params | fit (Linear-AcT) | bake | verify under budget | LinEAS fit | LinEAS estimate / peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cell = {w: f"{r[w]['seconds']:.0f} s, {r[w]['peak'] / GIB:.2f} GiB" for w in STEPS}
+        ratio = r["estimate"] / r["lineas"]["peak"]
+        out.append(
+            f"| {r['model']} | {r['params'] / 1e9:.2f} B | {cell['fit']} | {cell['bake']} | "
+            f"{cell['verify']} ({r['budget']}) | {cell['lineas']} | {r['estimate'] / GIB:.2f} GiB "
+            f"({ratio:.2f}×) |"
+        )
+    return "\n".join(out)
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    cpu = next(
+        (
+            x.split(":", 1)[1].strip()
+            for x in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in x
+        ),
+        platform.processor(),
+    )
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--budget-fraction", type=float, default=0.4)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
+    args = ap.parse_args()
+    rows = [measure(m, args.steps, args.budget_fraction) for m in args.models]
+    text = table(rows)
+    print(text)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    args.out.write_text(
+        f"# Scale: time and peak memory per step\n\n{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"commit {commit}, {machine()}; `python bench/scale.py {' '.join(args.models)} --steps {args.steps}` "
+        f"(each step its own process; peak RSS of it and its children; shared, loaded machine: times are "
+        f"upper bounds).\n\n{text}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
