@@ -42,6 +42,8 @@ _FRESH = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 kwargs = json.loads(sys.argv[2])
+if "max_memory" in kwargs:  # JSON made the GPU indices strings
+    kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in kwargs["max_memory"].items()}
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, **kwargs).eval()
 print("loaded", flush=True)
 line = sys.stdin.readline().strip()
