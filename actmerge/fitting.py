@@ -220,7 +220,7 @@ def fit(
     source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
     preflight_checkpoint(loaded.source)
     if recipe.method == "lineas":
-        batch = min(recipe.lineas_for(architecture_for(config)).batch, len(source))
+        batch = min(sections(recipe, architecture_for(config)).need("lineas").batch, len(source))
         estimate = lineas_estimate(recipe, config, sites, batch, len(target), loaded.source.path)
         log(estimate.describe(batch, recipe.max_tokens, ranks()))
     m, tok = loaded.get()

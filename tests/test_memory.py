@@ -15,6 +15,7 @@ import transformers
 
 from actmerge.fitting import lineas_estimate, recipe_sites
 from actmerge.recipe import load_recipe
+from actmerge.recipe_sections import resolve as resolve_sections
 from actmerge.sites import architecture_for
 
 from .common import VOCAB, char_tokenizer
@@ -69,7 +70,7 @@ def test_lineas_estimate_is_within_20_percent_of_the_measured_peak(small):
     config = json.loads((small / "config.json").read_text())
     recipe = load_recipe(small / "r.yaml")
     sites = recipe_sites(recipe, config)
-    assert recipe.lineas_for(architecture_for(config)).batch == 16
+    assert resolve_sections(recipe, architecture_for(config)).need("lineas").batch == 16
     estimate = lineas_estimate(recipe, config, sites, 16, 40, small)
     assert estimate.activations > estimate.runtime / 2  # the fit, not the runtime, is measured
     res = subprocess.run(
