@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import __version__
-from ..errors import ActivationError, NotFoldableError
-from ..estimators import ESTIMATORS, keep_top
-from ..maps import AffineMap, MapSet
-from ..placement import pick_device
+from ... import __version__
+from ...errors import ActivationError, NotFoldableError
+from ...estimators import ESTIMATORS, keep_top
+from ...maps import AffineMap, MapSet
+from ...placement import pick_device
 from .hooks import attach
 from .plan import shift_home
 from .recipe import DiffusionRecipe

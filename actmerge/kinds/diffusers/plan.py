@@ -9,10 +9,10 @@ in forward order by it.
 
 from __future__ import annotations
 
-from ..errors import MapsMismatchError, NotFoldableError
-from ..fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, refuse_shifts
-from ..maps import MapSet
-from ..naming import TensorNamer
+from ...errors import MapsMismatchError, NotFoldableError
+from ...fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, refuse_shifts
+from ...maps import MapSet
+from ...naming import TensorNamer
 from .sites import DSite, site_for_key
 from .source import PipelineSource
 from .table import component_for, pipeline_for

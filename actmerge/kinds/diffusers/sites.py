@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from ..errors import NotFoldableError, SiteError, UnknownArchitectureError
-from ..sites import parse_layers
+from ...errors import NotFoldableError, SiteError, UnknownArchitectureError
+from ...sites import parse_layers
 from .source import PipelineSource
 from .table import UNET_STAGES, Component, Rule, component_for, known_classes
 
