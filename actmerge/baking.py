@@ -20,11 +20,11 @@ from .io.files import read_regular
 from .io.provenance import BakeInfo, provenance_files
 from .kinds.base import ModelKind
 from .kinds.llm.source import Loaded
+from .kinds.llm.verify import VerifyReport
 from .maps import MapSet, compose
 from .options import BakeOptions
 from .recipe import Recipe
 from .sweep import Report, markdown_table
-from .verify import VerifyReport
 
 
 def output_size(source) -> int:

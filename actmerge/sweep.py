@@ -28,8 +28,8 @@ from .evaluate import (
     perplexity,
     similarity,
 )
-from .hooks import steer
 from .io.provenance import read_bake_info
+from .kinds.llm.hooks import steer
 from .maps import MapSet
 from .placement import input_device
 

@@ -318,7 +318,7 @@ class HookedProbe:
     def text_costs(self, lam: float) -> TextCosts:
         """The cost of λ per neutral text: ΔNLL and KL sums with their token counts (``TextCosts``)."""
         from .evaluate import logit_kl, neutral_prompts, text_kl, text_nll
-        from .hooks import steer
+        from .kinds.llm.hooks import steer
         from .placement import input_device
 
         tokens = tuple(n for _, n in self.base_nll)
@@ -356,7 +356,7 @@ class HookedProbe:
         from contextlib import nullcontext
 
         from .evaluate import concept_presence, continuations
-        from .hooks import steer
+        from .kinds.llm.hooks import steer
 
         if lam in self.cache:
             return self.cache[lam]

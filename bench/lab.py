@@ -27,7 +27,7 @@ import torch
 
 from actmerge import chat, pipeline
 from actmerge.evaluate import concept_presence, continuations, perplexity, similarity
-from actmerge.hooks import steer
+from actmerge.kinds.llm.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import resolve
 from actmerge.recipe import Recipe, load_recipe, read_sentences

@@ -29,9 +29,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from actmerge import pipeline
-from actmerge.collect import CollectOptions, batches, collect
-from actmerge.hooks import attach
 from actmerge.kinds.llm import fit as llm_fit
+from actmerge.kinds.llm.collect import CollectOptions, batches, collect
+from actmerge.kinds.llm.hooks import attach
 from actmerge.lineas import LineasConfig, fit_lineas
 from actmerge.models import resolve
 from actmerge.recipe import load_recipe

@@ -20,7 +20,7 @@ from pathlib import Path
 import lab
 
 from actmerge import pipeline
-from actmerge.hooks import steer
+from actmerge.kinds.llm.hooks import steer
 from actmerge.models import resolve
 from actmerge.recipe import SiteSpec, load_recipe
 from actmerge.sweep import SweepRows, evaluate_model, run_sweep

@@ -29,8 +29,8 @@ import torch
 
 from actmerge.evaluate import concept_presence, continuations, perplexity, profanity_scorer, toxicity
 from actmerge.fold import FoldOptions
-from actmerge.hooks import steer
 from actmerge.kinds.llm import fit as fitting
+from actmerge.kinds.llm.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import load_model, resolve
 from actmerge.recipe import load_recipe, read_sentences

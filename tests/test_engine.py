@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from actmerge import pipeline
 from actmerge.errors import ModelResolutionError, NotFoldableError
 from actmerge.fold import FoldOptions
-from actmerge.hooks import steer
 from actmerge.io import st_format
+from actmerge.kinds.llm.hooks import steer
 from actmerge.models import ModelSource
 from actmerge.recipe import Recipe
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from actmerge import pipeline
-from actmerge.collect import collect
 from actmerge.errors import ActivationError, MapsMismatchError, ModelResolutionError, UnknownArchitectureError
+from actmerge.kinds.llm.collect import collect
 from actmerge.maps import AffineMap, MapSet
 from actmerge.models import ModelSource, resolve
 from actmerge.sites import architecture_for

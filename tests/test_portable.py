@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from actmerge import chat, pipeline
-from actmerge.collect import batches
 from actmerge.errors import ModelResolutionError, RecipeError, SiteError
+from actmerge.kinds.llm.collect import batches
 from actmerge.kinds.llm.fit import recipe_sites
 from actmerge.recipe import load_recipe
 from actmerge.sites import architecture_for, parse_layers, resolve_sites
@@ -216,8 +216,8 @@ def test_instruction_fit_recipe_checks(tmp_path, extra, match):
 def test_instruction_fit_on_a_chat_model(tmp_path):
     """chat_fit: instruction fits Mean-AcT on the instruction pairs of every source and target
     sentence: β = mean over the pairs' targets − sources, nothing else; the requests file is hashed."""
-    from actmerge.collect import collect
     from actmerge.estimators import mean_act
+    from actmerge.kinds.llm.collect import collect
 
     write_pico_fit_data(tmp_path)
     path = make_pico("llama", tmp_path / "model")

@@ -361,7 +361,7 @@ def test_hooked_point_estimate_is_the_perplexity_ratio(setup):
     """The per-text terms add up to what tune reported before the interval: steered / base perplexity
     and the mean per-token KL over the neutral text."""
     from actmerge.evaluate import logit_kl, perplexity
-    from actmerge.hooks import steer
+    from actmerge.kinds.llm.hooks import steer
     from actmerge.recipe import load_recipe
     from actmerge.tune import HookedProbe
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from actmerge import pipeline
+from actmerge.kinds.llm.verify import DEFAULT_PROMPTS, reference, verify_transformers
 from actmerge.models import ModelSource
-from actmerge.verify import DEFAULT_PROMPTS, reference, verify_transformers
 
 from .common import char_tokenizer, load, make_pico, random_maps
 

@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 
 from ... import chat
-from ...collect import CollectOptions, FitOptions
-from ...collect import fit as fit_maps
 from ...errors import NotFoldableError, PlacementError
 from ...fold import FoldOptions
 from ...io.st_format import tensor_index
@@ -18,6 +16,8 @@ from ...recipe import Recipe
 from ...shifts import scale_home, shift_home
 from ...sites import Site, architecture_for, resolve_sites, site_for_key
 from ..base import FitRequest, FitResult
+from .collect import CollectOptions, FitOptions
+from .collect import fit as fit_maps
 from .plan import check_maps
 from .source import load
 

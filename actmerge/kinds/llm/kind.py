@@ -9,7 +9,6 @@ from pathlib import Path
 from ... import gguf_bake
 from ...card import has_chat_template
 from ...fold import FoldOptions, FoldPlan
-from ...hooks import steer
 from ...io.st_format import tensor_index
 from ...io.tree import write_checkpoint
 from ...maps import MapSet
@@ -18,12 +17,13 @@ from ...progress import bar
 from ...recipe import Recipe, load_recipe
 from ...shifts import capabilities
 from ...sites import architecture_for
-from ...verify import DEFAULT_PROMPTS, VerifyReport, compare, hooked_outputs, verify_checkpoint
 from ..base import FitRequest, FitResult, ModelKind, VerifyRequest
 from . import card
 from . import fit as fitting
+from .hooks import steer
 from .plan import plan
 from .source import Loaded, load
+from .verify import DEFAULT_PROMPTS, VerifyReport, compare, hooked_outputs, verify_checkpoint
 
 
 class LanguageModels(ModelKind):
