@@ -1,6 +1,6 @@
-"""The bake steps shared by language models and diffusers pipelines, between the fold plan and the
-files: strengths, the maps a checkpoint really holds, provenance (bake.json, maps, recipes with their
-sentence files, model card) and the write itself."""
+"""The bake steps every kind of model shares (``kinds``: what differs is asked of the job's kind),
+between the fold plan and the files: strengths, the maps a checkpoint really holds, provenance
+(bake.json, maps, recipes with their sentence files, model card) and the write itself."""
 
 from __future__ import annotations
 
@@ -17,19 +17,15 @@ from .errors import MapsMismatchError, RecipeError
 from .evaluation.records import Report
 from .evaluation.settings import chat_prompts, eval_config
 from .evaluation.tables import markdown_table
-from .fitting import Loaded
 from .fold import Exactness, FoldOptions, FoldPlan
 from .io.files import read_regular
 from .io.provenance import BakeInfo, provenance_files
-from .io.st_format import tensor_index
-from .io.tree import write_checkpoint, write_pipeline
-from .llm_plan import plan as make_plan
+from .kinds.base import ModelKind
+from .kinds.llm.source import Loaded
+from .kinds.llm.verify import VerifyReport
 from .maps import MapSet, compose
 from .options import BakeOptions
-from .progress import bar
 from .recipe import Recipe
-from .sites import architecture_for
-from .verify import DEFAULT_PROMPTS, VerifyReport, compare, hooked_outputs
 
 
 def output_size(source) -> int:
@@ -136,7 +132,7 @@ def bake_info(job: BakeJob, fold_plan: FoldPlan, maps: MapSet) -> BakeInfo:
     source, recipes = job.source, job.recipes
     strengths = [float(x) for x in maps.extra.get("strengths", "").split(",") if x]
     return BakeInfo(
-        kind=job.kind,
+        kind=job.kind.name,
         base_model=source.name,
         base_path=str(source.path),
         origin=getattr(source, "origin", None) or {},
@@ -152,7 +148,7 @@ def bake_info(job: BakeJob, fold_plan: FoldPlan, maps: MapSet) -> BakeInfo:
         targets=sorted(fold_plan.targets),
         runtimes=sorted(fold_plan.runtimes),
         pipeline_class=getattr(source, "pipeline_class", None),
-        edited_components=[c for c in fold_plan.components() if c] if job.kind == "pipeline" else [],
+        edited_components=job.kind.edited_components(fold_plan),
         placement=job.loaded.placement.to_dict() if job.loaded is not None else {},
         tuned=job.tuned or {},
         fold=fold_plan.rows(),
@@ -165,67 +161,19 @@ def write(
     """Write the baked checkpoint or pipeline of ``job`` at one strength (``fold_plan``, holding
     ``maps``) to ``out`` with its provenance and card (``evaluation``: the table of ``--eval``);
     returns files left out (stale weight formats of edited pipeline components)."""
-    from .card import base_license
-
     recipes, source, kind = job.recipes, job.source, job.kind
     bundle = recipe_bundle(recipes, evaluated=bool(evaluation), tuned=bool(info.tuned))
     description = "\n\n".join(r.description.strip() for r in recipes if r.description)
     readme = card.render(
         info,
+        kind.card_text(info, source),
         description=description,
         evaluation=evaluation,
-        license=base_license(source.path, source.config if kind == "llm" else {}),
+        license=kind.license(source),
         reproduce=reproduce_command(info, has_maps_only=not recipes),
-        chat=kind == "llm" and card.has_chat_template(source.path),
     )
     extra = {**provenance_files(info, maps.to_bytes(), bundle), "README.md": readme.encode()}
-    force, log = job.options.force, job.log
-    if kind == "pipeline":
-        edits = {c: fold_plan.weight_edits(c) for c in fold_plan.components()}
-        weights = {c: source.weight_sets(c) for c in edits}
-        _check_variants(source, fold_plan, weights)
-        return write_pipeline(source.path, weights, edits, out, extra=extra, force=force, log=log)
-    write_checkpoint(
-        source.path,
-        source.safetensors_files(),
-        fold_plan.weight_edits(),
-        out,
-        config_patch=fold_plan.config_patch,
-        extra=extra,
-        force=force,
-        progress=bar if job.progress else None,
-        log=log,
-    )
-    return []
-
-
-def _check_variants(source, fold_plan: FoldPlan, weights: dict) -> None:
-    """Every weight set of an edited component (e.g. an ``.fp16`` variant) must hold the edited tensors."""
-    from .errors import MapsMismatchError
-    from .io.st_format import tensor_index
-
-    for component, sets in weights.items():
-        edited = fold_plan.edited_tensors(component)
-        for ws in sets:
-            infos, _ = tensor_index(ws.files)
-            missing = [t for t in edited if t not in infos]
-            if missing:
-                raise MapsMismatchError(
-                    f"{component}/{ws.files[0].name}: tensors {missing[:3]} are missing from this weight set (a "
-                    "variant with other tensor names?); remove the variant or bake it separately."
-                )
-
-
-def plan(source, maps: MapSet, strength: float, options: FoldOptions = FoldOptions()) -> FoldPlan:
-    """The fold plan of ``maps`` at ``strength`` for a language model or a pipeline."""
-    from .diffusion.source import PipelineSource
-
-    if isinstance(source, PipelineSource):
-        from .diffusion.plan import plan as pipeline_plan
-
-        return pipeline_plan(source, maps, strength, options)
-    infos, _ = tensor_index(source.safetensors_files())
-    return make_plan(architecture_for(source.config), source.config, maps, strength, infos, options)
+    return kind.write(source, fold_plan, out, extra, job)
 
 
 @dataclass
@@ -248,7 +196,7 @@ class BakeJob:
     out from them — the model (``loaded`` for a language model), the maps, the checked strengths
     (``options.strengths`` is what was asked), the fold choices merged with the recipe's."""
 
-    kind: str
+    kind: ModelKind
     source: object  # ModelSource / LlamaLayout / PipelineSource
     loaded: Loaded | None
     maps: MapSet
@@ -264,7 +212,7 @@ class BakeJob:
 def bake_one(job: BakeJob, lam: float) -> BakeResult:
     """Plan, (evaluate,) and write the bake of ``job`` at strength ``lam``."""
     t0 = time.perf_counter()
-    fold_plan = plan(job.source, job.maps, lam, job.fold)
+    fold_plan = job.kind.plan(job.source, job.maps, lam, job.fold)
     if not fold_plan.active and lam != 0:
         raise MapsMismatchError(
             f"0 of {len(fold_plan.sites)} maps are active at λ = {lam:g}: the bake would be an unsteered copy. "
@@ -279,8 +227,8 @@ def bake_one(job: BakeJob, lam: float) -> BakeResult:
     dropped = [sp for sp in fold_plan.sites if sp.exactness is Exactness.SCALE_ONLY]
     if dropped:
         note = f"shift dropped at {len(dropped)} sites (no bias to take it): scales baked only"
-        if job.kind == "llm":
-            res.deviation = shift_drop_deviation(job.loaded, job.maps, held, lam)
+        res.deviation = job.kind.deviation(job.loaded, job.maps, held, lam)
+        if res.deviation is not None:
             note += (
                 f"; max |Δlogit| vs the full maps = {res.deviation.max_abs_logit_diff:.3g}, "
                 f"top-1 agreement {res.deviation.argmax_agreement:.1%}"
@@ -310,11 +258,3 @@ def _evaluate_plan(loaded: Loaded, held: MapSet, lam: float, recipe: Recipe, pro
     cfg = chat_prompts(eval_config(recipe), tok, log)
     rows = SweepRows(maps=held, strengths=[lam], include_base=True)
     return run_sweep(m, tok, cfg, rows, model_name=loaded.source.name, progress=progress, log=log)
-
-
-def shift_drop_deviation(loaded: Loaded, full: MapSet, held: MapSet, strength: float) -> VerifyReport:
-    """How far the baked (scale-only where dropped) model is from the hooked full maps."""
-    model, tok = loaded.get()
-    ref = hooked_outputs(model, tok, DEFAULT_PROMPTS, full, strength)
-    got = hooked_outputs(model, tok, DEFAULT_PROMPTS, held, strength)
-    return compare(ref, got, float("inf"))

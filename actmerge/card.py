@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from . import __version__
 from .snapshots import BUILTIN
 
 REPO_PLACEHOLDER = "<this repo>"  # in the usage snippets; the repo id is not known when baking
@@ -97,25 +97,40 @@ def has_chat_template(source: Path) -> bool:
     return cfg.is_file() and '"chat_template"' in cfg.read_text(errors="replace")
 
 
+@dataclass(frozen=True)
+class KindText:
+    """A kind's parts of the model card: the front matter's library and task, the opening paragraph,
+    what one map entry scales (``unit``), notes on where maps were fitted and applied (each ends the
+    parenthesis it is placed in, e.g. ``", fitted at the first denoising step"``), and how to use it."""
+
+    library_name: str
+    pipeline_tag: str
+    intro: str
+    unit: str
+    usage: list[str]
+    fitted: str = ""
+    applied: str = ""
+
+
 def render(
     info,
+    text: KindText,
     *,
     license: str | None,
     description: str = "",
     evaluation: str = "",
     reproduce: str = "",
-    chat: bool = False,
 ) -> str:
-    """The model card of a bake (``info``: ``io.provenance.BakeInfo``), language model or pipeline."""
-    pipeline = info.kind == "pipeline"
+    """The model card of a bake (``info``: ``io.provenance.BakeInfo``) with its kind's parts (``text``:
+    ``ModelKind.card_text``)."""
     base_model, method, recipe_name = info.base_model, info.method, info.recipe
     license = license or BUILTIN_BASES.get(base_model, (None, None))[1]
     hub_id = hub_base_model(base_model)
     tags = list(dict.fromkeys(["actmerge", "activation-steering", "steering", method, recipe_name]))
     front = {
         **({"base_model": hub_id, "base_model_relation": "finetune"} if hub_id else {}),
-        "library_name": "diffusers" if pipeline else "transformers",
-        "pipeline_tag": "text-to-image" if pipeline else "text-generation",
+        "library_name": text.library_name,
+        "pipeline_tag": text.pipeline_tag,
         "tags": tags,
         "license": license or "other",
     }
@@ -126,21 +141,7 @@ def render(
     name = base_model.rstrip("/").split("/")[-1]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     lines += [f"# {name} — {recipe_name} (actmerge, λ = {info.strength:g})", ""]
-    if pipeline:
-        lines += [
-            f"This pipeline is **{base_model}** ({info.pipeline_class}) with activation steering baked into "
-            f"the weights of {', '.join(info.edited_components) or 'no component'} by actmerge {__version__}. "
-            "It loads in plain diffusers (no actmerge, no hooks) and runs at the base pipeline's speed; the "
-            "other components are byte-identical copies.",
-            "",
-        ]
-    else:
-        lines += [
-            f"This checkpoint is **{base_model}** with activation steering baked into its weights by "
-            f"[actmerge](https://pypi.org/project/actmerge/) {__version__}. It loads in plain transformers "
-            "(no actmerge code, no hooks) and runs at the base model's speed.",
-            "",
-        ]
+    lines += [text.intro, ""]
     origin = origin_line(getattr(info, "origin", None) or {})
     if origin:
         lines += [origin, ""]
@@ -152,14 +153,11 @@ def render(
             "before redistributing, and set `license:` in this card.",
             "",
         ]
-    unit = "channel" if pipeline else "neuron"
     lines += [
         "## How it was steered",
         "",
-        f"- method: `{method}` (per-{unit} affine transport maps `T(a) = ω·a + β`"
-        + (", fitted at the first denoising step)" if pipeline else ")"),
-        f"- strength: λ = {info.strength:g} (the model sees `(1−λ+λω)·a + λβ`"
-        + (" at every step)" if pipeline else ")"),
+        f"- method: `{method}` (per-{text.unit} affine transport maps `T(a) = ω·a + β`{text.fitted})",
+        f"- strength: λ = {info.strength:g} (the model sees `(1−λ+λω)·a + λβ`{text.applied})",
         *([_tuned_line(info.tuned)] if getattr(info, "tuned", None) else []),
         f"- sites: {', '.join(sites) or 'none'} ({len(active)} active maps of {len(rows)})",
         f"- fold classes: {', '.join(classes)}",
@@ -184,7 +182,7 @@ def render(
     ]
     if evaluation:
         lines += ["## Evaluation", "", evaluation.strip(), ""]
-    lines += _usage_pipeline() if pipeline else _usage_llm(info.runtimes, chat)
+    lines += text.usage
     if reproduce:
         lines += [
             "## Reproduce",
@@ -199,76 +197,6 @@ def render(
             "",
         ]
     return "\n".join(lines)
-
-
-def _usage_pipeline() -> list[str]:
-    return [
-        "Quality on this pipeline was not measured by actmerge: check images before and after.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import torch",
-        "from diffusers import DiffusionPipeline",
-        f'pipe = DiffusionPipeline.from_pretrained("{REPO_PLACEHOLDER}", torch_dtype=torch.float16)',
-        "```",
-        "",
-    ]
-
-
-def _usage_llm(runtimes: list[str], chat: bool) -> list[str]:
-    loads = (
-        f"Every edit loads in: {', '.join(sorted(runtimes))}."
-        if runtimes
-        else "Which runtimes load every edit: `runtimes` in `actmerge/bake.json`."
-    )
-    snippet = [
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{REPO_PLACEHOLDER}")',
-        f'tok = AutoTokenizer.from_pretrained("{REPO_PLACEHOLDER}")',
-    ]
-    if chat:
-        snippet += [
-            "# an instruct model: talk to it through its chat template",
-            'messages = [{"role": "user", "content": "What should I cook tonight?"}]',
-            "inputs = tok.apply_chat_template(",
-            '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
-            ")",
-            "out = model.generate(**inputs, max_new_tokens=64)",
-            'print(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))',
-        ]
-    return [
-        "## Use",
-        "",
-        f"A plain checkpoint: no actmerge, no hooks. {loads}",
-        "",
-        "transformers:",
-        "",
-        "```python",
-        *snippet,
-        "```",
-        "",
-        "vLLM:",
-        "",
-        "```bash",
-        f"vllm serve {REPO_PLACEHOLDER}",
-        "```",
-        "",
-        "```python",
-        "from vllm import LLM",
-        f'llm = LLM(model="{REPO_PLACEHOLDER}")',
-        "```",
-        "",
-        "llama.cpp (`actmerge export-gguf` runs llama.cpp's own converter and first strips all-zero biases "
-        "that llama.cpp rejects, e.g. a Gemma o_proj bias added by `attention_bias`):",
-        "",
-        "```bash",
-        f"hf download {REPO_PLACEHOLDER} --local-dir model",
-        "actmerge export-gguf model -o model.gguf --outtype f16",
-        'llama-cli -m model.gguf -p "Hello"',
-        "```",
-        "",
-    ]
 
 
 def _tuned_line(tuned: dict) -> str:

@@ -272,8 +272,8 @@ def verify_gguf(
 ):
     """The GGUF output in llama.cpp vs the hooked de-quantised base in transformers, next to the source
     GGUF vs the unhooked base (the round trip to beat: max(2 × its max |Δlogit|, FLOOR))."""
+    from .kinds.llm.verify import DEFAULT_PROMPTS
     from .llamacpp import FLOOR, LlamaCppReport, compare_runs, run_llamacpp, run_transformers
-    from .verify import DEFAULT_PROMPTS
 
     model, tok = loaded.get()
     ids = [tok(p)["input_ids"] for p in (prompts or DEFAULT_PROMPTS)]

@@ -35,9 +35,9 @@ import torch
 from rich.progress import Progress
 
 from . import distributed
-from .collect import Batch, CollectOptions, batches, collect_sharded
 from .errors import ActivationError, PlacementError
-from .hooks import Pooler, attach
+from .kinds.llm.collect import Batch, CollectOptions, batches, collect_sharded
+from .kinds.llm.hooks import Pooler, attach
 from .maps import AffineMap
 from .placement import offloaded
 from .sites import Site

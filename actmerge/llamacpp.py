@@ -113,7 +113,7 @@ def run_transformers(
     model, ids: list[list[int]], new_tokens: int, maps=None, strength: float = 1.0
 ) -> list[dict]:
     """The same per-prompt outputs from a transformers model (hooked with ``maps`` at ``strength``)."""
-    from .hooks import steer
+    from .kinds.llm.hooks import steer
     from .maps import MapSet
 
     out = []

@@ -1,6 +1,7 @@
 """The verbs — fit, bake, verify, evaluate, sites — as a library API a notebook can call; each owns its
 whole flow (a bake fits, plans, writes, verifies and publishes itself), for language models and
-diffusers pipelines alike (``model_kind`` decides which). The CLI parses, calls one verb, renders."""
+diffusers pipelines alike (``kinds.kind_of`` decides which, once per verb; what differs is asked of the
+kind). The CLI parses, calls one verb, renders."""
 
 from __future__ import annotations
 
@@ -9,35 +10,20 @@ from pathlib import Path
 
 from . import baking, distributed, gguf_bake
 from . import strength as strength_rules
-from .baking import BakeResult, compose_all, plan  # noqa: F401  (library API)
+from .baking import BakeResult, compose_all  # noqa: F401  (library API)
 from .baking import held_maps as baked_maps  # noqa: F401
 from .errors import ActmergeError, MapsMismatchError, ModelResolutionError, RecipeError
 from .evaluation.records import EvalConfig, Report  # noqa: F401
 from .evaluation.settings import NEUTRAL_TEXT, chat_prompts, check_eval_paths, eval_config  # noqa: F401  (library API)
-from .fitting import (  # noqa: F401
-    FitResult,
-    Loaded,
-    fit,
-    frozen_shifts,
-    load,
-    load_recipe_for,
-    model_kind,
-    pipeline_source,
-    preflight_checkpoint,
-    preflight_maps,
-    preflight_recipe,
-    recipe_sites,
-    resolved,
-    source_path,
-)
+from .fitting import FitResult, Loaded, fit, load, preflight_maps, preflight_recipe, resolved, source_path  # noqa: F401
+from .fold import FoldOptions, FoldPlan
 from .io.output import check_free_space, check_output
 from .io.provenance import MAPS_FILE, read_bake_info
+from .kinds.base import VerifyRequest
+from .kinds.registry import kind_of
 from .maps import MapSet
-from .models import resolve
 from .options import BakeOptions, EvalOptions, EvalOverrides, TuneOptions, VerifyOptions  # noqa: F401  (library API)
-from .placement import Placement
 from .recipe import Recipe, load_recipe
-from .sites import architecture_for
 
 
 def bake(
@@ -62,35 +48,17 @@ def bake(
     recipes = [] if recipe is None else (list(recipe) if isinstance(recipe, list | tuple) else [recipe])
     if bool(recipes) == (maps is not None):
         raise RecipeError("give exactly one of a recipe (to fit) or a maps file (already fitted).")
-    kind = model_kind(model, o.revision)
-    recipe_objs = [load_recipe_for(r, kind, log) for r in recipes]
+    kind = kind_of(model, o.revision)
+    recipe_objs = [kind.load_recipe(r, log) for r in recipes]
     fold_options = o.fold_options(recipe_objs[0] if recipe_objs else None)
-    if kind == "pipeline":
-        given = {"--target": bool(fold_options.targets), "--as-llama": o.as_llama, "--eval": o.evaluate_after}
-        given |= {"--push-to-hub": bool(o.push_to_hub), "--no-flags": not o.allow_flags}
-        given |= {"composed recipes": len(recipe_objs) > 1}
-        if any(given.values()):
-            raise RecipeError(
-                f"{', '.join(k for k, v in given.items() if v)}: not available for diffusers pipelines."
-            )
-        source = pipeline_source(model, o.revision)
-        loaded = None
-    else:
-        loaded = load(model, revision=o.revision, placement=o.placement, log=log)
-        if o.as_llama:
-            from .llama_layout import LlamaLayout, as_llama_config
-
-            src = loaded.source
-            as_llama_config(src.config)  # refuse (not Mistral, a binding sliding window) before the fit
-            loaded = replace(loaded, source=LlamaLayout(src.name, src.path, src.revision))
-        source = loaded.source
+    target = kind.bake_target(model, o, fold_options, len(recipe_objs), log)  # refusals before any load
+    source, loaded = kind.source_of(target), kind.language_model(target)
     given_maps = None
     if maps is not None:
         given_maps = maps if isinstance(maps, MapSet) else MapSet.load(maps)
         if not given_maps.maps:
             raise MapsMismatchError("the maps file holds no maps.")
-        if kind == "llm":
-            preflight_maps(given_maps, source, log)
+        kind.preflight_maps(given_maps, source, log)
     check = dict(allow_extrapolation=o.allow_extrapolation, warn=log)
     strengths = list(o.strengths) if o.strengths is not None else None
     per_recipe: list[float] = []
@@ -110,7 +78,7 @@ def bake(
     strengths = strength_rules.check(strengths or default, **check)
     out, dry_run, verify_after = o.out, o.dry_run, o.verify_after
     gguf_src = gguf_out = None
-    if kind == "llm" and not dry_run and gguf_bake.is_gguf_out(out):  # GGUF in, GGUF out (gguf_bake.py)
+    if not dry_run and kind.writes_gguf(out):  # GGUF in, GGUF out (gguf_bake.py)
         if o.as_llama or o.push_to_hub:
             raise RecipeError("-o X.gguf: --as-llama and --push-to-hub are for checkpoint directories.")
         gguf_src = gguf_bake.preflight(source.name, out, strengths, o.force)
@@ -127,8 +95,7 @@ def bake(
         verify_after = True  # a push publishes verified checkpoints only
     for r in recipe_objs:  # before any model load: sentence files readable and large enough
         preflight_recipe(r, log)
-    if kind == "llm":
-        preflight_checkpoint(source)
+    kind.preflight_checkpoint(source)
     if not dry_run:
         if out is None:
             raise RecipeError("give an output directory with -o/--out (or --dry-run to only print the plan).")
@@ -143,7 +110,6 @@ def bake(
         log=log,
         pipe=pipe,
     )
-    target = source if kind == "pipeline" else loaded
     if len(recipe_objs) > 1:
         fitted = [fit(target, r, **fit_kw).maps for r in recipe_objs]
         mapset = baking.compose_all(fitted, per_recipe, warn=lambda _: None)  # checked and warned above
@@ -210,8 +176,7 @@ def bake(
         return results
     for res in results:
         if res.out is not None and verify_after:
-            base = loaded if kind == "llm" else source
-            res.verification = verify(res.out, base=base, log=log, pipe=pipe, progress=progress)
+            res.verification = verify(res.out, base=target, log=log, pipe=pipe, progress=progress)
             if not res.verification.passed:
                 return results
     if o.push_to_hub:
@@ -263,7 +228,6 @@ def verify(
     from the checkpoint's ``actmerge/`` files; the base is loaded with the bake's recorded revision (or
     reused when ``base`` is a loaded model). ``options.runtime="llama.cpp"``: GGUF round trips of the
     baked checkpoint and of the unbaked base."""
-    from .verify import verify_checkpoint
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
@@ -283,41 +247,11 @@ def verify(
     # any λ a bake may have used (an extrapolated one too), and no other
     strength = strength_rules.one(strength, allow_extrapolation=True)
     mapset = maps if isinstance(maps, MapSet) else MapSet.load(maps)
-    prompts = list(options.prompts) if options.prompts is not None else None
-    kind = info.kind if info else ("pipeline" if (checkpoint / "model_index.json").is_file() else "llm")
-    if kind == "pipeline":
-        from .diffusion.verify import verify_pipeline
-
-        if base is None:
-            local = info.base_path if info else None
-            base = local if local and Path(local).is_dir() else (info.base_model if info else _need("--base"))
-        return verify_pipeline(
-            checkpoint,
-            base=pipeline_source(base, info.revision if info else None),
-            maps=mapset,
-            strength=strength,
-            tolerance=options.tolerance,
-            prompts=prompts,
-            device=(options.placement or Placement()).device,
-            pipe=pipe,
-            fresh=options.fresh,
-        )
+    kind = kind_of(checkpoint)  # its bake.json, else model_index.json
     if base is None:
-        base = info.base_model if info else _need("--base")
-    loaded = load(base, revision=info.revision if info else None, placement=options.placement, log=log)
-    preflight_maps(mapset, loaded.source, log)
-    return verify_checkpoint(
-        checkpoint,
-        loaded,
-        mapset,
-        strength,
-        tolerance=options.tolerance,
-        prompts=prompts,
-        runtime=options.runtime,
-        outtype=options.outtype,
-        progress=progress,
-        log=log,
-    )
+        base = kind.default_base(info) if info else _need("--base")
+    how = VerifyRequest(options, info, progress, log, pipe)
+    return kind.verify(checkpoint, base, mapset, strength, how)
 
 
 def _need(flag: str):
@@ -391,7 +325,6 @@ def sites(
 ) -> tuple[str, list[dict]]:
     """(title, rows): where a scale and a shift fold for this model's config, or for a pipeline's
     components. Without a model: the site vocabulary of every architecture row."""
-    from .fold import capabilities
     from .sites import ARCHITECTURES
 
     if model is None:
@@ -408,11 +341,10 @@ def sites(
             for n, r in a.sites.items()
         ]
         return "site vocabulary", rows
-    if model_kind(model, revision) == "pipeline":
-        from .diffusion.plan import capabilities as pipeline_capabilities
+    return kind_of(model, revision).capabilities(model, frozenset(targets), revision, log)
 
-        source = pipeline_source(model, revision)
-        return f"{model}: {source.pipeline_class}", pipeline_capabilities(source)
-    config = resolve(model, revision, log=log).config
-    arch = architecture_for(config)
-    return f"{model}: {arch.name}", capabilities(arch, config, frozenset(targets))
+
+def plan(source, maps: MapSet, strength: float, options: FoldOptions = FoldOptions()) -> FoldPlan:
+    """The fold plan of ``maps`` at ``strength`` for a resolved model's source (a ``ModelSource`` or a
+    ``PipelineSource``): what ``bake --dry-run`` prints."""
+    return kind_of(source).plan(source, maps, strength, options)

@@ -143,7 +143,7 @@ def _llm_families(names: list[str]) -> list[str]:
 
 
 def _diffusion_families(names: list[str]) -> list[str]:
-    from .diffusion.table import COMPONENTS
+    from .kinds.diffusers.table import COMPONENTS
 
     bare = [n.split("/")[-1] for n in names]
     return [c.name for c in COMPONENTS if any(n in c.sites for n in bare)]

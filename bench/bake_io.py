@@ -118,7 +118,7 @@ def build(path: Path, config: dict = CONFIG, shard_bytes: int = SHARD_BYTES) -> 
 CHILD = r"""
 import resource, sys, time, json, torch
 from pathlib import Path
-from actmerge.baking import plan as make_plan
+from actmerge.pipeline import plan as make_plan
 from actmerge.io.tree import write_checkpoint
 from actmerge.maps import AffineMap, MapSet
 from actmerge.models import ModelSource

@@ -7,7 +7,7 @@ plain forward passes over the same batches, and the memory of the collected stat
     HF_HUB_OFFLINE=1 python bench/collect.py --device cuda --dtype bfloat16 --reference
 
 Defaults: all 344 detox sentences, batch 16, ≤ 128 tokens, 5 repeats, torch's thread count, cuda when
-present. Batch by batch, plain forward, collection (``actmerge.collect.collect`` on that batch: hooks
+present. Batch by batch, plain forward, collection (``actmerge.kinds.llm.collect.collect`` on that batch: hooks
 attached, pooled, drained to the CPU) and, with ``--reference``, the pre-optimisation pooling run back
 to back in rotating order, so load that drifts hits them alike. Prints, from one run: the median of
 per-batch wall-time ratios collection / plain (target ≤ 1.15), the ratio of total wall and of process
@@ -31,8 +31,8 @@ from contextlib import ExitStack
 import lab
 import torch
 
-from actmerge.collect import batches, collect
-from actmerge.hooks import attach
+from actmerge.kinds.llm.collect import batches, collect
+from actmerge.kinds.llm.hooks import attach
 from actmerge.models import load_model, resolve
 from actmerge.placement import input_device
 from actmerge.recipe import read_sentences

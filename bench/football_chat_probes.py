@@ -66,7 +66,7 @@ def _row(b, base, label, maps):
 
 
 def _collect(b, texts, keys, pooling, max_tokens=256):
-    from actmerge.collect import collect
+    from actmerge.kinds.llm.collect import collect
 
     return collect(
         b.model, b.tok, texts, keys, pooling=pooling, skip_special=True, max_tokens=max_tokens, progress=False
@@ -200,7 +200,7 @@ def prompted(b, base):
 
 def distill(b, base, steps="16", lr="0.003", mu="1.0"):
     from actmerge.chat import replies_to
-    from actmerge.hooks import attach
+    from actmerge.kinds.llm.hooks import attach
     from actmerge.maps import AffineMap
     from actmerge.sites import resolve_sites
 

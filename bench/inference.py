@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actmerge import pipeline
-from actmerge.hooks import steer
+from actmerge.kinds.llm.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import load_model, resolve
 

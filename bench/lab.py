@@ -29,7 +29,7 @@ from actmerge import chat, pipeline
 from actmerge.evaluation.budget import Budget
 from actmerge.evaluation.metrics import concept_presence, continuations, perplexity, similarity
 from actmerge.evaluation.search import search
-from actmerge.hooks import steer
+from actmerge.kinds.llm.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import resolve
 from actmerge.recipe import Recipe, load_recipe, read_sentences

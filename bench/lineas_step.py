@@ -29,8 +29,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from actmerge import pipeline
-from actmerge.collect import CollectOptions, batches, collect
-from actmerge.hooks import attach
+from actmerge.kinds.llm import fit as llm_fit
+from actmerge.kinds.llm.collect import CollectOptions, batches, collect
+from actmerge.kinds.llm.hooks import attach
 from actmerge.lineas import LineasConfig, fit_lineas
 from actmerge.models import resolve
 from actmerge.recipe import load_recipe
@@ -86,7 +87,7 @@ def main() -> None:
     config = loaded.source.config
     o = sections(recipe, architecture_for(config)).fit.lineas
     batch = args.batch or o.batch
-    sites = pipeline.recipe_sites(recipe, config)
+    sites = llm_fit.recipe_sites(recipe, config)
     keys = [s.key for s in sites]
     last = max(sites, key=lambda s: s.order).key
     source = recipe.read_source()[:batch]
@@ -94,7 +95,7 @@ def main() -> None:
     target = collect(
         model, tok, recipe.read_target()[:batch], keys, pooling=recipe.pooling, progress=False, **kw
     )
-    frozen = pipeline.frozen_shifts(recipe, config, sites)
+    frozen = llm_fit.frozen_shifts(recipe, config, sites)
     cfg = LineasConfig(
         steps=args.steps,
         lr=o.lr,

@@ -21,7 +21,7 @@ import lab
 
 from actmerge import pipeline
 from actmerge.evaluation.sweep import SweepRows, evaluate_model, run_sweep
-from actmerge.hooks import steer
+from actmerge.kinds.llm.hooks import steer
 from actmerge.models import resolve
 from actmerge.recipe import SiteSpec, load_recipe
 

@@ -95,7 +95,7 @@ def child(a: argparse.Namespace) -> None:
     import transformers  # noqa: F401  (the libraries' own memory: the baseline RSS)
     from safetensors.torch import save_file
 
-    from actmerge.collect import collect
+    from actmerge.kinds.llm.collect import collect
     from actmerge.models import ModelSource, load_model
     from actmerge.placement import input_device, offloaded
     from actmerge.sites import architecture_for, resolve_sites

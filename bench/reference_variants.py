@@ -27,7 +27,6 @@ import time
 import lab
 import torch
 
-from actmerge import fitting
 from actmerge.evaluation.metrics import (
     concept_presence,
     continuations,
@@ -36,7 +35,8 @@ from actmerge.evaluation.metrics import (
     toxicity,
 )
 from actmerge.fold import FoldOptions
-from actmerge.hooks import steer
+from actmerge.kinds.llm import fit as fitting
+from actmerge.kinds.llm.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import load_model, resolve
 from actmerge.recipe import load_recipe, read_sentences

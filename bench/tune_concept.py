@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actmerge.collect import collect
 from actmerge.estimators import ESTIMATORS
 from actmerge.evaluation.metrics import concept_presence, continuations, perplexity
-from actmerge.hooks import steer
+from actmerge.kinds.llm.collect import collect
+from actmerge.kinds.llm.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import load_model, resolve
 from actmerge.recipe import read_sentences

@@ -37,8 +37,8 @@ import lab
 import torch
 
 from actmerge.chat import replies_to
-from actmerge.collect import collect
 from actmerge.estimators import linear_act, mean_act
+from actmerge.kinds.llm.collect import collect
 from actmerge.recipe import LineasOptions, SiteSpec
 from actmerge.sites import resolve_sites
 

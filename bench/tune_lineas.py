@@ -28,7 +28,7 @@ import torch
 
 from actmerge import pipeline
 from actmerge.evaluation.metrics import perplexity, profanity_scorer, toxicity
-from actmerge.hooks import steer
+from actmerge.kinds.llm.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import resolve
 from actmerge.recipe import SiteSpec, load_recipe, read_sentences

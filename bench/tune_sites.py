@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from actmerge.collect import collect
 from actmerge.estimators import linear_act
 from actmerge.evaluation.metrics import perplexity, profanity_scorer, toxicity
 from actmerge.fold import capabilities
-from actmerge.hooks import steer
+from actmerge.kinds.llm.collect import collect
+from actmerge.kinds.llm.hooks import steer
 from actmerge.maps import MapSet
 from actmerge.models import load_model, resolve
 from actmerge.recipe import read_sentences
@@ -90,7 +90,7 @@ def main() -> None:
     import sys
 
     if "--incremental" in sys.argv:
-        from actmerge.collect import FitOptions, fit
+        from actmerge.kinds.llm.collect import FitOptions, fit
 
         P, M = ["attn_post"], ["mlp_post"]
         for label, parts in (

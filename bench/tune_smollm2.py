@@ -71,10 +71,10 @@ def _read(path):
 
 def generate(out_path: Path) -> None:
     from actmerge import chat, pipeline
-    from actmerge.collect import collect
     from actmerge.estimators import linear_act, mean_act
     from actmerge.evaluation.metrics import continuations, perplexity
-    from actmerge.hooks import steer
+    from actmerge.kinds.llm.collect import collect
+    from actmerge.kinds.llm.hooks import steer
     from actmerge.maps import MapSet
     from actmerge.models import resolve
     from actmerge.recipe import load_recipe
@@ -181,10 +181,10 @@ def round2(out_path: Path, lineas_dir: Path) -> None:
     LinEAS fits over the perplexity bound): strengths for football (assistant-turn fitting) and for
     the round-1 LinEAS maps, on the same tuning sets."""
     from actmerge import chat, pipeline
-    from actmerge.collect import collect
     from actmerge.estimators import mean_act
     from actmerge.evaluation.metrics import continuations, perplexity
-    from actmerge.hooks import steer
+    from actmerge.kinds.llm.collect import collect
+    from actmerge.kinds.llm.hooks import steer
     from actmerge.maps import MapSet
     from actmerge.models import resolve
     from actmerge.recipe import load_recipe

@@ -30,9 +30,9 @@ import time
 import torch
 
 from actmerge import pipeline
-from actmerge.collect import collect
 from actmerge.estimators import ESTIMATORS, keep_top
 from actmerge.evaluation.probe import HookedProbe, tuning_split
+from actmerge.kinds.llm.collect import collect
 from actmerge.maps import AffineMap, MapSet
 from actmerge.recipe import load_recipe
 from actmerge.sites import architecture_for, resolve_sites

@@ -23,9 +23,9 @@ import lab
 import torch
 
 from actmerge import pipeline
+from actmerge.kinds.llm.verify import DEFAULT_PROMPTS
 from actmerge.models import ModelSource, load_model, resolve
 from actmerge.placement import Placement
-from actmerge.verify import DEFAULT_PROMPTS
 
 
 @torch.no_grad()

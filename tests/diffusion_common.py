@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from actmerge.diffusion.plan import site_dim
-from actmerge.diffusion.sites import DSite
-from actmerge.diffusion.source import PipelineSource
+from actmerge.kinds.diffusers.plan import site_dim
+from actmerge.kinds.diffusers.sites import DSite
+from actmerge.kinds.diffusers.source import PipelineSource
 from actmerge.maps import AffineMap, MapSet
 from actmerge.tolerance import PICO_RELATIVE
 

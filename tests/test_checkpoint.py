@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from actmerge import pipeline
 from actmerge.errors import OutputExistsError
-from actmerge.hooks import steer
 from actmerge.io import st_format, st_reader, st_rewrite, weights
 from actmerge.io.tree import INDEX
+from actmerge.kinds.llm.hooks import steer
 from actmerge.models import ModelSource
 
 from .common import char_tokenizer, load, pico_config, random_ids, random_maps

@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 
 from actmerge import pipeline
 from actmerge.cli import app
-from actmerge.diffusion import probe, resolve_pipeline, verify_pipeline
-from actmerge.diffusion.collect import collect, denoiser_name, load_pipeline
-from actmerge.diffusion.hooks import steer
-from actmerge.diffusion.recipe import DiffusionRecipe
-from actmerge.diffusion.sites import resolve
-from actmerge.diffusion.verify import PROMPTS, text_components
 from actmerge.errors import NotFoldableError
+from actmerge.kinds.diffusers import probe, resolve_pipeline, verify_pipeline
+from actmerge.kinds.diffusers.collect import collect, denoiser_name, load_pipeline
+from actmerge.kinds.diffusers.hooks import steer
+from actmerge.kinds.diffusers.recipe import DiffusionRecipe
+from actmerge.kinds.diffusers.sites import resolve
+from actmerge.kinds.diffusers.verify import PROMPTS, text_components
 
 from .diffusion_common import REL_TOL, make_pixart, make_sd, random_maps, rel_err
 
@@ -283,8 +283,8 @@ def test_shipped_recipes_fit_and_plan(sd, recipe):
 def test_top_neurons_on_the_pipeline_fit(sd):
     """The diffusers fit sparsifies with the same ``top_neurons`` as the LLM fit: half of each site's
     channels keep the dense fit's values (the largest moves), the rest are identity."""
-    from actmerge.diffusion.collect import fit_pipeline
-    from actmerge.diffusion.recipe import load_diffusion_recipe
+    from actmerge.kinds.diffusers.collect import fit_pipeline
+    from actmerge.kinds.diffusers.recipe import load_diffusion_recipe
 
     source, pipe = sd
     dense = load_diffusion_recipe("diffusion-watercolor.yaml")

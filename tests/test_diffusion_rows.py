@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from actmerge import pipeline
-from actmerge.diffusion import resolve_pipeline
-from actmerge.diffusion.collect import fit_pipeline
-from actmerge.diffusion.hooks import steer
-from actmerge.diffusion.plan import shift_home
-from actmerge.diffusion.recipe import DiffusionRecipe, load_diffusion_recipe
-from actmerge.diffusion.sites import resolve
-from actmerge.diffusion.table import COMPONENTS
-from actmerge.diffusion.verify import moved_shifts
 from actmerge.errors import NotFoldableError, RecipeError, UnknownArchitectureError
+from actmerge.kinds.diffusers import resolve_pipeline
+from actmerge.kinds.diffusers.collect import fit_pipeline
+from actmerge.kinds.diffusers.hooks import steer
+from actmerge.kinds.diffusers.plan import shift_home
+from actmerge.kinds.diffusers.recipe import DiffusionRecipe, load_diffusion_recipe
+from actmerge.kinds.diffusers.sites import resolve
+from actmerge.kinds.diffusers.table import COMPONENTS
+from actmerge.kinds.diffusers.verify import moved_shifts
 from actmerge.maps import AffineMap, MapSet
 
 from .diffusion_common import (

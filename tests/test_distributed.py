@@ -73,10 +73,10 @@ def _free_port() -> int:
 
 def _spy(seen: Path) -> None:
     """Record, in ``seen``, the sentences each collection pools and the rows of each LinEAS forward."""
-    import actmerge.collect
+    import actmerge.kinds.llm.collect
     import actmerge.lineas
 
-    collect, forward = actmerge.collect.collect, actmerge.lineas._forward
+    collect, forward = actmerge.kinds.llm.collect.collect, actmerge.lineas._forward
 
     def spy_collect(model, tok, sentences, keys, **kw):
         with seen.open("a") as f:
@@ -88,7 +88,7 @@ def _spy(seen: Path) -> None:
             f.write(json.dumps({"rows": len(inputs["input_ids"])}) + "\n")
         return forward(model, inputs)
 
-    actmerge.collect.collect, actmerge.lineas._forward = spy_collect, spy_forward
+    actmerge.kinds.llm.collect.collect, actmerge.lineas._forward = spy_collect, spy_forward
 
 
 def _rank(rank: int, size: int, port: int, args: list[str], log: Path) -> None:

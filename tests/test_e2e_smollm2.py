@@ -121,7 +121,7 @@ def test_detox_lineas_short_fit_llama_row(tmp_path, base_scores):
 def test_tied_embedding_guard_on_the_real_model(tmp_path):
     """SmolLM2 ties lm_head to embed_tokens: a fold that would edit either is refused with the remedy."""
     from actmerge.fold import Edit
-    from actmerge.llm_plan import _guard_tied
+    from actmerge.kinds.llm.plan import _guard_tied
 
     source = resolve("smollm2-135m")
     arch = architecture_for(source.config)

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from actmerge import pipeline
 from actmerge.errors import ModelResolutionError, NotFoldableError
 from actmerge.fold import FoldOptions
-from actmerge.hooks import steer
 from actmerge.io import st_format
+from actmerge.kinds.llm.hooks import steer
 from actmerge.models import ModelSource
 from actmerge.recipe import Recipe
 
@@ -105,18 +105,18 @@ def test_recipe_targets_reach_the_planner(tmp_path):
 
 def test_bake_verify_reuses_the_loaded_model_and_placement(tmp_path, monkeypatch):
     """`bake --verify` verifies with the model bake loaded (same placement), never a second load."""
-    from actmerge import fitting
+    from actmerge.kinds.llm import source as llm_source
     from actmerge.placement import Placement
 
     src = ModelSource("pico", make_pico("llama", tmp_path / "pico"), revision="abc123")
     calls = []
-    real = fitting.load_model
+    real = llm_source.load_model
 
     def counting(source, **kw):
         calls.append((source.path, kw.get("placement")))
         return real(source, **kw)
 
-    monkeypatch.setattr(fitting, "load_model", counting)
+    monkeypatch.setattr(llm_source, "load_model", counting)
     placement = Placement("cpu", max_memory="cpu=1GiB")
     loaded = pipeline.Loaded(src, placement)
     (res,) = pipeline.bake(
@@ -131,7 +131,7 @@ def test_bake_verify_reuses_the_loaded_model_and_placement(tmp_path, monkeypatch
     assert info["revision"] == "abc123" and info["placement"]["max_memory"] == "cpu=1GiB"
     # a later `actmerge verify DIR` loads the base with the recorded revision
     seen = {}
-    monkeypatch.setattr(fitting, "resolve", lambda name, rev=None, **kw: seen.update(rev=rev) or src)
+    monkeypatch.setattr(llm_source, "resolve", lambda name, rev=None, **kw: seen.update(rev=rev) or src)
     pipeline.verify(res.out, **QUIET)
     assert seen["rev"] == "abc123"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from actmerge import pipeline
-from actmerge.collect import collect
 from actmerge.errors import ActivationError, MapsMismatchError, ModelResolutionError, UnknownArchitectureError
+from actmerge.kinds.llm.collect import collect
 from actmerge.maps import AffineMap, MapSet
 from actmerge.models import ModelSource, resolve
 from actmerge.sites import architecture_for
@@ -78,7 +78,7 @@ def test_model_resolution_errors(tmp_path):
 
 def test_tied_tensor_guard():
     from actmerge.fold import Edit
-    from actmerge.llm_plan import _guard_tied
+    from actmerge.kinds.llm.plan import _guard_tied
     from actmerge.sites import architecture_for
 
     arch = architecture_for("llama")

@@ -161,7 +161,7 @@ def test_logit_kl_known_answers():
 
 
 def test_clamped_variant_moves_only_values_inside_the_source_support():
-    from actmerge.hooks import clamped_fn
+    from actmerge.kinds.llm.hooks import clamped_fn
 
     scale, shift = torch.tensor([2.0, 2.0]), torch.tensor([1.0, -1.0])
     lo, hi = torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 5.0])
@@ -172,7 +172,7 @@ def test_clamped_variant_moves_only_values_inside_the_source_support():
 
 
 def test_sweep_adds_clamped_rows_from_a_linear_act_fit(pico, tmp_path):
-    from actmerge.collect import fit
+    from actmerge.kinds.llm.collect import fit
     from actmerge.sites import architecture_for, resolve_sites
 
     src = ModelSource("pico", pico)

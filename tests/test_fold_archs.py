@@ -11,7 +11,7 @@ import torch
 
 from actmerge import pipeline
 from actmerge.errors import NotFoldableError
-from actmerge.hooks import steer
+from actmerge.kinds.llm.hooks import steer
 from actmerge.models import ModelSource
 from actmerge.sites import architecture_for
 

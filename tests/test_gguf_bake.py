@@ -177,8 +177,8 @@ def test_gguf_output_needs_a_gguf_source_and_never_overwrites_it(tmp_path):
 
 
 def test_target_gguf_keeps_norm_sites_only(tmp_path):
-    from actmerge.fitting import gguf_sites
     from actmerge.fold import FoldOptions
+    from actmerge.kinds.llm.fit import gguf_sites
     from actmerge.sites import architecture_for, resolve_sites
 
     from .common import make_pico

@@ -170,13 +170,16 @@ def test_card_unknown_license_and_local_base(tmp_path):
         )
 
     kw = dict(evaluation="| row | toxicity |\n|---|---|\n| base | 0.5 |")
-    text = card.render(info(str(tmp_path)), license=None, **kw)
+    from actmerge.kinds.llm.card import text as llm_text
+
+    text = card.render(info(str(tmp_path)), llm_text(info(str(tmp_path)), chat=False), license=None, **kw)
     meta = front_matter(text)
     assert meta["license"] == "other" and "could not be determined" in text
     assert "base_model" not in meta  # a local path is not a Hub id: the Hub would reject the card
     assert meta["tags"].count("mean_act") == 1
     assert "## Evaluation" in text and "`attention_bias=True`" in text
-    meta = front_matter(card.render(info("gemma-3-270m"), license=None, **kw))
+    gemma = info("gemma-3-270m")
+    meta = front_matter(card.render(gemma, llm_text(gemma, chat=False), license=None, **kw))
     assert meta["base_model"] == "google/gemma-3-270m" and meta["license"] == "gemma"
     assert card.base_license(tmp_path, {"license": "mit"}) == "mit"  # config fallback
 

@@ -190,3 +190,91 @@ def test_evaluation_writes_only_through_the_output_helper():
         "tune_dir": {"actmerge.evaluation.tune"},
     }
     assert writes == {"actmerge.evaluation.records:write_text", "actmerge.evaluation.plot:savefig"}
+
+
+# ---- the model kinds: one interface, chosen once (actmerge/kinds/) ------------------------------
+KINDS_DIR = "kinds"
+KIND_NAMES = {"llm", "pipeline"}  # BakeInfo.kind: what a branch on the model kind compares with
+# the jobs each kind does its own way: defined per kind inside kinds/, at most once outside it
+PER_KIND = [
+    "attach", "steer", "affine_fn", "compare", "run_fresh", "shift_home", "site_for_key", "split_key",
+    "recipe_sites", "capabilities", "collect", "resolve", "plan", "_need",
+]  # fmt: skip
+
+
+def kind_branches(root: Path = PKG) -> list[str]:
+    """``file:line`` of every branch on the model kind outside ``kinds/``: a comparison of anything with
+    a kind's name (``kind == "llm"``, ``info.kind != "pipeline"``, ``x in ("llm", …)``), or an
+    ``isinstance`` test against ``PipelineSource``."""
+    found = []
+    for p in sorted(root.rglob("*.py")):
+        if p.relative_to(root).parts[0] == KINDS_DIR:
+            continue
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            hit = False
+            if isinstance(node, ast.Compare):
+                consts = [
+                    e.value
+                    for side in [node.left, *node.comparators]
+                    for e in ([side] if not isinstance(side, ast.Tuple | ast.List | ast.Set) else side.elts)
+                    if isinstance(e, ast.Constant)
+                ]
+                hit = any(c in KIND_NAMES for c in consts)
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "isinstance"
+            ):
+                hit = "PipelineSource" in ast.unparse(node.args[1]) if len(node.args) == 2 else False
+            if hit:
+                found.append(f"{p.relative_to(root).as_posix()}:{node.lineno}")
+    return found
+
+
+def definitions_outside_kinds(root: Path = PKG) -> dict[str, list[str]]:
+    """Per-kind job name → the modules outside ``kinds/`` that define it at module level."""
+    found: dict[str, list[str]] = {n: [] for n in PER_KIND}
+    for p in sorted(root.rglob("*.py")):
+        if p.relative_to(root).parts[0] == KINDS_DIR:
+            continue
+        for node in ast.parse(p.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in found:
+                found[node.name].append(p.relative_to(root).as_posix())
+    return found
+
+
+def test_no_branch_on_the_model_kind_outside_kinds():
+    """The verbs call the kind's interface (``kinds.base.ModelKind``); only ``kinds/`` knows the kinds."""
+    assert kind_branches() == []
+
+
+def test_no_per_kind_job_is_defined_twice_outside_kinds():
+    twice = {n: where for n, where in definitions_outside_kinds().items() if len(where) > 1}
+    assert twice == {}
+
+
+def test_the_interface_names_the_per_kind_jobs_and_both_kinds_implement_it():
+    from actmerge.kinds.base import ModelKind
+    from actmerge.kinds.registry import KINDS
+
+    abstract = ModelKind.__abstractmethods__
+    assert {"resolve", "recipe_sites", "plan", "steer", "capabilities", "fit", "verify", "write"} <= abstract
+    assert set(KINDS) == KIND_NAMES
+    for kind in KINDS.values():  # instantiated: every abstract method implemented
+        assert isinstance(kind, ModelKind) and not type(kind).__abstractmethods__
+
+
+def test_the_kind_checks_find_a_branch_and_a_second_definition(tmp_path):
+    pkg = tmp_path / "actmerge"
+    (pkg / KINDS_DIR).mkdir(parents=True)
+    (pkg / "verbs.py").write_text(
+        "def bake(job, src, row):\n"
+        "    if job.kind == 'pipeline' or isinstance(src, (str, PipelineSource)):\n"
+        "        return row.kind == 'baked' or job.kind in ('llm',)\n"
+    )
+    (pkg / "a.py").write_text("def plan(): ...\ndef steer(): ...\n")
+    (pkg / "b.py").write_text("def plan(): ...\nclass C:\n    def steer(self): ...\n")
+    (pkg / KINDS_DIR / "x.py").write_text("def steer(): ...\nif kind == 'llm': pass\n")
+    assert kind_branches(pkg) == ["verbs.py:2", "verbs.py:2", "verbs.py:3"]
+    where = definitions_outside_kinds(pkg)
+    assert where["plan"] == ["a.py", "b.py"] and where["steer"] == ["a.py"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from actmerge import pipeline
-from actmerge.collect import collect
 from actmerge.errors import ActivationError
-from actmerge.hooks import steer
+from actmerge.kinds.llm.collect import collect
+from actmerge.kinds.llm.hooks import steer
 from actmerge.lineas import LineasConfig, fit_lineas, prox_, w2_per_neuron
 from actmerge.maps import AffineMap, MapSet, compose
 from actmerge.models import ModelSource
@@ -157,8 +157,8 @@ def _reference_fit(model, tok, sites, source, target, frozen, cfg, pooling="mean
     whole body run with a KV cache): the fitted maps must not change."""
     import random
 
-    from actmerge.collect import batches
-    from actmerge.hooks import Pooler, attach
+    from actmerge.kinds.llm.collect import batches
+    from actmerge.kinds.llm.hooks import Pooler, attach
 
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from actmerge import pipeline
 from actmerge.cli import app
-from actmerge.collect import FitOptions, collect, fit
 from actmerge.errors import PlacementError
+from actmerge.kinds.llm.collect import FitOptions, collect, fit
 from actmerge.maps import MapSet
 from actmerge.models import ModelSource, load_model
 from actmerge.placement import Placement, from_pretrained_kwargs, input_device, parse_max_memory

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from actmerge.hooks import Pooler, masked_sum
+from actmerge.kinds.llm.hooks import Pooler, masked_sum
 
 
 def _reference(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from actmerge import chat, pipeline
-from actmerge.collect import batches
 from actmerge.errors import ModelResolutionError, RecipeError, SiteError
 from actmerge.evaluation.records import EvalConfig
+from actmerge.kinds.llm.collect import batches
+from actmerge.kinds.llm.fit import recipe_sites
 from actmerge.recipe import load_recipe
 from actmerge.recipe_sections import resolve as sections
 from actmerge.sites import architecture_for, parse_layers, resolve_sites
@@ -69,7 +70,7 @@ def test_one_recipe_resolves_on_every_row(recipe):
     for model_type in MODEL_TYPES:
         config = _config(model_type)
         arch = architecture_for(config)
-        sites = pipeline.recipe_sites(r, config)
+        sites = recipe_sites(r, config)
         assert sites, model_type
         assert {s.name for s in sites} <= set(arch.sites)
         seen.add(arch.name)
@@ -79,12 +80,9 @@ def test_one_recipe_resolves_on_every_row(recipe):
 def test_gemma_rows_keep_the_tuned_layers():
     """Gemma-3-270M (18 layers) resolves exactly to the layers tuned before recipes went portable."""
     config = {**_config("gemma3_text"), "num_hidden_layers": 18}
-    got = {
-        (s.name, s.layer)
-        for s in pipeline.recipe_sites(load_recipe(ROOT / "recipes" / "detox-act.yaml"), config)
-    }
+    got = {(s.name, s.layer) for s in recipe_sites(load_recipe(ROOT / "recipes" / "detox-act.yaml"), config)}
     assert got == {("attn_post", i) for i in range(9, 18)} | {("mlp_post", i) for i in range(6, 12)}
-    football = pipeline.recipe_sites(load_recipe(ROOT / "recipes" / "football.yaml"), config)
+    football = recipe_sites(load_recipe(ROOT / "recipes" / "football.yaml"), config)
     assert [(s.name, s.layer) for s in football] == [("attn_ctx", i) for i in range(9, 18)]
     lineas = load_recipe(ROOT / "recipes" / "detox-lineas.yaml")
     assert default_for(lineas, SimpleNamespace(config=config)) == 1.0
@@ -112,9 +110,9 @@ def _recipe(tmp_path, sites: str, extra: str = ""):
 
 def test_missing_site_error_lists_the_familys_sites(tmp_path):
     r = _recipe(tmp_path, "  gemma: [attn_post]\n  default:\n    - site: attn_post\n      layers: 50%-100%")
-    assert {s.name for s in pipeline.recipe_sites(r, _config("gemma2"))} == {"attn_post"}
+    assert {s.name for s in recipe_sites(r, _config("gemma2"))} == {"attn_post"}
     with pytest.raises(SiteError, match="'attn_post' does not exist for llama; available: attn_in, attn_ctx"):
-        pipeline.recipe_sites(r, _config("llama"))
+        recipe_sites(r, _config("llama"))
 
 
 def test_family_keys_are_checked(tmp_path):
@@ -122,7 +120,7 @@ def test_family_keys_are_checked(tmp_path):
         _recipe(tmp_path, "  lama: [attn_ctx]")
     r = _recipe(tmp_path, "  gemma: [attn_post]", "strength:\n  llama: 0.5\n")
     with pytest.raises(RecipeError, match="no entry for llama.*add `llama:` or `default:`"):
-        pipeline.recipe_sites(r, _config("llama"))
+        recipe_sites(r, _config("llama"))
     assert default_for(r, SimpleNamespace(config=_config("llama"))) == 0.5
     assert default_for(_recipe(tmp_path, "  - attn_ctx"), SimpleNamespace(config=_config("gpt2"))) == 1.0
 
@@ -219,8 +217,8 @@ def test_instruction_fit_recipe_checks(tmp_path, extra, match):
 def test_instruction_fit_on_a_chat_model(tmp_path):
     """chat_fit: instruction fits Mean-AcT on the instruction pairs of every source and target
     sentence: β = mean over the pairs' targets − sources, nothing else; the requests file is hashed."""
-    from actmerge.collect import collect
     from actmerge.estimators import mean_act
+    from actmerge.kinds.llm.collect import collect
 
     write_pico_fit_data(tmp_path)
     path = make_pico("llama", tmp_path / "model")

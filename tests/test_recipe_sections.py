@@ -9,8 +9,8 @@ from typing import get_args
 import pytest
 
 from actmerge import chat
-from actmerge.diffusion.recipe import load_diffusion_recipe
 from actmerge.errors import RecipeError
+from actmerge.kinds.diffusers.recipe import load_diffusion_recipe
 from actmerge.recipe import LineasOptions, Recipe, load_recipe
 from actmerge.recipe_sections import resolve
 from actmerge.recipes_catalog import BUILTIN_DIR

@@ -46,7 +46,7 @@ def test_builtins_live_in_the_package():
         path = find_recipe(name)
         assert path == BUILTIN_DIR / f"{name}.yaml"
         if name.startswith("diffusion"):
-            from actmerge.diffusion.recipe import load_diffusion_recipe
+            from actmerge.kinds.diffusers.recipe import load_diffusion_recipe
 
             assert load_diffusion_recipe(name).read_source()
         else:

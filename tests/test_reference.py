@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from actmerge.collect import CollectOptions, FitOptions, _incremental_order, batches, collect, fit
 from actmerge.estimators import equal_counts, gaussian_act, linear_act, mean_act
-from actmerge.hooks import split_key
+from actmerge.kinds.llm.collect import CollectOptions, FitOptions, _incremental_order, batches, collect, fit
+from actmerge.kinds.llm.hooks import split_key
 from actmerge.lineas import LineasConfig, fit_lineas, prox_
 from actmerge.models import ModelSource
 from actmerge.recipe import LineasOptions, Recipe
@@ -181,7 +181,7 @@ def test_golden_bos_in_the_mean():
     (e,) = list(batches(tok, ["ab", "abcd"], batch_size=2, max_tokens=16, skip_special=True))
     assert e.token_mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
     # an activation equal to its position: mean over positions {2,3,4} = 3 vs {3,4} = 3.5
-    from actmerge.hooks import Pooler
+    from actmerge.kinds.llm.hooks import Pooler
 
     a = torch.arange(5.0).view(1, 5, 1).repeat(2, 1, 1)
     p = Pooler("mean")

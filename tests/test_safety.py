@@ -236,10 +236,10 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path):
 
 
 def test_sentence_counts_are_checked_before_any_model_load(setup, tmp_path, monkeypatch):
-    from actmerge import fitting
+    from actmerge.kinds.llm import source as llm_source
 
     root, model = setup
-    monkeypatch.setattr(fitting, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(llm_source, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "few.txt").write_text("one\ntwo\nthree\nfour\nfive\n")
     (tmp_path / "tgt.txt").write_bytes((root / "tgt.txt").read_bytes())  # beside the recipe
     (tmp_path / "r.yaml").write_text(RECIPE.replace("src.txt", "few.txt"))

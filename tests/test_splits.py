@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from actmerge.diffusion.recipe import DiffusionRecipe
 from actmerge.evaluation.settings import NEUTRAL_TEXT
+from actmerge.kinds.diffusers.recipe import DiffusionRecipe
 from actmerge.recipe import read_sentences
 
 PACKAGE = Path(__file__).resolve().parents[1] / "actmerge"

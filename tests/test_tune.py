@@ -363,7 +363,7 @@ def test_hooked_point_estimate_is_the_perplexity_ratio(setup):
     and the mean per-token KL over the neutral text."""
     from actmerge.evaluation.metrics import logit_kl, perplexity
     from actmerge.evaluation.probe import HookedProbe
-    from actmerge.hooks import steer
+    from actmerge.kinds.llm.hooks import steer
     from actmerge.recipe import load_recipe
 
     root, model = setup

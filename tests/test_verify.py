@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from actmerge import pipeline
 from actmerge.cli import app
+from actmerge.kinds.llm.verify import DEFAULT_PROMPTS, reference, verify_transformers
 from actmerge.models import ModelSource
 from actmerge.options import VerifyOptions
 from actmerge.placement import Placement
-from actmerge.verify import DEFAULT_PROMPTS, reference, verify_transformers
 
 from .common import char_tokenizer, load, make_pico, random_maps
 
@@ -39,9 +39,11 @@ def baked(tmp_path_factory):
 def test_verify_reuses_the_loaded_base_and_logs_progress(baked, monkeypatch):
     loaded, out = baked
     loaded.get()
-    from actmerge import fitting
+    from actmerge.kinds.llm import source as llm_source
 
-    monkeypatch.setattr(fitting, "load_model", lambda *a, **k: pytest.fail("the base model was loaded again"))
+    monkeypatch.setattr(
+        llm_source, "load_model", lambda *a, **k: pytest.fail("the base model was loaded again")
+    )
     lines = []
     rep = pipeline.verify(out, base=loaded, log=lines.append)
     assert rep.passed and rep.max_abs_logit_diff <= 1e-4

@@ -3,7 +3,7 @@ neutral text (``kl``) and at the first token after short neutral prompts (``firs
 
 from __future__ import annotations
 
-from ..hooks import steer
+from ..kinds.llm.hooks import steer
 from ..placement import input_device
 from .metrics import logit_kl, neutral_prompts
 from .records import EvalConfig

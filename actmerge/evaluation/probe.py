@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 from ..errors import RecipeError
-from ..hooks import steer
+from ..kinds.llm.hooks import steer
 from ..placement import input_device
 from ..recipe import Recipe, read_sentences
 from ..recipe_sections import resolve as sections

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ActmergeError
-from ..hooks import steer
 from ..io.provenance import read_bake_info
+from ..kinds.llm.hooks import steer
 from ..maps import MapSet
 from ..placement import Placement, input_device
 from .kl import drift, steered_fn, wants_kl

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import VerificationError
+from ...errors import VerificationError
+from ...maps import MapSet
+from ...placement import Placement, input_device
+from ...tolerance import HALF_DTYPES, LOGITS, for_dtypes
 from .hooks import steer
-from .maps import MapSet
-from .placement import Placement, input_device
-from .tolerance import HALF_DTYPES, LOGITS, for_dtypes
 
 DEFAULT_PROMPTS = [
     "The weather in the mountains changed quickly that afternoon, and",
@@ -314,11 +314,11 @@ def verify_checkpoint(
     (or ``verify-llama.cpp.json``) with a digest of the weights it verified. Tolerance by the
     checkpoint's dtype (``tolerance.LOGITS``); a bf16/fp16 checkpoint is compared over the prompts'
     greedy continuations too (teacher forced), both sides computed in float32."""
-    from .io.provenance import write_verify_report
-    from .io.st_format import tensor_index
-    from .memory import check_budget
-    from .models import ModelSource
-    from .placement import parse_max_memory
+    from ...io.provenance import write_verify_report
+    from ...io.st_format import tensor_index
+    from ...memory import check_budget
+    from ...models import ModelSource
+    from ...placement import parse_max_memory
 
     prompts = prompts or DEFAULT_PROMPTS
     step = log if progress else (lambda _msg: None)
@@ -327,7 +327,7 @@ def verify_checkpoint(
     if runtime == "llama.cpp":
         step(f"verify: loading the base model {loaded.source.name}")
         loaded.get()
-        from .llamacpp import verify_llamacpp
+        from ...llamacpp import verify_llamacpp
 
         step("verify: GGUF round trips of the base and the baked checkpoint (llama.cpp)")
         report = verify_llamacpp(

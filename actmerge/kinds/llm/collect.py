@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import distributed
-from .errors import ActivationError
-from .estimators import ESTIMATORS, FitInfo, equal_counts, keep_top
+from ... import distributed
+from ...errors import ActivationError
+from ...estimators import ESTIMATORS, FitInfo, equal_counts, keep_top
+from ...maps import AffineMap
+from ...placement import input_device
+from ...progress import bar
+from ...sites import Site
 from .hooks import Pooler, affine_fn, attach, clamped_fn, record, split_key
-from .maps import AffineMap
-from .placement import input_device
-from .progress import bar
-from .sites import Site
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import VerificationError
-from ..io.output import PROVENANCE_DIR
-from ..io.provenance import read_bake_info, write_verify_report
-from ..maps import MapSet
-from ..tolerance import PIPELINE_RELATIVE, for_dtypes
-from ..verify import run_isolated
+from ...errors import VerificationError
+from ...io.output import PROVENANCE_DIR
+from ...io.provenance import read_bake_info, write_verify_report
+from ...maps import MapSet
+from ...tolerance import PIPELINE_RELATIVE, for_dtypes
+from ..llm.verify import run_isolated
 from .collect import denoiser_name, load_pipeline
 from .hooks import steer
 from .plan import shift_home

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import __version__
-from ..errors import ActivationError, NotFoldableError
-from ..estimators import ESTIMATORS, keep_top
-from ..maps import AffineMap, MapSet
-from ..placement import pick_device
-from ..recipe_sections import resolve as sections
+from ... import __version__
+from ...errors import ActivationError, NotFoldableError
+from ...estimators import ESTIMATORS, keep_top
+from ...maps import AffineMap, MapSet
+from ...placement import pick_device
+from ...recipe_sections import resolve as sections
 from .hooks import attach
 from .plan import shift_home
 from .recipe import DiffusionRecipe

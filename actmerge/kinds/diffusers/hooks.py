@@ -15,9 +15,9 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from ..errors import MapsMismatchError
-from ..hooks import hook_module
-from ..maps import MapSet
+from ...errors import MapsMismatchError
+from ...maps import MapSet
+from ..llm.hooks import hook_module
 from .sites import split_key
 
 ActFn = Callable[[torch.Tensor], torch.Tensor | None]

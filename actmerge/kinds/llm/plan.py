@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import MapsMismatchError, NotFoldableError, SiteError
-from .fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, nonzero, not_one, refuse_shifts
-from .io.st_format import TensorInfo
-from .maps import MapSet
-from .naming import TensorNamer
-from .shifts import config_get, scale_home, shift_home
-from .sites import ALL, Architecture, site_for_key
+from ...errors import MapsMismatchError, NotFoldableError, SiteError
+from ...fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, nonzero, not_one, refuse_shifts
+from ...io.st_format import TensorInfo
+from ...maps import MapSet
+from ...naming import TensorNamer
+from ...shifts import config_get, scale_home, shift_home
+from ...sites import ALL, Architecture, site_for_key
 
 NORM_EDIT = {"rmsnorm": "norm", "rmsnorm_1p": "norm_1p", "layernorm": "norm"}  # site fold → Edit kind
 
@@ -168,7 +168,7 @@ def _bias_name(weight: str) -> str:
 def _companion_biases(arch, config, patch, edits, tensors, name_of) -> dict[str, tuple[str, TensorInfo]]:
     """Every bias that a newly set flag makes the model expect: edited ones, and zeros elsewhere."""
     out: dict[str, tuple[str, TensorInfo]] = {}
-    from .sites import num_layers
+    from ...sites import num_layers
 
     for layer in range(num_layers(arch, config)):
         for lin in arch.linears.values():

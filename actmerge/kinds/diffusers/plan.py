@@ -9,10 +9,10 @@ in forward order by it.
 
 from __future__ import annotations
 
-from ..errors import MapsMismatchError, NotFoldableError
-from ..fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, refuse_shifts
-from ..maps import MapSet
-from ..naming import TensorNamer
+from ...errors import MapsMismatchError, NotFoldableError
+from ...fold import Edit, Exactness, FoldOptions, FoldPlan, SitePlan, refuse_shifts
+from ...maps import MapSet
+from ...naming import TensorNamer
 from .sites import DSite, site_for_key
 from .source import PipelineSource
 from .table import component_for, pipeline_for
@@ -55,7 +55,7 @@ def _text_route(source: PipelineSource, site: DSite) -> tuple[list[tuple[str, st
     if row is None:
         return [], (
             f"the pipeline class {source.pipeline_class!r} has no row in actmerge's pipeline table, so where "
-            f"{site.component}'s output goes is unknown (add one to actmerge/diffusion/table.py PIPELINES)"
+            f"{site.component}'s output goes is unknown (add one to actmerge/kinds/diffusers/table.py PIPELINES)"
         )
     into = row.text_into.get(site.component)
     if into is None:

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..errors import RecipeError
-from ..recipe import Recipe, Strict, load_recipe
+from ...errors import RecipeError
+from ...recipe import Recipe, Strict, load_recipe
 
 
 class DiffusionOptions(Strict):

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import ModelResolutionError
-from ..io.st_format import TensorInfo, tensor_index
-from ..io.tree import WeightSet, read_config
-from ..models import hub_fetch
+from ...errors import ModelResolutionError
+from ...io.st_format import TensorInfo, tensor_index
+from ...io.tree import WeightSet, read_config
+from ...models import hub_fetch
 
 MODEL_INDEX = "model_index.json"
 

@@ -13,8 +13,8 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from .errors import ActivationError, MapsMismatchError
-from .maps import MapSet
+from ...errors import ActivationError, MapsMismatchError
+from ...maps import MapSet
 
 ActFn = Callable[[torch.Tensor], torch.Tensor | None]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from ..errors import NotFoldableError, SiteError, UnknownArchitectureError
-from ..sites import parse_layers
+from ...errors import NotFoldableError, SiteError, UnknownArchitectureError
+from ...sites import parse_layers
 from .source import PipelineSource
 from .table import UNET_STAGES, Component, Rule, component_for, known_classes
 
@@ -60,7 +60,7 @@ def component_arch(source: PipelineSource, component: str) -> Component:
         raise UnknownArchitectureError(
             f"component {component!r} is a {cls}, which has no row in actmerge's diffusion table "
             f"(known: {', '.join(known_classes())}). Steer another component, or add a row to "
-            "actmerge/diffusion/table.py COMPONENTS."
+            "actmerge/kinds/diffusers/table.py COMPONENTS."
         )
     return arch
 

@@ -1,0 +1,1 @@
+"""The language-model kind (``kind.LanguageModels``): a transformers causal LM or a built-in model."""
