@@ -8,7 +8,7 @@ each in its own process (peak RSS of it and its children), on the public API.
 Per model: ``fit`` of Linear-AcT maps at every layer's attention context on 8 + 8 sentences; ``bake``
 of them at λ = 1; ``verify`` of the bake under ``--max-memory`` of ``--budget-fraction`` (0.4) of the
 model's float32 size, with an offload folder (one model at a time, layers beyond the budget on disk);
-a LinEAS fit of ``--steps`` steps (batch 4, 32 tokens) with ``fitting.lineas_estimate`` printed before
+a LinEAS fit of ``--steps`` steps (batch 4, 32 tokens) with ``kinds.llm.fit.lineas_estimate`` printed before
 it loads, against the measured peak. Prints the table and writes it, with the date, commit and
 machine, to ``--out``.
 """
@@ -98,7 +98,8 @@ def run_step(what: str, model: str, work: Path, *extra: str) -> dict:
 
 
 def measure(model: str, steps: int, fraction: float) -> dict:
-    from actmerge.fitting import lineas_estimate, load, recipe_sites
+    from actmerge.fitting import load
+    from actmerge.kinds.llm.fit import lineas_estimate, recipe_sites
     from actmerge.memory import parameter_count
     from actmerge.recipe import load_recipe
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from actmerge.fitting import lineas_estimate, recipe_sites
+from actmerge.kinds.llm.fit import lineas_estimate, recipe_sites
 from actmerge.recipe import load_recipe
 from actmerge.recipe_sections import resolve as resolve_sections
 from actmerge.sites import architecture_for
