@@ -123,8 +123,25 @@ def site_dim(name: str, config: dict) -> int:
     return c["hidden_size"]
 
 
+# the config keys the formulas read, and the names other families give them (GPT-2: n_embd, …)
+ALIASES = {
+    "hidden_size": ("n_embd", "d_model"),
+    "num_attention_heads": ("n_head", "num_heads"),
+    "num_hidden_layers": ("n_layer", "num_layers"),
+    "intermediate_size": ("n_inner", "ffn_dim"),
+}
+
+
 def _text(config: dict) -> dict:
-    return config.get("text_config") or config
+    """The language model's config (a multimodal config's ``text_config``) under the keys the formulas
+    read; an MLP width the config leaves unset is 4 × hidden (GPT-2's ``n_inner: null``)."""
+    c = dict(config.get("text_config") or config)
+    for key, names in ALIASES.items():
+        if c.get(key) is None:
+            c[key] = next((c[n] for n in names if c.get(n) is not None), None)
+    if c["intermediate_size"] is None and c["hidden_size"] is not None:
+        c["intermediate_size"] = 4 * c["hidden_size"]
+    return c
 
 
 def largest_block(path: str | Path, dtype_bytes: int = 4) -> int:
