@@ -119,7 +119,7 @@ def _path(recipe: Recipe, p: Path | None) -> Path | None:
     return None if p is None else recipe.path(p)
 
 
-def resolve(recipe: Recipe, arch=None) -> Sections:
+def sections_of(recipe: Recipe, arch=None) -> Sections:
     """``recipe`` in sections, its per-family fields resolved for the architecture row ``arch``
     (``sites.Architecture``; None for a pipeline)."""
     r = recipe

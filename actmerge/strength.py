@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import RecipeError
 from .recipe import Recipe
-from .recipe_sections import resolve as sections
+from .recipe_sections import sections_of as sections
 
 MAX_STRENGTH = 4.0  # beyond this, --allow-extrapolation
 AUTO = "auto"  # bake --strength auto: the strength `actmerge tune` recorded
@@ -91,7 +91,7 @@ def parse(value: str | None, *, what: str = "--strength") -> list[float] | None:
 def default_for(recipe: Recipe, source) -> float:
     """The recipe's ``strength:``: one λ, or the entry for this model's family (its row name, a
     model_type, else ``default``) when the recipe gives one per family. ``source.config`` is read only
-    then (``recipe_sections.resolve``). Not yet checked: the verb checks it with the others."""
+    then (``recipe_sections.sections_of``). Not yet checked: the verb checks it with the others."""
     arch = None
     if isinstance(recipe.strength, dict):
         from .sites import architecture_for

@@ -35,7 +35,7 @@ from actmerge.kinds.llm.hooks import attach
 from actmerge.lineas import LineasConfig, fit_lineas
 from actmerge.models import resolve
 from actmerge.recipe import load_recipe
-from actmerge.recipe_sections import resolve as sections
+from actmerge.recipe_sections import sections_of as sections
 from actmerge.sites import architecture_for
 
 

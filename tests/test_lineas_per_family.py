@@ -6,7 +6,7 @@ import pytest
 from actmerge import pipeline
 from actmerge.errors import RecipeError
 from actmerge.recipe import LineasOptions, load_recipe
-from actmerge.recipe_sections import resolve as sections
+from actmerge.recipe_sections import sections_of as sections
 from actmerge.sites import architecture_for
 
 from .common import PICO_RECIPE, make_pico, write_pico_fit_data

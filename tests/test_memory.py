@@ -15,7 +15,7 @@ import transformers
 
 from actmerge.kinds.llm.fit import lineas_estimate, recipe_sites
 from actmerge.recipe import load_recipe
-from actmerge.recipe_sections import resolve as resolve_sections
+from actmerge.recipe_sections import sections_of as resolve_sections
 from actmerge.sites import architecture_for
 
 from .common import VOCAB, char_tokenizer

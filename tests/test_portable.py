@@ -13,7 +13,7 @@ from actmerge.evaluation.records import EvalConfig
 from actmerge.kinds.llm.collect import batches
 from actmerge.kinds.llm.fit import recipe_sites
 from actmerge.recipe import load_recipe
-from actmerge.recipe_sections import resolve as sections
+from actmerge.recipe_sections import sections_of as sections
 from actmerge.sites import architecture_for, parse_layers, resolve_sites
 from actmerge.strength import default_for
 

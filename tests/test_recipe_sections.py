@@ -12,7 +12,7 @@ from actmerge import chat
 from actmerge.errors import RecipeError
 from actmerge.kinds.diffusers.recipe import load_diffusion_recipe
 from actmerge.recipe import LineasOptions, Recipe, load_recipe
-from actmerge.recipe_sections import resolve
+from actmerge.recipe_sections import sections_of as resolve
 from actmerge.recipes_catalog import BUILTIN_DIR
 from actmerge.sites import architecture_for
 from actmerge.strength import default_for

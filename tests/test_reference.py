@@ -31,7 +31,7 @@ from actmerge.kinds.llm.hooks import split_key
 from actmerge.lineas import LineasConfig, fit_lineas, prox_
 from actmerge.models import ModelSource
 from actmerge.recipe import LineasOptions, Recipe
-from actmerge.recipe_sections import resolve as sections
+from actmerge.recipe_sections import sections_of as sections
 from actmerge.sites import architecture_for, resolve_sites
 
 from .common import char_tokenizer, load, make_pico

@@ -7,7 +7,7 @@ import torch
 from actmerge import pipeline
 from actmerge.errors import RecipeError
 from actmerge.recipe import load_recipe
-from actmerge.recipe_sections import resolve as sections
+from actmerge.recipe_sections import sections_of as sections
 
 from .common import PICO_RECIPE, make_pico, write_pico_fit_data
 

@@ -9,7 +9,7 @@ from ..errors import RecipeError
 from ..kinds.llm.hooks import steer
 from ..placement import input_device
 from ..recipe import Recipe, read_sentences
-from ..recipe_sections import resolve as sections
+from ..recipe_sections import sections_of as sections
 from .budget import Cost, TextCosts
 from .metrics import concept_presence, continuations, get_scorer, logit_kl, neutral_prompts, text_kl, text_nll
 

@@ -10,7 +10,7 @@ from ..io.st_format import tensor_index
 from ..io.tree import read_config
 from ..options import EvalOverrides
 from ..recipe import Recipe, read_sentences
-from ..recipe_sections import resolve as sections
+from ..recipe_sections import sections_of as sections
 from .records import EvalConfig
 
 NEUTRAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "neutral.txt"

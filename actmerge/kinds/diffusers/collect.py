@@ -28,7 +28,7 @@ from ...errors import ActivationError, NotFoldableError
 from ...estimators import ESTIMATORS, keep_top
 from ...maps import AffineMap, MapSet
 from ...placement import pick_device
-from ...recipe_sections import resolve as sections
+from ...recipe_sections import sections_of as sections
 from .hooks import attach
 from .plan import shift_home
 from .recipe import DiffusionRecipe

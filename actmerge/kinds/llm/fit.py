@@ -15,7 +15,7 @@ from ...maps import MapSet
 from ...memory import MemoryEstimate, lineas_memory, site_dim
 from ...placement import offloaded
 from ...recipe import Recipe
-from ...recipe_sections import resolve as sections
+from ...recipe_sections import sections_of as sections
 from ...shifts import scale_home, shift_home
 from ...sites import Site, architecture_for, resolve_sites, site_for_key
 from ..base import FitRequest, FitResult
