@@ -98,17 +98,17 @@ def test_verify_under_a_memory_budget_agrees_with_the_in_memory_verify(baked, tm
     freed, then the fresh process loads the checkpoint under the same budget — the same logits."""
     loaded, out = baked
     in_memory = pipeline.verify(out, base=loaded, log=lambda *_: None)
-    from actmerge import fitting
+    from actmerge.kinds.llm import source as llm_source
 
     maps_of = []
-    load_model = fitting.load_model
+    load_model = llm_source.load_model
 
     def spy(*a, **k):
         model, tok = load_model(*a, **k)
         maps_of.append(dict(getattr(model, "hf_device_map", {})))
         return model, tok
 
-    monkeypatch.setattr(fitting, "load_model", spy)
+    monkeypatch.setattr(llm_source, "load_model", spy)
     budget = Placement("cpu", max_memory="cpu=50KB", offload_folder=tmp_path / "offload")
     lines = []
     rep = pipeline.verify(
