@@ -172,3 +172,18 @@ def check_budget(path: str | Path, max_memory: dict | None, what: str, dtype_byt
             f"({need / 2**20:.1f} MiB in float32): nothing could run. Raise it to at least "
             f"{math.ceil(need / 2**20)}MiB (the layers beyond it go to disk)."
         )
+
+
+def peak_rss() -> int:
+    """This process image's peak resident memory in bytes. On Linux it is ``VmHWM`` of
+    ``/proc/self/status``: ``getrusage``'s ``ru_maxrss`` survives ``exec`` and so reports the
+    parent's peak for a child started by a large process (a test runner holding models)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        import resource
+        import sys
+
+        scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024

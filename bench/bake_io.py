@@ -116,7 +116,8 @@ def build(path: Path, config: dict = CONFIG, shard_bytes: int = SHARD_BYTES) -> 
 
 
 CHILD = r"""
-import resource, sys, time, json, torch
+import sys, time, json, torch
+from actmerge.memory import peak_rss
 from pathlib import Path
 from actmerge.pipeline import plan as make_plan
 from actmerge.io.tree import write_checkpoint
@@ -141,7 +142,7 @@ t0 = time.perf_counter()
 plan = make_plan(src, ms, 1.0)
 write_checkpoint(src.path, src.safetensors_files(), plan.weight_edits(), out, config_patch=plan.config_patch, log=lambda *_: None)
 dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"seconds": dt, "peak_rss": peak_rss()}))
 """
 
 APPEND = r"""

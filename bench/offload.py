@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import string
 import subprocess
 import sys
@@ -96,11 +95,12 @@ def child(a: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     from actmerge.kinds.llm.collect import collect
+    from actmerge.memory import peak_rss
     from actmerge.models import ModelSource, load_model
     from actmerge.placement import input_device, offloaded
     from actmerge.sites import architecture_for, resolve_sites
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    base_rss = peak_rss()
     src = ModelSource("synthetic-llama", Path(a.view))
     t0 = time.perf_counter()
     model, tok = load_model(
@@ -111,7 +111,7 @@ def child(a: argparse.Namespace) -> None:
         offload_folder=a.offload_folder,
     )
     t_load = time.perf_counter() - t0
-    load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_rss = peak_rss()
     arch = architecture_for(src.config)
     keys = [s.key for s in resolve_sites(arch, src.config, list(arch.sites), "all")]
     sentences = random_sentences(a.sentences, a.max_tokens)
@@ -124,7 +124,7 @@ def child(a: argparse.Namespace) -> None:
     t_collect = time.perf_counter() - t0
     if a.save:
         save_file({k.replace(":", "@"): v for k, v in stats.items()}, a.save)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     print(
         json.dumps(
             {

@@ -64,6 +64,7 @@ STEP = r"""
 import json, resource, sys, time
 from pathlib import Path
 from actmerge import pipeline
+from actmerge.memory import peak_rss
 from actmerge.options import BakeOptions, VerifyOptions
 from actmerge.placement import Placement
 what, model, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -80,7 +81,7 @@ elif what == "verify":
     log(f"max |dlogit| {rep.max_abs_logit_diff:.3g} passed {rep.passed}")
 elif what == "lineas":
     pipeline.fit(model, work / "lineas.yaml", log=log, progress=False)
-peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+peak = max(peak_rss() // 1024, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "peak": peak * 1024, "lines": lines}))
 """
 GIB = 2**30
