@@ -205,11 +205,16 @@ def fit_lineas(
         raise ValueError(f"unknown LinEAS parametrisation {cfg.param!r}: use 'linear' or 'log'")
     log_param = cfg.param == "log"
     identity = 0.0 if log_param else 1.0  # parameter value of the identity scale
+    # the maps, their gradients and Adam's state in float64 (float32 where the device has no float64):
+    # a gradient summed over rows in float64 is the same whichever process summed which rows, so data-
+    # parallel ranks take the one-process steps (float32 sums differ by rounding, which the sorts of
+    # later steps amplify: ~1e-3 after 40 steps on Gemma)
+    pdtype = torch.float32 if device.type == "mps" else torch.float64
     params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k in keys:
         d = tgt[k].shape[1]
-        omega = torch.full((d,), identity, device=device, requires_grad=True)
-        beta = torch.zeros(d, device=device, requires_grad=k not in frozen_shift)
+        omega = torch.full((d,), identity, dtype=pdtype, device=device, requires_grad=True)
+        beta = torch.zeros(d, dtype=pdtype, device=device, requires_grad=k not in frozen_shift)
         params[k] = (omega, beta)
     trainable = [p for om, be in params.values() for p in (om, be) if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=cfg.lr, betas=(0.9, 0.9))
@@ -231,10 +236,7 @@ def fit_lineas(
 
         def fn(a: torch.Tensor) -> torch.Tensor:
             scale = omega.exp() if log_param else omega
-            out = a.float() * scale
-            if shift:
-                out = out + beta
-            out = out.to(a.dtype)
+            out = _Affine.apply(a, scale, beta if shift else None)
             pooled[key] = pooler(out)
             if first:
                 order.append(key)
@@ -387,6 +389,30 @@ class _Loss:
             sample = self.target.index_select(0, torch.tensor(idx, device=self.target.device))
             ys = quantiles(torch.sort(sample, dim=0).values, self.n_source)
         return (((xs - ys) ** 2).mean(0) * self.weight).sum()
+
+
+class _Affine(torch.autograd.Function):
+    """``a·ω + β`` computed in float32 (returned in ``a``'s dtype), whose parameter gradients are summed
+    over the batch and token rows in ``ω``'s dtype (float64): exact products, a sum whose rounding does
+    not depend on how the rows were split between processes."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        s = scale.float()
+        out = a.float() * s
+        if shift is not None:
+            out = out + shift.float()
+        ctx.save_for_backward(a, s)
+        ctx.wide, ctx.shifted = scale.dtype, shift is not None
+        return out.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, s = ctx.saved_tensors
+        rows = g.reshape(-1, g.shape[-1]).to(ctx.wide)
+        grad_a = (g.float() * s).to(a.dtype)
+        grad_scale = (rows * a.reshape(-1, a.shape[-1]).to(ctx.wide)).sum(0)
+        return grad_a, grad_scale, rows.sum(0) if ctx.shifted else None
 
 
 class _Stop(Exception):

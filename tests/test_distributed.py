@@ -43,6 +43,14 @@ lineas:
   batch: 7
   lr: 0.01
 """
+LONG = """  steps: 100
+  batch: 16
+  lr: 0.1
+  loss_norm: target_var
+  group_mode: joint
+  l1: 0.3
+  group: 0.05
+"""
 BAD = "~"  # its embedding row is +inf in the `nan` model: a sentence holding it poisons its batch
 
 
@@ -62,6 +70,14 @@ def root(tmp_path_factory):
     for method in ("linear_act", "lineas"):
         (root / f"{method}.yaml").write_text(RECIPE.format(method=method, source="src.txt"))
     (root / "bad.yaml").write_text(RECIPE.format(method="linear_act", source="bad.txt"))
+    # detox.yaml's kind of fit (variance-normalised, sparse, large steps) for long enough that float32
+    # rounding differences, amplified by the loss's sorts, grew to 4e-5 before the float64 gradients
+    (root / "long.yaml").write_text(
+        RECIPE.format(method="lineas", source="src.txt")
+        .replace("lineas:\n", "lineas:\n" + LONG)
+        .replace("  steps: 6\n  batch: 7\n  lr: 0.01\n", "")
+        .replace("[attn_ctx, mlp_hidden]", "[attn_post, mlp_post, attn_ctx]")
+    )
     return root
 
 
@@ -196,6 +212,21 @@ def test_two_ranks_lineas_as_one_process(root, tmp_path, monkeypatch):
     a, b = _maps(one), _maps(two)
     assert any(float((v - float(k.endswith("omega"))).abs().max()) > 1e-3 for k, v in a.items())  # it moved
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+
+
+def test_two_ranks_lineas_long_sparse_fit_is_the_one_process_fit(root, tmp_path):
+    """100 large sparse steps: the maps and their gradients are float64, so the two ranks' summed
+    gradient rounds as one process's and no sort of a later step sees a different row — the same maps
+    (float32 gradients gave 4e-5 here, and 6.2e-3 on Gemma's detox.yaml)."""
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    r = runner.invoke(app, ["fit", str(root / "g"), "-r", str(root / "long.yaml"), "-o", str(one)])
+    assert r.exit_code == 0, r.output
+    ranks = launch(["fit", str(root / "g"), "-r", str(root / "long.yaml"), "-o", str(two)], tmp_path)
+    assert [code for code, *_ in ranks] == [0, 0], ranks
+    assert [[e["rows"] for e in seen if "rows" in e] for *_, seen in ranks] == [[8] * 100, [8] * 100]
+    a, b = _maps(one), _maps(two)
+    assert any(float((v - float(k.endswith("omega"))).abs().max()) > 1e-2 for k, v in a.items())  # it moved
+    assert _worst_relative(a, b) <= 1e-6
 
 
 def test_a_failing_rank_takes_the_others_down(root, tmp_path):
