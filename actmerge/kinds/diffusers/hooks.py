@@ -17,7 +17,7 @@ import torch
 
 from ...errors import MapsMismatchError
 from ...maps import MapSet
-from ..llm.hooks import hook_module
+from ..shared import hook_module
 from .sites import split_key
 
 ActFn = Callable[[torch.Tensor], torch.Tensor | None]

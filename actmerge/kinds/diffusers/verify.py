@@ -20,7 +20,7 @@ from ...io.output import PROVENANCE_DIR
 from ...io.provenance import read_bake_info, write_verify_report
 from ...maps import MapSet
 from ...tolerance import PIPELINE_RELATIVE, for_dtypes
-from ..llm.verify import run_isolated
+from ..shared import run_isolated
 from .collect import denoiser_name, load_pipeline
 from .hooks import steer
 from .plan import shift_home

@@ -8,15 +8,14 @@ vector per sentence. The hook path is deliberately independent of the weight pat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 
 from ...errors import ActivationError, MapsMismatchError
 from ...maps import MapSet
-
-ActFn = Callable[[torch.Tensor], torch.Tensor | None]
+from ..shared import ActFn, hook_module
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -34,42 +33,6 @@ def attach(model: torch.nn.Module, key: str, fn: ActFn) -> Iterator[None]:
         raise MapsMismatchError(f"the model has no module {name!r} (from {key!r}).") from exc
     with hook_module(module, side, fn, key):
         yield
-
-
-@contextmanager
-def hook_module(module: torch.nn.Module, side: str, fn: ActFn, key: str) -> Iterator[None]:
-    """Run ``fn`` on ``module``'s input (the first positional argument, else the ``hidden_states``
-    keyword) or output (a tensor, or the first element of a tuple); ``None`` leaves it unchanged."""
-    if side == "input":
-
-        def pre_hook(_mod, args, kwargs):
-            if args:
-                new = fn(args[0])
-                return None if new is None else ((new, *args[1:]), kwargs)
-            if "hidden_states" in kwargs:
-                new = fn(kwargs["hidden_states"])
-                return None if new is None else (args, {**kwargs, "hidden_states": new})
-            raise MapsMismatchError(
-                f"{key!r}: the module was called without a positional or hidden_states input."
-            )
-
-        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    elif side == "output":
-
-        def hook(_mod, _args, output):
-            tensor = output[0] if isinstance(output, tuple) else output
-            new = fn(tensor)
-            if new is None:
-                return None
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        handle = module.register_forward_hook(hook)
-    else:
-        raise MapsMismatchError(f"{key!r}: side must be 'input' or 'output'.")
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def affine_fn(scale: torch.Tensor, shift: torch.Tensor) -> ActFn:

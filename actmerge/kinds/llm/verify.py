@@ -74,22 +74,6 @@ class VerifyReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def run_isolated(argv: list[str], payload: dict, what: str) -> dict:
-    """Run ``python ARGV… ARGS.json OUT.pt`` in a fresh interpreter (offline, in a temp dir) and load
-    what it saved: the baked model is loaded by plain transformers / diffusers there, never by
-    actmerge. Shared by the language-model and the pipeline verification."""
-    with tempfile.TemporaryDirectory() as d:
-        apath, opath = Path(d) / "args.json", Path(d) / "out.pt"
-        apath.write_text(json.dumps(payload))
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        proc = subprocess.run(
-            [sys.executable, *argv, str(apath), str(opath)], capture_output=True, text=True, env=env, cwd=d
-        )
-        if proc.returncode != 0:
-            raise VerificationError(f"{what}:\n{proc.stderr[-3000:]}")
-        return torch.load(opath)
-
-
 class FreshProcess:
     """The baked checkpoint loaded by plain transformers in a subprocess, started at once so that its
     start-up and load overlap with the caller's work; ``logits`` sends it one batch of token ids."""
