@@ -12,7 +12,8 @@ from actmerge import pipeline
 from actmerge.errors import ActivationError
 from actmerge.kinds.llm.collect import collect
 from actmerge.kinds.llm.hooks import steer
-from actmerge.lineas import LineasConfig, fit_lineas, prox_, w2_per_neuron
+from actmerge.lineas import LineasConfig, fit_lineas
+from actmerge.lineas_ops import prox_, w2_per_neuron
 from actmerge.maps import AffineMap, MapSet, compose
 from actmerge.models import ModelSource
 from actmerge.sites import architecture_for, resolve_sites

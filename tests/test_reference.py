@@ -28,7 +28,8 @@ import torch
 from actmerge.estimators import equal_counts, gaussian_act, linear_act, mean_act
 from actmerge.kinds.llm.collect import CollectOptions, FitOptions, _incremental_order, batches, collect, fit
 from actmerge.kinds.llm.hooks import split_key
-from actmerge.lineas import LineasConfig, fit_lineas, prox_
+from actmerge.lineas import LineasConfig, fit_lineas
+from actmerge.lineas_ops import prox_
 from actmerge.models import ModelSource
 from actmerge.recipe import LineasOptions, Recipe
 from actmerge.recipe_sections import sections_of as sections
