@@ -1,5 +1,8 @@
 """Evaluation sweeps on the real Gemma-3-270M (slow; runs in CI): toxicity at λ = 1 below λ = 0 for
-the detox recipe, concept presence rising with λ for the induction recipe, report.json + sweep.png."""
+the detox recipe, concept presence rising with λ for the induction recipe, report.json + sweep.png.
+
+The sweep's mechanics on the first 60 prompts of each split (``limit``; all 340 took 11 min of CI):
+the held-out figures on every prompt are tests/test_claims.py's."""
 
 import json
 
@@ -20,7 +23,9 @@ def test_detox_sweep(loaded, tmp_path):
     rep = pipeline.evaluate(
         loaded,
         recipe="detox-act",  # Linear-AcT: its fit also gives ml-act's clamped row
-        options=pipeline.EvalOptions(strengths=[0.0, 1.0], out=tmp_path / "rep"),
+        options=pipeline.EvalOptions(
+            strengths=[0.0, 1.0], out=tmp_path / "rep", settings=pipeline.EvalOverrides(limit=60)
+        ),
         progress=False,
         log=lambda *_: None,
     )
@@ -35,6 +40,7 @@ def test_detox_sweep(loaded, tmp_path):
     assert zero.metrics["kl"] == 0.0 < one.metrics["kl"]
     assert one.baseline["toxic_fraction_hard"] == zero.metrics["toxic_fraction_hard"]
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["settings"]["n_prompts"] == 60 and data["settings"]["n_prompts_split"] == {"hard": 60}
     assert [(r["kind"], r["strength"]) for r in data["rows"]] == [
         ("hooked", 0.0),
         ("hooked", 1.0),
