@@ -263,6 +263,7 @@ HELD_OUT_NAMES = ("eval_prompts", "chat_eval_prompts", "neutral.txt", "NEUTRAL_T
 MEASURE_ONLY = {
     "lineas_table.py",  # issue 4's acceptance table of fixed rows, measured once
     "heldout.py",  # the shipped rows, measured once per shipped change and recorded (no candidates)
+    "gguf_detox.py",  # the GGUF files it is given, on the split it is told (tune or heldout), in llama.cpp
 }
 
 
