@@ -23,10 +23,15 @@ SPLIT = heldout (bench/results/heldout/gguf-*.json, bench/results/PROTOCOL.md).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
+import shlex
+import subprocess
+import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import lab
@@ -42,6 +47,10 @@ NEW_TOKENS, MAX_TOKENS, THRESHOLD = 24, 256, 0.5
 CHUNK = 16
 # one llama.cpp thread: ggml's threads spin-wait, which costs more than it gives on a busy 2-core machine
 THREADS = int(os.environ.get("GGUF_DETOX_THREADS", "1"))
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=lab.DATA).stdout.strip()
 
 
 def split_files(split: str) -> tuple[list[Path], Path]:
@@ -112,6 +121,12 @@ def main() -> None:
         files = {"prompts": [str(f.relative_to(lab.DATA.parent.parent)) for f in prompt_files]}
         files["neutral"] = str(neutral_file.relative_to(lab.DATA.parent.parent))
         record = {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": git("rev-parse", "HEAD"),
+            "tree_clean": git("status", "--porcelain") == "",
+            "command": shlex.join(["python", "bench/gguf_detox.py", *sys.argv[1:]]),
+            "device": f"CPU ({os.cpu_count()} cores), llama-cpp-python {version('llama-cpp-python')}, "
+            f"{THREADS} thread(s)",
             "model": args.model,
             "split": args.split,
             "files": files,

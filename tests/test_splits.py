@@ -216,7 +216,7 @@ def test_a_planted_exact_duplicate_is_reported(tmp_path):
     problems = split_problems(package)
     assert problems == [
         f"recipes/data/detox/eval_prompts_hard.txt:{number} equals recipes/data/detox/toxic.txt:"
-        f"{fit.number} (detox: fit, detox-act: fit, detox-lineas: fit): {planted.strip()!r} ~ {fit.text!r}"
+        f"{fit.number} (detox: fit, detox-act: fit, detox-gguf: fit, detox-lineas: fit): {planted.strip()!r} ~ {fit.text!r}"
     ]
 
 
