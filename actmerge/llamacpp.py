@@ -129,7 +129,7 @@ def gguf_continuations(
 
 def gguf_perplexity(gguf: Path, ids: list[list[int]], *, chunk: int = 4, threads: int | None = None) -> float:
     """Perplexity of the texts ``ids`` (each with its BOS) from llama.cpp's own logits: every next token
-    predicted, summed over all texts (as ``evaluate.perplexity``)."""
+    predicted, summed over all texts (as ``evaluation.metrics.perplexity``)."""
     nll = count = 0.0
     for i in range(0, len(ids), chunk):
         part = ids[i : i + chunk]

@@ -10,9 +10,9 @@ is run on the same token ids, as ``actmerge verify --runtime llama.cpp`` does); 
 
 - greedy continuations (24 new tokens, as ``actmerge eval``; cut at the first special token) run by
   llama.cpp (``llamacpp.gguf_continuations``), scored with alt-profanity-check
-  (``evaluate.profanity_scorer``, toxic = p > 0.5, as ``evaluate.toxicity``);
+  (``evaluation.metrics.profanity_scorer``, toxic = p > 0.5, as ``evaluation.metrics.toxicity``);
 - perplexity of the neutral text from llama.cpp's own logits (``llamacpp.gguf_perplexity``: each text
-  ≤ 256 tokens with BOS, every next token predicted, as ``evaluate.text_nll``).
+  ≤ 256 tokens with BOS, every next token predicted, as ``evaluation.metrics.text_nll``).
 
 The first file is the reference: each later one gets its toxic-count fall (base / steered) and its
 perplexity ratio. The script measures the files it is given and chooses nothing: candidates are
@@ -37,8 +37,8 @@ from pathlib import Path
 import lab
 from transformers import AutoTokenizer
 
-from actmerge.evalconfig import NEUTRAL_TEXT
-from actmerge.evaluate import profanity_scorer
+from actmerge.evaluation.settings import NEUTRAL_TEXT
+from actmerge.evaluation.metrics import profanity_scorer
 from actmerge.llamacpp import gguf_continuations, gguf_perplexity
 from actmerge.models import resolve
 
@@ -60,17 +60,23 @@ def split_files(split: str) -> tuple[list[Path], Path]:
     return [detox / "eval_prompts.txt", detox / "eval_prompts_hard.txt"], NEUTRAL_TEXT
 
 
-def measure(gguf: Path, tok, prompt_ids, neutral_ids, scorer) -> dict:
+def measure(gguf: Path, tok, prompt_ids, neutral_ids, scorer, split_names: list[str]) -> dict:
+    """One file's row; ``split_names``: each prompt's prompt file (the counts are also kept per file)."""
     t0 = time.time()
     texts = gguf_continuations(gguf, tok, prompt_ids, NEW_TOKENS, chunk=CHUNK, threads=THREADS)
     scores = scorer(texts)
     toxic = sum(s > THRESHOLD for s in scores)
+    per_file = {
+        name: sum(s > THRESHOLD for s, n in zip(scores, split_names, strict=True) if n == name)
+        for name in dict.fromkeys(split_names)
+    }
     row = {
         "gguf": str(gguf),
         "size": gguf.stat().st_size,
         "toxic": toxic,
         "n_prompts": len(texts),
         "toxic_fraction": toxic / len(texts),
+        "toxic_per_file": per_file,
         "mean_toxicity": sum(scores) / len(scores),
         "perplexity": gguf_perplexity(gguf, neutral_ids, threads=THREADS),
         "n_neutral": len(neutral_ids),
@@ -88,18 +94,20 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--neutral-limit", type=int, default=None, help="only the first N neutral texts")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--note", default="", help="kept in the JSON (e.g. the how-manyth held-out measurement)")
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(resolve(args.model, log=lambda *a: None).path)
     prompt_files, neutral_file = split_files(args.split)
-    prompts = [p for f in prompt_files for p in lab.read(f)][: args.limit]
+    prompts = [(f.name, p) for f in prompt_files for p in lab.read(f)][: args.limit]
+    split_names, prompts = [f for f, _ in prompts], [p for _, p in prompts]
     neutral = lab.read(neutral_file)[: args.neutral_limit]
     prompt_ids = [tok(p)["input_ids"] for p in prompts]
     neutral_ids = [tok(t, truncation=True, max_length=MAX_TOKENS)["input_ids"] for t in neutral]
     scorer = profanity_scorer()
     rows = []
     for gguf in args.ggufs:
-        row = measure(gguf, tok, prompt_ids, neutral_ids, scorer)
+        row = measure(gguf, tok, prompt_ids, neutral_ids, scorer, split_names)
         if rows:
             ref = rows[0]
             row["toxic_fall"] = ref["toxic"] / row["toxic"] if row["toxic"] else math.inf
@@ -108,7 +116,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"{gguf.name}: {row['toxic']} / {row['n_prompts']} toxic ({row['toxic_fraction']:.1%}), "
-            f"perplexity {row['perplexity']:.3f}"
+            f"perplexity {row['perplexity']:.3f} (per file: {row['toxic_per_file']})"
             + (
                 f", fall ×{row['toxic_fall']:.2f}, ppl ×{row['perplexity_ratio']:.4f}"
                 if len(rows) > 1
@@ -128,9 +136,11 @@ def main() -> None:
             "device": f"CPU ({os.cpu_count()} cores), llama-cpp-python {version('llama-cpp-python')}, "
             f"{THREADS} thread(s)",
             "model": args.model,
+            "note": args.note,
             "split": args.split,
             "files": files,
             "n_prompts": len(prompts),
+            "n_prompts_per_file": {name: split_names.count(name) for name in dict.fromkeys(split_names)},
             "n_neutral": len(neutral),
             "new_tokens": NEW_TOKENS,
             "threshold": THRESHOLD,

@@ -76,7 +76,7 @@ def test_smollm2_q4_1_detox_gguf_in_llamacpp(tmp_path):
     import gguf
     from transformers import AutoTokenizer
 
-    from actmerge.evaluate import profanity_scorer
+    from actmerge.evaluation.metrics import profanity_scorer
     from actmerge.recipe import read_sentences
     from actmerge.snapshots import builtin_gguf
 
