@@ -104,8 +104,30 @@ def main() -> None:
     neutral = lab.read(neutral_file)[: args.neutral_limit]
     prompt_ids = [tok(p)["input_ids"] for p in prompts]
     neutral_ids = [tok(t, truncation=True, max_length=MAX_TOKENS)["input_ids"] for t in neutral]
+    files = {"prompts": [str(f.relative_to(lab.DATA.parent.parent)) for f in prompt_files]}
+    files["neutral"] = str(neutral_file.relative_to(lab.DATA.parent.parent))
+    # taken before measuring (a commit made while it runs is not the one measured)
+    record = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git("rev-parse", "HEAD"),
+        "tree_clean": git("status", "--porcelain") == "",
+        "command": shlex.join(["python", "bench/gguf_detox.py", *sys.argv[1:]]),
+        "device": f"CPU ({os.cpu_count()} cores), llama-cpp-python {version('llama-cpp-python')}, "
+        f"{THREADS} thread(s)",
+        "model": args.model,
+        "note": args.note,
+        "split": args.split,
+        "files": files,
+        "n_prompts": len(prompts),
+        "n_prompts_per_file": {name: split_names.count(name) for name in dict.fromkeys(split_names)},
+        "n_neutral": len(neutral),
+        "new_tokens": NEW_TOKENS,
+        "threshold": THRESHOLD,
+        "complete": False,
+        "rows": [],
+    }
     scorer = profanity_scorer()
-    rows = []
+    rows = record["rows"]
     for gguf in args.ggufs:
         row = measure(gguf, tok, prompt_ids, neutral_ids, scorer, split_names)
         if rows:
@@ -125,29 +147,10 @@ def main() -> None:
             + f" [{row['seconds']} s]",
             flush=True,
         )
-    if args.json is not None:
-        files = {"prompts": [str(f.relative_to(lab.DATA.parent.parent)) for f in prompt_files]}
-        files["neutral"] = str(neutral_file.relative_to(lab.DATA.parent.parent))
-        record = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "commit": git("rev-parse", "HEAD"),
-            "tree_clean": git("status", "--porcelain") == "",
-            "command": shlex.join(["python", "bench/gguf_detox.py", *sys.argv[1:]]),
-            "device": f"CPU ({os.cpu_count()} cores), llama-cpp-python {version('llama-cpp-python')}, "
-            f"{THREADS} thread(s)",
-            "model": args.model,
-            "note": args.note,
-            "split": args.split,
-            "files": files,
-            "n_prompts": len(prompts),
-            "n_prompts_per_file": {name: split_names.count(name) for name in dict.fromkeys(split_names)},
-            "n_neutral": len(neutral),
-            "new_tokens": NEW_TOKENS,
-            "threshold": THRESHOLD,
-            "rows": rows,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        record["complete"] = len(rows) == len(args.ggufs)
+        if args.json is not None:  # after each file: a run cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
