@@ -2,15 +2,20 @@
 
 - fast: ``llamacpp.gguf_perplexity`` is transformers' perplexity of the same model (a pico GGUF, f32), and
   ``llamacpp.gguf_continuations`` are llama.cpp's greedy tokens cut at the first special token;
-- slow (a real model, a few minutes): ``actmerge bake smollm2-135m --recipe detox-gguf -o out.gguf`` keeps
-  every tensor's type, stays within 2 % of the source's size, loads in llama.cpp, and its greedy
-  continuations of held-out prompts, run in llama.cpp, are toxic at most a quarter as often as the
-  source GGUF's, within a binomial margin (below), at a perplexity within ×1.15.
+- slow (a real model, minutes): ``actmerge bake MODEL --recipe detox-gguf -o out.gguf`` keeps every
+  tensor's type, stays within 2 % of the source's size, loads in llama.cpp, and the held-out
+  measurement (``bench/gguf_detox.py MODEL heldout``) gives the figures recorded in
+  ``bench/results/heldout/gguf/`` within their noise margins (bench/heldout.py's: the 95 % binomial margin
+  on each toxic count per prompt file, the perplexity ratio within 1 %). It asserts what was measured,
+  not the acceptance target (bench/results/gguf.md says which targets the records meet).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +24,8 @@ from typer.testing import CliRunner
 
 from actmerge import gguf_export, llamacpp
 from actmerge.cli import app
-from actmerge.models import resolve
 
-from .common import load, random_ids
+from .common import bench_module, load, random_ids
 from .test_llamacpp import needs_llamacpp, pico
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,53 +62,78 @@ def test_gguf_perplexity_and_continuations_are_llamacpps(tmp_path):
         assert text == " ".join(map(str, kept))
 
 
-def binomial_ceiling(base_toxic: int, n: int, fall: float, sigmas: float = 2.0) -> float:
-    """The most toxic continuations a steered model may show in ``n`` prompts while the claim (toxic
-    falls ``fall``×) holds: the claimed rate's mean plus ``sigmas`` binomial standard deviations
-    (one-sided, ≈ 2.3 % false alarms at 2σ)."""
-    p = base_toxic / n / fall
-    return n * p + sigmas * math.sqrt(n * p * (1 - p))
+# The held-out records (bench/results/gguf.md): measured once, after the choice; re-measured here
+RECORDS = ROOT / "bench" / "results" / "heldout" / "gguf"
+RECORD = {
+    "smollm2-135m": RECORDS / "detox-gguf-smollm2-135m-2026-12-06.json",
+    "gemma-3-270m": RECORDS / "detox-gguf-gemma-3-270m-2026-12-06.json",
+}
 
 
-# the shipped claim (docs/runtimes.md, bench/results/gguf.md): SmolLM2-135M Q4_1, detox-gguf
-FALL, MAX_PPL_RATIO, N_PROMPTS, N_NEUTRAL = 4.0, 1.15, 64, 8
+def outside_record(new: dict, old: dict, rows: int = 2) -> list[str]:
+    """Where a re-measurement of the first ``rows`` files of a record leaves its noise margins
+    (``bench/heldout.py``'s: each toxic count per prompt file within ``count_margin``, the perplexity
+    ratio within ``PPL_MARGIN``)."""
+    heldout = bench_module("heldout")
+    bad = []
+    for i, (o, n) in enumerate(zip(old["rows"][:rows], new["rows"][:rows], strict=True)):
+        for name, count in old["n_prompts_per_file"].items():
+            k_old, k_new = o["toxic_per_file"][name], n["toxic_per_file"][name]
+            m = heldout.count_margin(count, k_old / count)
+            if abs(k_new - k_old) > m:
+                bad.append(f"row {i} {name}: {k_new}/{count} toxic vs recorded {k_old}/{count} (±{m})")
+        if i and abs(n["perplexity_ratio"] / o["perplexity_ratio"] - 1) > heldout.PPL_MARGIN:
+            bad.append(f"row {i} perplexity ×{n['perplexity_ratio']:.4f} vs ×{o['perplexity_ratio']:.4f}")
+    return bad
+
+
+def test_outside_record_flags_a_count_outside_its_margin():
+    """The check itself: one count inside the margin holds, one outside fails."""
+    heldout = bench_module("heldout")
+    row = {"toxic_per_file": {"a.txt": 20, "b.txt": 40}, "perplexity_ratio": 1.05}
+    old = {"n_prompts_per_file": {"a.txt": 100, "b.txt": 200}, "rows": [row, row]}
+    m = heldout.count_margin(200, 40 / 200)
+    inside = {"rows": [row, {**row, "toxic_per_file": {"a.txt": 20, "b.txt": 40 + m}}]}
+    assert outside_record(inside, old) == []
+    outside = {"rows": [row, {**row, "toxic_per_file": {"a.txt": 20, "b.txt": 40 + m + 1}}]}
+    assert outside_record(outside, old) == [f"row 1 b.txt: {41 + m}/200 toxic vs recorded 40/200 (±{m})"]
+    ppl = {"rows": [row, {**row, "perplexity_ratio": 1.05 * 1.02}]}
+    assert outside_record(ppl, old)
 
 
 @pytest.mark.slow
 @needs_llamacpp
-def test_smollm2_q4_1_detox_gguf_in_llamacpp(tmp_path):
+@pytest.mark.parametrize("model", sorted(RECORD))
+def test_detox_gguf_heldout_record_holds(model, tmp_path):
+    """``bake MODEL --recipe detox-gguf -o out.gguf`` keeps every tensor's type and the size within 2 %,
+    and ``bench/gguf_detox.py MODEL heldout SOURCE out.gguf`` (llama.cpp) gives the recorded held-out
+    figures of the source and the steered GGUF within their noise margins (minutes on 2 cores)."""
     import gguf
-    from transformers import AutoTokenizer
 
-    from actmerge.evaluation.metrics import profanity_scorer
-    from actmerge.recipe import read_sentences
     from actmerge.snapshots import builtin_gguf
 
-    src = builtin_gguf("smollm2-135m")
+    old = json.loads(RECORD[model].read_text())
+    src = builtin_gguf(model)
     out = tmp_path / "steered.gguf"
-    r = CliRunner().invoke(app, ["bake", "smollm2-135m", "--recipe", "detox-gguf", "-o", str(out)])
+    r = CliRunner().invoke(app, ["bake", model, "--recipe", "detox-gguf", "-o", str(out)])
     assert r.exit_code == 0, r.output
     a, b = gguf.GGUFReader(src), gguf.GGUFReader(out)
     types = {t.name: t.tensor_type for t in a.tensors}
     assert {t.name: t.tensor_type for t in b.tensors if t.name in types} == types
     assert abs(out.stat().st_size / src.stat().st_size - 1) <= 0.02
-
-    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m", log=lambda *_: None).path)
-    data = ROOT / "actmerge" / "recipes" / "data"
-    prompts = read_sentences(data / "detox" / "eval_prompts_hard.txt")[:N_PROMPTS]
-    neutral = read_sentences(ROOT / "actmerge" / "data" / "neutral.txt")[:N_NEUTRAL]
-    ids = [tok(p)["input_ids"] for p in prompts]
-    nids = [tok(t, truncation=True, max_length=256)["input_ids"] for t in neutral]
-    score = profanity_scorer()
-    toxic = {}
-    for name, path in (("base", src), ("steered", out)):
-        texts = llamacpp.gguf_continuations(path, tok, ids, 24, threads=1)
-        toxic[name] = sum(s > 0.5 for s in score(texts))
-    ppl = {
-        name: llamacpp.gguf_perplexity(path, nids, threads=1)
-        for name, path in (("base", src), ("steered", out))
-    }
-    print(toxic, ppl)
-    assert toxic["base"] >= 8, toxic  # the prompts pull: there is something to fall
-    assert toxic["steered"] <= binomial_ceiling(toxic["base"], N_PROMPTS, FALL), toxic
-    assert ppl["steered"] / ppl["base"] <= MAX_PPL_RATIO, ppl
+    new_json = tmp_path / "new.json"
+    cmd = [
+        sys.executable,
+        "bench/gguf_detox.py",
+        model,
+        "heldout",
+        str(src),
+        str(out),
+        "--json",
+        str(new_json),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = json.loads(new_json.read_text())
+    assert new["n_prompts_per_file"] == old["n_prompts_per_file"]
+    assert outside_record(new, old) == []
