@@ -31,6 +31,8 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--neutral-limit", type=int, default=None, help="only the first N neutral texts")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="files measured at once (one process each)")
     ap.add_argument("--note", default="", help="kept in the JSON (e.g. the how-manyth held-out measurement)")
     args = ap.parse_args()
 
@@ -113,7 +116,7 @@ def main() -> None:
         "tree_clean": git("status", "--porcelain") == "",
         "command": shlex.join(["python", "bench/gguf_detox.py", *sys.argv[1:]]),
         "device": f"CPU ({os.cpu_count()} cores), llama-cpp-python {version('llama-cpp-python')}, "
-        f"{THREADS} thread(s)",
+        f"{THREADS} thread(s), {args.jobs} file(s) at once",
         "model": args.model,
         "note": args.note,
         "split": args.split,
@@ -128,8 +131,17 @@ def main() -> None:
     }
     scorer = profanity_scorer()
     rows = record["rows"]
-    for gguf in args.ggufs:
-        row = measure(gguf, tok, prompt_ids, neutral_ids, scorer, split_names)
+    # --jobs N: N files at once, each in its own llama.cpp process (one thread each); rows in file order
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    run = partial(
+        measure,
+        tok=tok,
+        prompt_ids=prompt_ids,
+        neutral_ids=neutral_ids,
+        scorer=scorer,
+        split_names=split_names,
+    )
+    for gguf, row in zip(args.ggufs, pool.map(run, args.ggufs), strict=True):
         if rows:
             ref = rows[0]
             row["toxic_fall"] = ref["toxic"] / row["toxic"] if row["toxic"] else math.inf
