@@ -30,6 +30,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -62,10 +63,31 @@ def split_files(split: str) -> tuple[list[Path], Path]:
     return [detox / "eval_prompts.txt", detox / "eval_prompts_hard.txt"], NEUTRAL_TEXT
 
 
-def measure(gguf: Path, tok, prompt_ids, neutral_ids, scorer, split_names: list[str]) -> dict:
-    """One file's row; ``split_names``: each prompt's prompt file (the counts are also kept per file)."""
+class LockedDecode:
+    """The tokenizer's part ``gguf_continuations`` uses, one decode at a time (chunks run in threads)."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.lock, self.all_special_ids = tok, threading.Lock(), tok.all_special_ids
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        with self.lock:
+            return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def measure(
+    gguf: Path, tok, prompt_ids, neutral_ids, scorer, split_names: list[str], procs: ThreadPoolExecutor
+) -> dict:
+    """One file's row; ``split_names``: each prompt's prompt file (the counts are also kept per file).
+    ``procs`` runs the llama.cpp processes (each CHUNK prompts, and the perplexity) at once; each process
+    is the one ``gguf_continuations`` would run for that chunk, so the results do not depend on it."""
     t0 = time.time()
-    texts = gguf_continuations(gguf, tok, prompt_ids, NEW_TOKENS, chunk=CHUNK, threads=THREADS)
+    ppl = procs.submit(gguf_perplexity, gguf, neutral_ids, threads=THREADS)
+    one = LockedDecode(tok)
+    parts = procs.map(
+        lambda i: gguf_continuations(gguf, one, prompt_ids[i : i + CHUNK], NEW_TOKENS, threads=THREADS),
+        range(0, len(prompt_ids), CHUNK),
+    )
+    texts = [t for part in parts for t in part]
     scores = scorer(texts)
     toxic = sum(s > THRESHOLD for s in scores)
     per_file = {
@@ -80,7 +102,7 @@ def measure(gguf: Path, tok, prompt_ids, neutral_ids, scorer, split_names: list[
         "toxic_fraction": toxic / len(texts),
         "toxic_per_file": per_file,
         "mean_toxicity": sum(scores) / len(scores),
-        "perplexity": gguf_perplexity(gguf, neutral_ids, threads=THREADS),
+        "perplexity": ppl.result(),
         "n_neutral": len(neutral_ids),
         "seconds": round(time.time() - t0, 1),
         "continuations": texts,
@@ -96,7 +118,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--neutral-limit", type=int, default=None, help="only the first N neutral texts")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--jobs", type=int, default=1, help="files measured at once (one process each)")
+    ap.add_argument("--jobs", type=int, default=1, help="llama.cpp processes at once (chunks of prompts)")
     ap.add_argument("--note", default="", help="kept in the JSON (e.g. the how-manyth held-out measurement)")
     args = ap.parse_args()
 
@@ -116,7 +138,7 @@ def main() -> None:
         "tree_clean": git("status", "--porcelain") == "",
         "command": shlex.join(["python", "bench/gguf_detox.py", *sys.argv[1:]]),
         "device": f"CPU ({os.cpu_count()} cores), llama-cpp-python {version('llama-cpp-python')}, "
-        f"{THREADS} thread(s), {args.jobs} file(s) at once",
+        f"{THREADS} thread(s), {args.jobs} process(es) at once",
         "model": args.model,
         "note": args.note,
         "split": args.split,
@@ -131,8 +153,9 @@ def main() -> None:
     }
     scorer = profanity_scorer()
     rows = record["rows"]
-    # --jobs N: N files at once, each in its own llama.cpp process (one thread each); rows in file order
-    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    # --jobs N: N llama.cpp processes at once (one thread each), over the files' chunks; rows in file order
+    procs = ThreadPoolExecutor(max_workers=args.jobs)
+    pool = ThreadPoolExecutor(max_workers=len(args.ggufs))  # only waits on procs
     run = partial(
         measure,
         tok=tok,
@@ -140,6 +163,7 @@ def main() -> None:
         neutral_ids=neutral_ids,
         scorer=scorer,
         split_names=split_names,
+        procs=procs,
     )
     for gguf, row in zip(args.ggufs, pool.map(run, args.ggufs), strict=True):
         if rows:
