@@ -64,10 +64,7 @@ def test_gguf_perplexity_and_continuations_are_llamacpps(tmp_path):
 
 # The held-out records (bench/results/gguf.md): measured once, after the choice; re-measured here
 RECORDS = ROOT / "bench" / "results" / "heldout" / "gguf"
-RECORD = {
-    "smollm2-135m": RECORDS / "detox-gguf-smollm2-135m-2026-12-06.json",
-    "gemma-3-270m": RECORDS / "detox-gguf-gemma-3-270m-2026-12-06.json",
-}
+RECORD_FILES = sorted(RECORDS.glob("detox-gguf-*.json"))
 
 
 def outside_record(new: dict, old: dict, rows: int = 2) -> list[str]:
@@ -87,6 +84,22 @@ def outside_record(new: dict, old: dict, rows: int = 2) -> list[str]:
     return bad
 
 
+def test_heldout_records_name_their_measurement():
+    """Every record the slow test re-measures is a finished held-out run of bench/gguf_detox.py on a
+    clean tree (PROTOCOL.md rule 5), with its counts per prompt file; there is at least one."""
+    assert RECORD_FILES
+    for path in RECORD_FILES:
+        rec = json.loads(path.read_text())
+        assert rec["split"] == "heldout" and rec["complete"] and rec["tree_clean"], path.name
+        assert rec["command"].startswith("python bench/gguf_detox.py " + rec["model"] + " heldout "), (
+            path.name
+        )
+        assert rec["date"] and len(rec["commit"]) == 40 and rec["note"], path.name
+        assert sum(rec["n_prompts_per_file"].values()) == rec["n_prompts"] == 333, path.name
+        for row in rec["rows"]:
+            assert sum(row["toxic_per_file"].values()) == row["toxic"], path.name
+
+
 def test_outside_record_flags_a_count_outside_its_margin():
     """The check itself: one count inside the margin holds, one outside fails."""
     heldout = bench_module("heldout")
@@ -103,8 +116,8 @@ def test_outside_record_flags_a_count_outside_its_margin():
 
 @pytest.mark.slow
 @needs_llamacpp
-@pytest.mark.parametrize("model", sorted(RECORD))
-def test_detox_gguf_heldout_record_holds(model, tmp_path):
+@pytest.mark.parametrize("record", RECORD_FILES, ids=lambda p: p.stem)
+def test_detox_gguf_heldout_record_holds(record, tmp_path):
     """``bake MODEL --recipe detox-gguf -o out.gguf`` keeps every tensor's type and the size within 2 %,
     and ``bench/gguf_detox.py MODEL heldout SOURCE out.gguf`` (llama.cpp) gives the recorded held-out
     figures of the source and the steered GGUF within their noise margins (minutes on 2 cores)."""
@@ -112,7 +125,8 @@ def test_detox_gguf_heldout_record_holds(model, tmp_path):
 
     from actmerge.snapshots import builtin_gguf
 
-    old = json.loads(RECORD[model].read_text())
+    old = json.loads(record.read_text())
+    model = old["model"]
     src = builtin_gguf(model)
     out = tmp_path / "steered.gguf"
     r = CliRunner().invoke(app, ["bake", model, "--recipe", "detox-gguf", "-o", str(out)])
