@@ -9,6 +9,7 @@ unbaked base (vs itself): the base's own round trip is the tolerance to beat.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,9 +73,11 @@ def run_llamacpp(
     *,
     texts: list[str] | None = None,
     cvec: Path | None = None,
+    threads: int | None = None,
 ) -> list[dict]:
     """Per prompt (token ids, no padding): prompt logits [n, V], the greedy continuation and, given the
-    ``texts``, llama.cpp's own tokenization of them. ``cvec``: a control-vector GGUF to apply."""
+    ``texts``, llama.cpp's own tokenization of them. ``cvec``: a control-vector GGUF to apply; ``threads``:
+    llama.cpp's threads (default: the CPUs, at most 4; 1 is faster on a machine others keep busy)."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -84,7 +87,7 @@ def run_llamacpp(
         ) from None
     with tempfile.TemporaryDirectory() as d:
         job, res = Path(d) / "job.json", Path(d) / "out.npz"
-        threads = max(1, min(4, os.cpu_count() or 1))
+        threads = threads or max(1, min(4, os.cpu_count() or 1))
         spec = {"ids": ids, "texts": texts, "new_tokens": new_tokens, "threads": threads}
         if cvec is not None:
             spec["cvec"] = str(Path(cvec).resolve())
@@ -106,6 +109,35 @@ def run_llamacpp(
             }
             for i in range(len(ids))
         ]
+
+
+def gguf_continuations(
+    gguf: Path, tok, ids: list[list[int]], new_tokens: int, *, chunk: int = 16, threads: int | None = None
+) -> list[str]:
+    """Greedy continuations of the prompts ``ids`` run by llama.cpp, cut at the first special token of
+    the HF tokenizer ``tok`` (where transformers' generate stops) and decoded by it. ``chunk`` prompts per
+    llama.cpp process (``run_llamacpp`` returns every prompt position's logits)."""
+    special = set(tok.all_special_ids)
+    out = []
+    for i in range(0, len(ids), chunk):
+        for run in run_llamacpp(gguf, ids[i : i + chunk], new_tokens, threads=threads):
+            toks = run["tokens"]
+            cut = next((j for j, t in enumerate(toks) if t in special), len(toks))
+            out.append(tok.decode(toks[:cut], skip_special_tokens=True))
+    return out
+
+
+def gguf_perplexity(gguf: Path, ids: list[list[int]], *, chunk: int = 4, threads: int | None = None) -> float:
+    """Perplexity of the texts ``ids`` (each with its BOS) from llama.cpp's own logits: every next token
+    predicted, summed over all texts (as ``evaluation.metrics.perplexity``)."""
+    nll = count = 0.0
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        for seq, run in zip(part, run_llamacpp(gguf, part, 0, threads=threads), strict=True):
+            lp = torch.log_softmax(run["logits"][:-1].double(), -1)
+            nll -= float(lp.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).sum())
+            count += len(seq) - 1
+    return math.exp(nll / max(count, 1))
 
 
 @torch.no_grad()

@@ -3,9 +3,12 @@ tokenizer, and random maps. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import importlib.util
 import string
+import sys
 import zlib
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -153,3 +156,13 @@ def write_cli_setup(root: Path, recipe: str) -> Path:
     (root / "tgt.txt").write_text("\n".join(f"kind text {i}, nice and calm." for i in range(20)))
     (root / "r.yaml").write_text(recipe)
     return model
+
+
+def bench_module(name: str) -> ModuleType:
+    """``bench/<name>.py`` as a module (bench is not a package), e.g. ``bench_module("heldout")``."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

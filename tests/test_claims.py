@@ -9,13 +9,14 @@ toxic continuations or concept mentions the 95 % binomial margin 1.96·√(n·p�
 recorded rows are measured once per shipped change and not again in CI (their cost); the README says
 which."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .common import bench_module
 
 ROOT = Path(__file__).resolve().parent.parent
 HELDOUT = ROOT / "bench" / "heldout.py"
@@ -29,22 +30,13 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HELDOUT), *args], capture_output=True, text=True, cwd=ROOT)
 
 
-def _heldout():
-    """bench/heldout.py as a module (bench is not a package)."""
-    spec = importlib.util.spec_from_file_location("heldout", HELDOUT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["heldout"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_results_tables_match_their_records():
     proc = _run("tables", "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_every_record_is_a_known_row_and_every_row_without_one_is_named():
-    heldout = _heldout()
+    heldout = bench_module("heldout")
     recorded = {p.stem for p in RECORDS.glob("*.json")}
     assert recorded <= set(heldout.ROWS), sorted(recorded - set(heldout.ROWS))
     # a row without a record is named as such under the table (bench/heldout.py tables), never shown
@@ -71,7 +63,7 @@ def test_every_record_is_a_known_row_and_every_row_without_one_is_named():
 
 def test_compare_flags_a_figure_outside_its_margin():
     """The margin check itself: a re-measurement one count inside the margin holds, one outside fails."""
-    heldout = _heldout()
+    heldout = bench_module("heldout")
     old = {
         "n_prompts": 100,
         "n_prompts_split": {"hard": 200},

@@ -23,7 +23,15 @@ from .common import make_pico
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = {"detox", "detox-act", "detox-lineas", "football", "diffusion-watercolor", "diffusion-no-elephant"}
+SHIPPED = {
+    "detox",
+    "detox-act",
+    "detox-gguf",
+    "detox-lineas",
+    "football",
+    "diffusion-watercolor",
+    "diffusion-no-elephant",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -216,7 +216,7 @@ def test_a_planted_exact_duplicate_is_reported(tmp_path):
     problems = split_problems(package)
     assert problems == [
         f"recipes/data/detox/eval_prompts_hard.txt:{number} equals recipes/data/detox/toxic.txt:"
-        f"{fit.number} (detox: fit, detox-act: fit, detox-lineas: fit): {planted.strip()!r} ~ {fit.text!r}"
+        f"{fit.number} (detox: fit, detox-act: fit, detox-gguf: fit, detox-lineas: fit): {planted.strip()!r} ~ {fit.text!r}"
     ]
 
 
@@ -263,6 +263,7 @@ HELD_OUT_NAMES = ("eval_prompts", "chat_eval_prompts", "neutral.txt", "NEUTRAL_T
 MEASURE_ONLY = {
     "lineas_table.py",  # issue 4's acceptance table of fixed rows, measured once
     "heldout.py",  # the shipped rows, measured once per shipped change and recorded (no candidates)
+    "gguf_detox.py",  # the GGUF files it is given, on the split it is told (tune or heldout), in llama.cpp
 }
 
 
