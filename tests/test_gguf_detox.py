@@ -2,28 +2,25 @@
 
 - fast: ``llamacpp.gguf_perplexity`` is transformers' perplexity of the same model (a pico GGUF, f32), and
   ``llamacpp.gguf_continuations`` are llama.cpp's greedy tokens cut at the first special token;
-- slow (a real model, minutes): ``actmerge bake MODEL --recipe detox-gguf -o out.gguf`` keeps every
-  tensor's type, stays within 2 % of the source's size, loads in llama.cpp, and the held-out
-  measurement (``bench/gguf_detox.py MODEL heldout``) gives the figures recorded in
-  ``bench/results/heldout/gguf/`` within their noise margins (bench/heldout.py's: the 95 % binomial margin
-  on each toxic count per prompt file, the perplexity ratio within 1 %). It asserts what was measured,
-  not the acceptance target (bench/results/gguf.md says which targets the records meet).
+- the held-out records in ``bench/results/heldout/gguf/`` name a finished measurement, and the margin
+  check that compares a re-measurement with them (bench/heldout.py's 95 % binomial margin on each toxic
+  count per prompt file, the perplexity ratio within 1 %) flags a figure outside it.
+
+The held-out GGUF figures themselves are re-measured by ``bench/gguf_detox.py MODEL heldout`` (about
+15 minutes of llama.cpp for both models on 2 cores), not in CI: that would take CI past its limit
+(bench/results/gguf.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from actmerge import gguf_export, llamacpp
-from actmerge.cli import app
 
 from .common import bench_module, load, random_ids
 from .test_llamacpp import needs_llamacpp, pico
@@ -112,42 +109,3 @@ def test_outside_record_flags_a_count_outside_its_margin():
     assert outside_record(outside, old) == [f"row 1 b.txt: {41 + m}/200 toxic vs recorded 40/200 (±{m})"]
     ppl = {"rows": [row, {**row, "perplexity_ratio": 1.05 * 1.02}]}
     assert outside_record(ppl, old)
-
-
-@pytest.mark.slow
-@needs_llamacpp
-@pytest.mark.parametrize("record", RECORD_FILES, ids=lambda p: p.stem)
-def test_detox_gguf_heldout_record_holds(record, tmp_path):
-    """``bake MODEL --recipe detox-gguf -o out.gguf`` keeps every tensor's type and the size within 2 %,
-    and ``bench/gguf_detox.py MODEL heldout SOURCE out.gguf`` (llama.cpp) gives the recorded held-out
-    figures of the source and the steered GGUF within their noise margins (minutes on 2 cores)."""
-    import gguf
-
-    from actmerge.snapshots import builtin_gguf
-
-    old = json.loads(record.read_text())
-    model = old["model"]
-    src = builtin_gguf(model)
-    out = tmp_path / "steered.gguf"
-    r = CliRunner().invoke(app, ["bake", model, "--recipe", "detox-gguf", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    a, b = gguf.GGUFReader(src), gguf.GGUFReader(out)
-    types = {t.name: t.tensor_type for t in a.tensors}
-    assert {t.name: t.tensor_type for t in b.tensors if t.name in types} == types
-    assert abs(out.stat().st_size / src.stat().st_size - 1) <= 0.02
-    new_json = tmp_path / "new.json"
-    cmd = [
-        sys.executable,
-        "bench/gguf_detox.py",
-        model,
-        "heldout",
-        str(src),
-        str(out),
-        "--json",
-        str(new_json),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    new = json.loads(new_json.read_text())
-    assert new["n_prompts_per_file"] == old["n_prompts_per_file"]
-    assert outside_record(new, old) == []
