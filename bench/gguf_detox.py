@@ -40,8 +40,8 @@ from pathlib import Path
 import lab
 from transformers import AutoTokenizer
 
-from actmerge.evaluation.settings import NEUTRAL_TEXT
 from actmerge.evaluation.metrics import profanity_scorer
+from actmerge.evaluation.settings import NEUTRAL_TEXT
 from actmerge.llamacpp import gguf_continuations, gguf_perplexity
 from actmerge.models import resolve
 
