@@ -46,10 +46,10 @@ LLAMA_CPP_PYTHON = "0.3.36"
 SCRIPT = "convert_hf_to_gguf.py"
 _VENDORED = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")  # under vendor/llama.cpp/
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# runs the converter (argv[1]) with actmerge's marker key in every GGUF it writes (what --force checks)
+# runs the converter (argv[1]) with actmerge's marker key in every GGUF it writes (what --force checks);
+# the converter's folder (its sibling package conversion/) and gguf-py come from PYTHONPATH
 _MARKED = f"""
 import runpy, sys
-from pathlib import Path
 import gguf
 real = gguf.GGUFWriter.write_header_to_file
 def marked(self, *a, **k):
@@ -57,7 +57,6 @@ def marked(self, *a, **k):
     return real(self, *a, **k)
 gguf.GGUFWriter.write_header_to_file = marked
 sys.argv = sys.argv[1:]
-sys.path.insert(0, str(Path(sys.argv[0]).parent))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
@@ -209,7 +208,7 @@ def export_gguf(
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(root / "gguf-py"), os.environ.get("PYTHONPATH")])
+                filter(None, [str(root), str(root / "gguf-py"), os.environ.get("PYTHONPATH")])
             ),
             "HF_HUB_OFFLINE": "1",
         }
