@@ -172,7 +172,7 @@ def load_model(source: ModelSource, *, dtype=None, placement: Placement | None =
     device (default cuda when present, else cpu), or accelerate's dispatch for models larger than
     memory (see ``placement``); layers beyond the budget stay on disk."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     placement = placement or Placement(**placement_kw)
     kwargs = placement.kwargs()
@@ -189,8 +189,15 @@ def load_model(source: ModelSource, *, dtype=None, placement: Placement | None =
         model.to(placement.resolved_device)
     model.eval()
     model.requires_grad_(False)
+    return model, load_tokenizer(source)
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer, left-padding, with a pad token (the EOS where it has none)."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(source.path))
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok

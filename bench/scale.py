@@ -104,8 +104,9 @@ def run_step(what: str, model: str, work: Path, *extra: str) -> dict:
 
 def measure(model: str, steps: int, fraction: float) -> dict:
     from actmerge.fitting import load
-    from actmerge.kinds.llm.fit import lineas_estimate, recipe_sites
+    from actmerge.kinds.llm.fit import lineas_estimate, longest, recipe_sites
     from actmerge.memory import largest_block, parameter_count
+    from actmerge.models import load_tokenizer
     from actmerge.recipe import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="scale-"))
@@ -120,15 +121,16 @@ def measure(model: str, steps: int, fraction: float) -> dict:
     floor = 1.25 * largest_block(source.path)
     budget = f"cpu={int(max(fraction * fp32, floor) / 2**20)}MiB"
     recipe = load_recipe(work / "lineas.yaml")
+    tokens = longest(load_tokenizer(source), SOURCE + TARGET, recipe.max_tokens)
     estimate = lineas_estimate(
-        recipe, source.config, recipe_sites(recipe, source.config), 4, len(TARGET), source.path
+        recipe, source.config, recipe_sites(recipe, source.config), 4, len(TARGET), source.path, tokens
     )
     row = {
         "model": source.name,
         "params": fp32 // 4,
         "budget": budget,
         "estimate": estimate.total,
-        "estimate_text": estimate.describe(4, 32),
+        "estimate_text": estimate.describe(4, tokens),
     }
     for what in STEPS:
         extra = (budget,) if what == "verify" else ()

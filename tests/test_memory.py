@@ -89,6 +89,27 @@ def test_lineas_estimate_is_within_20_percent_of_the_measured_peak(small):
     assert abs(estimate.total - int(peak)) <= 0.2 * int(peak), (estimate, int(peak))
 
 
+def test_the_estimate_counts_the_longest_sentence_not_max_tokens(small, tmp_path):
+    """A batch is padded to its own longest sentence: short sentences under ``max_tokens: 128`` are
+    estimated at their own length (detox's comments are ≤ 23 Gemma tokens under ``max_tokens: 64``)."""
+    from transformers import AutoTokenizer
+
+    import actmerge.fitting
+
+    rng = random.Random(1)
+    for name in ("src.txt", "tgt.txt"):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(40)]
+        (tmp_path / name).write_text("\n".join(lines))
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("steps: 2", "steps: 1"))
+    tok = AutoTokenizer.from_pretrained(str(small))
+    texts = (tmp_path / "src.txt").read_text().splitlines() + (tmp_path / "tgt.txt").read_text().splitlines()
+    want = max(len(tok(t)["input_ids"]) for t in texts)
+    assert want < 128
+    lines = []
+    actmerge.fitting.fit(str(small), tmp_path / "r.yaml", log=lines.append, progress=False)
+    assert f"(batch 16 × {want} tokens)" in lines[0]
+
+
 def test_peak_rss_is_the_childs_own_not_the_parents():
     """``ru_maxrss`` survives exec: a fit measured from a test runner holding 5 GB reported 5 GB
     (CI, 2026-12-06). ``peak_rss`` reads this image's high-water mark only."""

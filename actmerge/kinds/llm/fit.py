@@ -13,6 +13,7 @@ from ...fold import FoldOptions
 from ...io.st_format import tensor_index
 from ...maps import MapSet
 from ...memory import MemoryEstimate, lineas_memory, site_dim
+from ...models import load_tokenizer
 from ...placement import offloaded
 from ...recipe import Recipe
 from ...recipe_sections import sections_of as sections
@@ -98,12 +99,14 @@ def fit(model, recipe: Recipe, request: FitRequest) -> FitResult:
     source, target = recipe.read_source(), recipe.read_target()
     source, target = source[: recipe.max_sentences], target[: recipe.max_sentences]
     preflight_checkpoint(loaded.source)
+    tok = load_tokenizer(loaded.source)
+    source, target = chat.fit_texts(tok, source, target, sections(recipe).chat)  # the chat fit mode
     if recipe.method == "lineas":
         batch = min(sections(recipe, architecture_for(config)).need("lineas").batch, len(source))
-        estimate = lineas_estimate(recipe, config, sites, batch, len(target), loaded.source.path)
-        log(estimate.describe(batch, recipe.max_tokens, ranks()))
+        tokens = longest(tok, source + target, recipe.max_tokens)
+        estimate = lineas_estimate(recipe, config, sites, batch, len(target), loaded.source.path, tokens)
+        log(estimate.describe(batch, tokens, ranks()))
     m, tok = loaded.get()
-    source, target = chat.fit_texts(tok, source, target, sections(recipe).chat)  # the chat fit mode
     lineas = recipe.method == "lineas"
     if lineas and "disk" in offloaded(m):
         raise PlacementError(
@@ -144,16 +147,33 @@ def ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or "1") if distributed.launched() else 1
 
 
+def longest(tok, sentences: list, max_tokens: int) -> int:
+    """Tokens of the longest sentence as the batches hold it (truncated at ``max_tokens``): a batch
+    is padded to its own longest sentence, so no step holds more."""
+    templated = any(getattr(s, "span", None) is not None for s in sentences)
+    return min(
+        max_tokens,
+        max(
+            (
+                len(ids)
+                for ids in tok([str(s) for s in sentences], add_special_tokens=not templated)["input_ids"]
+            ),
+            default=1,
+        ),
+    )
+
+
 def lineas_estimate(
-    recipe: Recipe, config: dict, sites: list[Site], batch: int, n_target: int, path=None
+    recipe: Recipe, config: dict, sites: list[Site], batch: int, n_target: int, path=None, tokens=None
 ) -> MemoryEstimate:
     """The memory one process of a LinEAS fit of ``recipe`` at ``sites`` needs (``memory``), before
-    loading: ``batch`` sentences a step, the forward up to the last site's layer."""
+    loading: ``batch`` sentences a step of ``tokens`` tokens (default the recipe's ``max_tokens``),
+    the forward up to the last site's layer."""
     return lineas_memory(
         config,
         site_dims=[site_dim(s.name, config) for s in sites],
         batch=batch,
-        tokens=recipe.max_tokens,
+        tokens=recipe.max_tokens if tokens is None else tokens,
         n_target=n_target,
         layers=max((s.layer for s in sites), default=0) + 1,
         ranks=ranks(),
