@@ -187,6 +187,7 @@ class BakeResult:
     verification: object = None  # the verify report when verified after writing
     pushed: object = None  # hub.PushResult when published
     notes: list[str] = field(default_factory=list)
+    gguf: object = None  # gguf_bake.GgufBake when written into a copy of a GGUF
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ quantisation type — and replaces only what the plan edits:
   ``stored' = s · stored`` for every family;
 - biases (new or edited) are F32 tensors, written only where llama.cpp's architecture loads them
   (``Linear.runtimes`` holds "llama.cpp"); Llama q/k biases get the converter's head permutation;
-- an edited quantised matrix is re-quantised to its own type where gguf-py can quantise it (Q8_0,
-  Q4_0/1, Q5_0/1, F16, BF16…) and the deviation of the de-quantised result from the exact fold is
-  reported; K-quants and i-quants are refused with the remedy (``--target gguf`` keeps norm sites).
+- an edited quantised matrix is re-quantised to its own type — by gguf-py (Q8_0, Q4_0/1, Q5_0/1,
+  F16, BF16…) or else by llama.cpp's own row quantiser (K-quants; an unchanged K-quant matrix comes
+  back byte for byte) — and the deviation of the de-quantised result from the exact fold is reported;
+  types neither can write (i-quants, which need an importance matrix) are refused with the remedy
+  (``--target gguf`` keeps norm sites).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class GgufBake:
     changed: dict[str, str] = field(default_factory=dict)  # GGUF tensor → what happened
     added: list[str] = field(default_factory=list)  # new F32 bias tensors
     requantised: dict[str, float] = field(default_factory=dict)  # tensor → max |Δ| vs the exact fold
+    requantised_types: dict[str, str] = field(default_factory=dict)  # tensor → its GGML type
     types_kept: bool = True
     size_ratio: float = 1.0
 
@@ -79,9 +82,13 @@ class GgufBake:
             f"GGUF: {len(self.changed)} tensors changed, {len(self.added)} F32 biases added, the rest copied "
             f"byte for byte; every tensor type kept: {self.types_kept}; size ×{self.size_ratio:.4f} of {self.source.name}"
         ]
-        out += [
-            f"GGUF: {g} re-quantised, max |Δ| {d:.3g} vs the exact fold" for g, d in self.requantised.items()
-        ]
+        if self.requantised:
+            worst = max(self.requantised, key=self.requantised.get)
+            types = ", ".join(sorted(set(self.requantised_types.values())))
+            out.append(
+                f"GGUF: {len(self.requantised)} edited matrices re-quantised to their own types ({types}); "
+                f"largest |Δ| vs the exact fold {self.requantised[worst]:.3g} ({worst})"
+            )
         return out
 
 
@@ -190,15 +197,13 @@ def write_gguf(
             t = by_name[g]
             qt = t.tensor_type
             try:
-                data = quants.quantize(arr.astype(np.float32), qt)
-            except (NotImplementedError, gguf.QuantError) as exc:
-                refused.append(
-                    f"  {g} ({qt.name}): the edit needs re-quantisation, which gguf-py cannot do for "
-                    f"{qt.name} ({exc})"
-                )
+                data = _requantise(arr.astype(np.float32), qt)
+            except ExportError as exc:
+                refused.append(f"  {g} ({qt.name}): the edit needs re-quantisation, which failed: {exc}")
                 continue
             back = quants.dequantize(data, qt).reshape(arr.shape)
             res.requantised[g] = float(np.abs(back - arr).max())
+            res.requantised_types[g] = qt.name
             new[g] = (data, qt)
             res.changed[g] = f"re-quantised to {qt.name} (max |Δ| {res.requantised[g]:.3g} vs the exact fold)"
     if refused:
@@ -209,6 +214,23 @@ def write_gguf(
         )
     _write(reader, names, by_name, new, res, force, log)
     return res
+
+
+def _requantise(arr: np.ndarray, qt) -> np.ndarray:
+    """``arr`` quantised to ``qt``: by gguf-py where it can (Q8_0, Q4_0/1, Q5_0/1, F16, BF16…), else
+    by llama.cpp's own row quantiser (K-quants: Q4_K, Q6_K…)."""
+    import gguf
+    from gguf import quants
+
+    from .gguf_quantize import quantize_rows
+
+    try:
+        return quants.quantize(arr, qt)
+    except (NotImplementedError, gguf.QuantError) as exc:
+        try:
+            return quantize_rows(arr.reshape(-1, arr.shape[-1]), qt)
+        except ExportError as why:
+            raise ExportError(f"gguf-py cannot ({exc}) and llama.cpp cannot ({why})") from None
 
 
 def _write(reader, names: _Names, by_name, new, res: GgufBake, force: bool, log) -> None:

@@ -46,3 +46,52 @@ def quantize(src: Path, dst: Path, outtype: str) -> None:
         raise ExportError(
             f"llama.cpp's quantiser failed ({outtype}):\n{(proc.stderr or proc.stdout)[-2000:]}"
         )
+
+
+def _ggml():
+    """llama.cpp's ggml library as llama-cpp-python ships it, with the row quantiser's signatures."""
+    import ctypes
+
+    from llama_cpp import _ggml
+
+    lib = _ggml.libggml
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_blck_size.restype = ctypes.c_int64
+    lib.ggml_blck_size.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+def quantize_rows(arr, qtype):
+    """``arr`` (float32, ``[rows, n]``) quantised to the GGML type ``qtype`` row by row with llama.cpp's
+    own quantiser (``ggml_quantize_chunk``, no importance matrix): the bytes a GGUF stores, shaped
+    ``[rows, bytes per row]`` as gguf-py reads them. Re-quantising an unchanged K-quant matrix gives
+    back its bytes. Raises ``ExportError`` where it cannot (no llama-cpp-python; a row length that is
+    not a whole number of the type's blocks; a type that needs an importance matrix)."""
+    import numpy as np
+
+    try:
+        lib = _ggml()
+    except (ImportError, OSError, AttributeError) as exc:
+        raise ExportError(
+            f"llama.cpp's quantiser is not available ({exc}): `pip install llama-cpp-python`"
+        ) from None
+    t = int(qtype)
+    rows, n = arr.shape
+    if n % lib.ggml_blck_size(t):
+        raise ExportError(f"rows of {n} values are not whole {qtype.name} blocks of {lib.ggml_blck_size(t)}")
+    if lib.ggml_quantize_requires_imatrix(t):
+        raise ExportError(f"{qtype.name} needs an importance matrix to quantise")
+    src = np.ascontiguousarray(arr, dtype=np.float32)
+    out = np.empty((rows, lib.ggml_row_size(t, n)), dtype=np.uint8)
+    lib.ggml_quantize_init(t)
+    written = lib.ggml_quantize_chunk(t, src.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    if written != out.nbytes:
+        raise ExportError(f"llama.cpp's quantiser wrote {written} bytes of {out.nbytes} for {qtype.name}")
+    return out

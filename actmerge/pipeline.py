@@ -169,6 +169,7 @@ def bake(
             log=log,
         )
         res.notes += written.notes()
+        res.gguf = written
         if verify_after:
             held = baking.held_maps(mapset, res.plan)
             res.verification = gguf_bake.verify_gguf(gguf_out, gguf_src, loaded, held, res.strength)

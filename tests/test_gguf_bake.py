@@ -139,18 +139,27 @@ def test_gguf_bake_requantises_q8_0_and_refuses_what_llamacpp_does_not_load(tmp_
         **QUIET,
     )
     notes = " ".join(res.notes)
-    assert "blk.0.attn_output.weight re-quantised" in notes
+    assert "2 edited matrices re-quantised to their own types (Q8_0)" in notes
+    assert set(res_requantised(res)) == {f"blk.{i}.attn_output.weight" for i in range(2)}
     _, t0 = read(src)
     _, t1 = read(tmp_path / "z.gguf")
     assert all(t1[n][0] == t0[n][0] for n in t0) and set(t1) == set(t0)
     assert {n for n in t0 if t1[n][1] != t0[n][1]} == {f"blk.{i}.attn_output.weight" for i in range(2)}
-    # a type gguf-py cannot quantise (K-quants) is refused with the remedy, nothing written
+    # a type neither gguf-py nor llama.cpp's quantiser can write (an i-quant needing an importance
+    # matrix) is refused with the remedy, nothing written
     import gguf
+
+    from actmerge import gguf_quantize
+    from actmerge.errors import ExportError
 
     def no_quant(data, qtype):
         raise NotImplementedError(f"Quantization for {qtype.name} is not yet implemented")
 
+    def no_rows(arr, qtype):
+        raise ExportError(f"{qtype.name} needs an importance matrix to quantise")
+
     monkeypatch.setattr(gguf.quants, "quantize", no_quant)
+    monkeypatch.setattr(gguf_quantize, "quantize_rows", no_rows)
     before = snapshot(tmp_path)
     with pytest.raises(NotFoldableError, match="--target gguf"):
         pipeline.bake(
@@ -160,6 +169,57 @@ def test_gguf_bake_requantises_q8_0_and_refuses_what_llamacpp_does_not_load(tmp_
             **QUIET,
         )
     assert snapshot(tmp_path) == before
+
+
+def res_requantised(res) -> dict[str, float]:
+    """tensor → max |Δ| of its re-quantised values vs the exact fold, as the bake measured it."""
+    return res.gguf.requantised
+
+
+@needs_llamacpp
+def test_k_quant_edits_are_requantised_by_llamacpps_own_quantiser(tmp_path):
+    """Q4_K_M (the built-in Gemma's type): an edited Q4_K matrix is re-quantised by llama.cpp's row
+    quantiser; an unchanged K-quant matrix comes back byte for byte (Q4_K) or within a fraction of a
+    quantisation step; every other tensor is copied unchanged and every type kept."""
+    from gguf import quants
+
+    from actmerge.gguf_quantize import quantize_rows
+
+    src = source_gguf("gemma3_text", tmp_path, outtype="q4_k_m")
+    _, t0 = read(src)
+    assert t0["blk.0.attn_output.weight"][0].name == "Q4_K"
+    k_quants = {n: t for n, t in t0.items() if t[0].name.endswith("_K")}
+    assert k_quants
+    for name, (qt, _, data) in k_quants.items():
+        dense = quants.dequantize(data, qt)
+        again = quantize_rows(dense, qt)
+        assert again.shape == data.shape
+        if qt.name == "Q4_K":
+            assert np.array_equal(again, data), name
+        step = np.abs(dense).max() / (15 if qt.name == "Q4_K" else 63)
+        assert np.abs(quants.dequantize(again, qt) - dense).max() <= step, name
+    config = pipeline.load(str(src), log=lambda *_: None).source.config
+    maps = random_maps(config, ["attn_ctx"], shifts=False, seed=5)
+    before = {p.name for p in tmp_path.iterdir()}
+    (res,) = pipeline.bake(
+        str(src), maps=maps, options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "k.gguf"), **QUIET
+    )
+    assert {p.name for p in tmp_path.iterdir()} - before == {"k.gguf"}
+    notes = " ".join(res.notes)
+    assert "2 edited matrices re-quantised to their own types (Q4_K)" in notes
+    _, t1 = read(tmp_path / "k.gguf")
+    assert set(t1) == set(t0) and all(t1[n][0] == t0[n][0] for n in t0)
+    edited = {f"blk.{i}.attn_output.weight" for i in range(2)}
+    assert {n for n in t0 if t1[n][1] != t0[n][1]} == edited
+    # the stored matrix is the exact fold (o_proj's columns × ω) within one Q4_K step of it
+    for name in edited:
+        qt, _, data = t1[name]
+        layer = int(name.split(".")[1])
+        omega = maps.maps[f"model.layers.{layer}.self_attn.o_proj:input"].at(1.0)[0].numpy()
+        exact = quants.dequantize(t0[name][2], qt) * omega[None, :]
+        got = quants.dequantize(data, qt)
+        assert np.abs(got - exact).max() == pytest.approx(res_requantised(res)[name], rel=1e-5)
+        assert np.abs(got - exact).max() <= np.abs(exact).max() / 15
 
 
 def test_gguf_output_needs_a_gguf_source_and_never_overwrites_it(tmp_path):
