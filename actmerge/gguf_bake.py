@@ -18,6 +18,7 @@ quantisation type — and replaces only what the plan edits:
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -76,6 +77,9 @@ class GgufBake:
     requantised_types: dict[str, str] = field(default_factory=dict)  # tensor → its GGML type
     types_kept: bool = True
     size_ratio: float = 1.0
+    # GGUF name → (data, type) of every edit with the re-quantised matrices as their exact float32
+    # fold: the reference `verify` runs to tell the fold's exactness from the re-quantisation's deviation
+    exact_edits: dict = field(default_factory=dict, repr=False)
 
     def notes(self) -> list[str]:
         out = [
@@ -204,6 +208,7 @@ def write_gguf(
             back = quants.dequantize(data, qt).reshape(arr.shape)
             res.requantised[g] = float(np.abs(back - arr).max())
             res.requantised_types[g] = qt.name
+            res.exact_edits[g] = (arr.astype(np.float32), Q.F32)
             new[g] = (data, qt)
             res.changed[g] = f"re-quantised to {qt.name} (max |Δ| {res.requantised[g]:.3g} vs the exact fold)"
     if refused:
@@ -213,7 +218,23 @@ def write_gguf(
             "directory and `actmerge export-gguf` it."
         )
     _write(reader, names, by_name, new, res, force, log)
+    if res.requantised:
+        res.exact_edits = {**new, **res.exact_edits}
+    else:
+        res.exact_edits = {}
     return res
+
+
+def write_exact_reference(src: Path, bake: GgufBake, out: Path) -> Path:
+    """A copy of ``src`` with ``bake``'s edits where every re-quantised matrix is stored as its exact
+    float32 fold instead (llama.cpp runs F32 matrices): what the bake would be without re-quantising."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    by_name = {t.name: t for t in reader.tensors}
+    ref = GgufBake(Path(out), Path(src))
+    _write(reader, _Names(reader), by_name, bake.exact_edits, ref, True, lambda *_: None)
+    return ref.out
 
 
 def _requantise(arr: np.ndarray, qt) -> np.ndarray:
@@ -291,17 +312,37 @@ def verify_gguf(
     prompts: list[str] | None = None,
     *,
     new_tokens: int = 16,
+    bake: GgufBake | None = None,
 ):
     """The GGUF output in llama.cpp vs the hooked de-quantised base in transformers, next to the source
-    GGUF vs the unhooked base (the round trip to beat: max(2 × its max |Δlogit|, FLOOR))."""
+    GGUF vs the unhooked base (the round trip to beat: max(2 × its max |Δlogit|, FLOOR)). Where
+    ``bake`` re-quantised matrices, the pass is judged on the exact reference (those matrices in
+    float32, ``write_exact_reference``) and the output's deviation from it is reported beside."""
     from .kinds.llm.verify import DEFAULT_PROMPTS
     from .llamacpp import FLOOR, LlamaCppReport, compare_runs, run_llamacpp, run_transformers
 
     model, tok = loaded.get()
     ids = [tok(p)["input_ids"] for p in (prompts or DEFAULT_PROMPTS)]
-    baked = compare_runs(
-        run_transformers(model, ids, new_tokens, maps, strength), run_llamacpp(out, ids, new_tokens), ids
-    )
+    hooked = run_transformers(model, ids, new_tokens, maps, strength)
+    got = run_llamacpp(out, ids, new_tokens)
+    baked = compare_runs(hooked, got, ids)
     base = compare_runs(run_transformers(model, ids, new_tokens), run_llamacpp(src, ids, new_tokens), ids)
     tol = max(2 * base.max_abs_logit_diff, FLOOR)
-    return LlamaCppReport(baked, base, "gguf (source types)", tol, baked.max_abs_logit_diff <= tol, [])
+    if bake is None or not bake.requantised:
+        return LlamaCppReport(baked, base, "gguf (source types)", tol, baked.max_abs_logit_diff <= tol, [])
+    # re-quantised matrices: the fold's exactness is judged on the same edits with those matrices in
+    # float32; the re-quantisation's own deviation (output vs that reference, both in llama.cpp) is reported
+    with tempfile.TemporaryDirectory(prefix="actmerge-gguf-ref-") as d:
+        ref = run_llamacpp(write_exact_reference(src, bake, Path(d) / "exact.gguf"), ids, new_tokens)
+    exact = compare_runs(hooked, ref, ids)
+    requantised = compare_runs(ref, got, ids)
+    return LlamaCppReport(
+        baked,
+        base,
+        "gguf (source types)",
+        tol,
+        exact.max_abs_logit_diff <= tol,
+        [],
+        exact=exact,
+        requantised=requantised,
+    )

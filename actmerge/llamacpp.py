@@ -208,6 +208,10 @@ class LlamaCppReport:
     tolerance: float  # max(2 × the base round trip's max |Δlogit|, FLOOR) unless given
     passed: bool
     stripped: list[str]
+    # a GGUF bake that re-quantised matrices: the same edits with those matrices in float32 vs the
+    # hooked base (what ``passed`` judges), and the output vs that reference (the re-quantisation)
+    exact: RoundTrip | None = None
+    requantised: RoundTrip | None = None
 
     # the VerifyReport-like view the CLI prints
     @property

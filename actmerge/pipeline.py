@@ -172,7 +172,9 @@ def bake(
         res.gguf = written
         if verify_after:
             held = baking.held_maps(mapset, res.plan)
-            res.verification = gguf_bake.verify_gguf(gguf_out, gguf_src, loaded, held, res.strength)
+            res.verification = gguf_bake.verify_gguf(
+                gguf_out, gguf_src, loaded, held, res.strength, bake=written
+            )
         res.out = gguf_out
         return results
     for res in results:

@@ -202,9 +202,18 @@ def test_k_quant_edits_are_requantised_by_llamacpps_own_quantiser(tmp_path):
     maps = random_maps(config, ["attn_ctx"], shifts=False, seed=5)
     before = {p.name for p in tmp_path.iterdir()}
     (res,) = pipeline.bake(
-        str(src), maps=maps, options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "k.gguf"), **QUIET
+        str(src),
+        maps=maps,
+        options=pipeline.BakeOptions(strengths=[1.0], out=tmp_path / "k.gguf", verify_after=True),
+        **QUIET,
     )
     assert {p.name for p in tmp_path.iterdir()} - before == {"k.gguf"}
+    # verify: the same edits with the two matrices in float32 run in llama.cpp like the hooked base
+    # (the fold is exact); the re-quantised file's own deviation from that reference is reported
+    rep = res.verification
+    assert rep.passed and rep.exact.max_abs_logit_diff <= rep.tolerance
+    assert rep.requantised.max_abs_logit_diff > rep.exact.max_abs_logit_diff
+    assert rep.requantised.argmax_agreement >= 0.5
     notes = " ".join(res.notes)
     assert "2 edited matrices re-quantised to their own types (Q4_K)" in notes
     _, t1 = read(tmp_path / "k.gguf")

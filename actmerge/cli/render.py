@@ -101,7 +101,10 @@ def _pipeline_verification(rep) -> None:
 
 def _llamacpp_verification(rep) -> None:
     rows = []
-    for name, rt in (("base", rep.base), ("baked", rep.baked)):
+    runs = [("base", rep.base), ("baked", rep.baked)]
+    if rep.exact is not None:
+        runs += [("exact fold", rep.exact), ("re-quantised", rep.requantised)]
+    for name, rt in runs:
         tokenizer = "-" if rt.tokenizer_agreement is None else f"{rt.tokenizer_agreement:.0%}"
         rows.append(
             (
@@ -117,10 +120,17 @@ def _llamacpp_verification(rep) -> None:
     title = f"transformers vs llama.cpp (GGUF {rep.outtype}, {rep.baked.n_prompts} prompts)"
     out.print(_table(title, cols, rows, right=tuple(cols[1:])))
     out.print("base: the unbaked base in transformers vs its GGUF; baked: hooked base vs baked GGUF")
+    judged, what = rep.baked, "baked"
+    if rep.exact is not None:
+        out.print(
+            "exact fold: hooked base vs the same GGUF with the re-quantised matrices in float32; "
+            "re-quantised: that file vs the baked GGUF, both in llama.cpp (the re-quantisation's cost)"
+        )
+        judged, what = rep.exact, "exact fold"
     status = "[green]PASS[/]" if rep.passed else "[red]FAIL[/]"
     verdict = "≤" if rep.passed else ">"
     out.print(
-        f"{status} baked max |Δlogit| {rep.baked.max_abs_logit_diff:.3g} {verdict} tolerance {rep.tolerance:.3g}"
+        f"{status} {what} max |Δlogit| {judged.max_abs_logit_diff:.3g} {verdict} tolerance {rep.tolerance:.3g}"
     )
     if rep.stripped:
         out.print(f"left out {len(rep.stripped)} all-zero biases llama.cpp does not load")
