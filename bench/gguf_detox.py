@@ -110,6 +110,21 @@ def measure(
     return row
 
 
+def prepare(model: str, split: str, limit: int | None = None, neutral_limit: int | None = None):
+    """The split's token ids as every file of a run gets them: (tokenizer, prompt ids, neutral ids,
+    each prompt's prompt file, the files read)."""
+    tok = AutoTokenizer.from_pretrained(resolve(model, log=lambda *a: None).path)
+    prompt_files, neutral_file = split_files(split)
+    prompts = [(f.name, p) for f in prompt_files for p in lab.read(f)][:limit]
+    split_names, prompts = [f for f, _ in prompts], [p for _, p in prompts]
+    neutral = lab.read(neutral_file)[:neutral_limit]
+    prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    neutral_ids = [tok(t, truncation=True, max_length=MAX_TOKENS)["input_ids"] for t in neutral]
+    files = {"prompts": [str(f.relative_to(lab.DATA.parent.parent)) for f in prompt_files]}
+    files["neutral"] = str(neutral_file.relative_to(lab.DATA.parent.parent))
+    return tok, prompt_ids, neutral_ids, split_names, files
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -122,15 +137,9 @@ def main() -> None:
     ap.add_argument("--note", default="", help="kept in the JSON (e.g. the how-manyth held-out measurement)")
     args = ap.parse_args()
 
-    tok = AutoTokenizer.from_pretrained(resolve(args.model, log=lambda *a: None).path)
-    prompt_files, neutral_file = split_files(args.split)
-    prompts = [(f.name, p) for f in prompt_files for p in lab.read(f)][: args.limit]
-    split_names, prompts = [f for f, _ in prompts], [p for _, p in prompts]
-    neutral = lab.read(neutral_file)[: args.neutral_limit]
-    prompt_ids = [tok(p)["input_ids"] for p in prompts]
-    neutral_ids = [tok(t, truncation=True, max_length=MAX_TOKENS)["input_ids"] for t in neutral]
-    files = {"prompts": [str(f.relative_to(lab.DATA.parent.parent)) for f in prompt_files]}
-    files["neutral"] = str(neutral_file.relative_to(lab.DATA.parent.parent))
+    tok, prompt_ids, neutral_ids, split_names, files = prepare(
+        args.model, args.split, args.limit, args.neutral_limit
+    )
     # taken before measuring (a commit made while it runs is not the one measured)
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -143,9 +152,9 @@ def main() -> None:
         "note": args.note,
         "split": args.split,
         "files": files,
-        "n_prompts": len(prompts),
+        "n_prompts": len(prompt_ids),
         "n_prompts_per_file": {name: split_names.count(name) for name in dict.fromkeys(split_names)},
-        "n_neutral": len(neutral),
+        "n_neutral": len(neutral_ids),
         "new_tokens": NEW_TOKENS,
         "threshold": THRESHOLD,
         "complete": False,

@@ -2,15 +2,17 @@
 each in its own process (peak RSS of it and its children), on the public API.
 
     python bench/synthetic.py /tmp/llama1b                       # Llama-3.2-1B shapes, random bf16
-    nice -n 10 env OMP_NUM_THREADS=1 python bench/scale.py gemma-3-270m /tmp/llama1b \
+    python bench/scale.py gemma-3-270m /tmp/llama1b \
         [--steps 3] [--out bench/results/scale.md]
 
-Per model: ``load`` of the model as a fit loads it (float32); ``fit`` of Linear-AcT maps at every layer's attention context on 8 + 8 sentences; ``bake``
-of them at λ = 1; ``verify`` of the bake under ``--max-memory`` of ``--budget-fraction`` (0.4) of the
-model's float32 size (at least 1.25 × its largest layer or embedding), with an offload folder (one model at a time, layers beyond the budget on disk);
-a LinEAS fit of ``--steps`` steps (batch 4, 32 tokens) with ``kinds.llm.fit.lineas_estimate`` printed before
-it loads, against the measured peak. Prints the table and writes it, with the date, commit and
-machine, to ``--out``.
+Per model, each step in its own process: ``load`` of the model as a fit loads it (float32); ``fit``
+of Linear-AcT maps at every layer's attention context on 8 + 8 sentences; ``bake`` of them at λ = 1;
+``verify`` of the bake under ``--max-memory`` of ``--budget-fraction`` (0.4) of the model's float32
+size (at least 1.25 × its largest layer or embedding), with an offload folder (one model at a time,
+layers beyond the budget on disk); two LinEAS fits of ``--steps`` steps — batch 4 at the attention
+context (loading dominates), and detox.yaml's shape (its comments, three sites a layer, batch 32:
+activations dominate) — each against the memory estimate it printed before loading. Prints the
+table and writes it, with the date, commit and machine, to ``--out``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,6 +63,21 @@ lineas:
   batch: 4
   lr: 0.01
 """
+# detox.yaml's shape: its comments, three sites a layer, 32 sentences a step (activations dominate)
+DETOX = """name: scale-detox
+method: lineas
+sites:
+  - site: [attn_in, mlp_in, attn_ctx]
+    layers: all
+source: {data}/toxic.txt
+target: {data}/nontoxic.txt
+max_sentences: 256
+max_tokens: 64
+lineas:
+  steps: {steps}
+  batch: 32
+  lr: 0.05
+"""
 # one step in a fresh interpreter: its wall time, and the peak RSS of it and of its children
 STEP = r"""
 import json, resource, sys, time
@@ -83,13 +101,13 @@ elif what == "verify":
     budget = Placement("cpu", max_memory=sys.argv[4], offload_folder=work / "offload")
     rep = pipeline.verify(work / "out", options=VerifyOptions(placement=budget), log=log)
     log(f"max |dlogit| {rep.max_abs_logit_diff:.3g} passed {rep.passed}")
-elif what == "lineas":
-    pipeline.fit(model, work / "lineas.yaml", log=log, progress=False)
+elif what in ("lineas", "detox"):
+    pipeline.fit(model, work / f"{what}.yaml", log=log, progress=False)
 peak = max(peak_rss() // 1024, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "peak": peak * 1024, "lines": lines}))
 """
 GIB = 2**30
-STEPS = ("load", "fit", "bake", "verify", "lineas")
+STEPS = ("load", "fit", "bake", "verify", "lineas", "detox")
 
 
 def run_step(what: str, model: str, work: Path, *extra: str) -> dict:
@@ -104,34 +122,22 @@ def run_step(what: str, model: str, work: Path, *extra: str) -> dict:
 
 def measure(model: str, steps: int, fraction: float) -> dict:
     from actmerge.fitting import load
-    from actmerge.kinds.llm.fit import lineas_estimate, longest, recipe_sites
     from actmerge.memory import largest_block, parameter_count
-    from actmerge.models import load_tokenizer
-    from actmerge.recipe import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="scale-"))
     (work / "src.txt").write_text("\n".join(SOURCE))
     (work / "tgt.txt").write_text("\n".join(TARGET))
     for method in ("linear_act", "lineas"):
         (work / f"{method}.yaml").write_text(RECIPE.format(method=method, steps=steps))
+    data = Path(__file__).resolve().parents[1] / "actmerge" / "recipes" / "data" / "detox"
+    (work / "detox.yaml").write_text(DETOX.format(data=data, steps=steps))
     source = load(model, log=lambda *_: None).source
     fp32 = parameter_count(source.path, source.config) * 4
     # a fraction of the float32 model, but never less than its largest piece (Gemma's embedding is
     # 640 MiB of a 1.07 GB model: check_budget refuses a budget that holds no layer)
     floor = 1.25 * largest_block(source.path)
     budget = f"cpu={int(max(fraction * fp32, floor) / 2**20)}MiB"
-    recipe = load_recipe(work / "lineas.yaml")
-    tokens = longest(load_tokenizer(source), SOURCE + TARGET, recipe.max_tokens)
-    estimate = lineas_estimate(
-        recipe, source.config, recipe_sites(recipe, source.config), 4, len(TARGET), source.path, tokens
-    )
-    row = {
-        "model": source.name,
-        "params": fp32 // 4,
-        "budget": budget,
-        "estimate": estimate.total,
-        "estimate_text": estimate.describe(4, tokens),
-    }
+    row = {"model": source.name, "params": fp32 // 4, "budget": budget}
     for what in STEPS:
         extra = (budget,) if what == "verify" else ()
         row[what] = run_step(what, model, work, *extra)
@@ -139,23 +145,28 @@ def measure(model: str, steps: int, fraction: float) -> dict:
             f"{source.name} {what}: {row[what]['seconds']:.0f} s, peak {row[what]['peak'] / GIB:.2f} GiB",
             flush=True,
         )
+    for what in ("lineas", "detox"):  # the estimate the fit printed before loading
+        row[what]["estimate_text"] = next(x for x in row[what]["lines"] if "memory estimate" in x)
+        got = re.search(r"~([0-9.]+) GiB", row[what]["estimate_text"])
+        row[what]["estimate"] = float(got.group(1)) * GIB
     return row
 
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| model | params | load | fit (Linear-AcT) | bake | verify under budget | LinEAS fit | "
-        "LinEAS estimate (× peak) |",
+        "| model | params | load | fit (Linear-AcT) | bake | verify under budget | LinEAS fit, batch 4 "
+        "(estimate: × peak) | LinEAS fit, detox.yaml's shape (estimate: × peak) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cell = {w: f"{r[w]['seconds']:.0f} s, {r[w]['peak'] / GIB:.2f} GiB" for w in STEPS}
-        ratio = r["estimate"] / r["lineas"]["peak"]
+        for w in ("lineas", "detox"):
+            est = r[w]["estimate"]
+            cell[w] += f" ({est / GIB:.2f} GiB: {est / r[w]['peak']:.2f}×)"
         verdict = next((x for x in r["verify"]["lines"] if x.startswith("max |dlogit|")), "?")
         out.append(
             f"| {r['model']} | {r['params'] / 1e9:.2f} B | {cell['load']} | {cell['fit']} | {cell['bake']} | "
-            f"{cell['verify']} ({r['budget']}; {verdict}) | {cell['lineas']} | {r['estimate'] / GIB:.2f} GiB "
-            f"({ratio:.2f}×) |"
+            f"{cell['verify']} ({r['budget']}; {verdict}) | {cell['lineas']} | {cell['detox']} |"
         )
     return "\n".join(out)
 
@@ -181,7 +192,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
     args = ap.parse_args()
     rows = [measure(m, args.steps, args.budget_fraction) for m in args.models]
-    text = table(rows) + "\n\n" + "\n".join(f"- {r['model']}: {r['estimate_text']}" for r in rows)
+    text = (
+        table(rows)
+        + "\n\n"
+        + "\n".join(
+            f"- {r['model']}, {w}: {r[w]['estimate_text']}" for r in rows for w in ("lineas", "detox")
+        )
+    )
     print(text)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
