@@ -49,12 +49,18 @@ def quantize(src: Path, dst: Path, outtype: str) -> None:
 
 
 def _ggml():
-    """llama.cpp's ggml library as llama-cpp-python ships it, with the row quantiser's signatures."""
+    """llama.cpp's ggml base library as llama-cpp-python ships it (``llama_cpp/lib``), with the row
+    quantiser's signatures."""
     import ctypes
 
-    from llama_cpp import _ggml
+    import llama_cpp
 
-    lib = _ggml.libggml
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    names = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")
+    found = next((folder / n for n in names if (folder / n).is_file()), None)
+    if found is None:
+        raise OSError(f"no ggml-base library in {folder}")
+    lib = ctypes.CDLL(str(found))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.ggml_quantize_chunk.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
