@@ -149,10 +149,20 @@ def _llamacpp_loads(config: dict, hf_bias: str) -> bool:
 
 
 def write_gguf(
-    src: Path, plan: FoldPlan, read, config: dict, out: Path, *, force: bool = False, log=print
+    src: Path,
+    plan: FoldPlan,
+    read,
+    config: dict,
+    out: Path,
+    *,
+    force: bool = False,
+    keep_exact: bool = False,
+    log=print,
 ) -> GgufBake:
     """Copy ``src`` to ``out`` with the edits of ``plan`` (``read``: HF tensor name → float32 tensor of
-    the de-quantised snapshot)."""
+    the de-quantised snapshot). ``keep_exact``: keep the exact float32 fold of every re-quantised
+    matrix on the result (``exact_edits``, what ``verify_gguf`` compares with; a model's worth of
+    float32 matrices for a large model, so only when verifying)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
@@ -208,7 +218,8 @@ def write_gguf(
             back = quants.dequantize(data, qt).reshape(arr.shape)
             res.requantised[g] = float(np.abs(back - arr).max())
             res.requantised_types[g] = qt.name
-            res.exact_edits[g] = (arr.astype(np.float32), Q.F32)
+            if keep_exact:
+                res.exact_edits[g] = (arr.astype(np.float32), Q.F32)
             new[g] = (data, qt)
             res.changed[g] = f"re-quantised to {qt.name} (max |Δ| {res.requantised[g]:.3g} vs the exact fold)"
     if refused:
@@ -218,10 +229,7 @@ def write_gguf(
             "directory and `actmerge export-gguf` it."
         )
     _write(reader, names, by_name, new, res, force, log)
-    if res.requantised:
-        res.exact_edits = {**new, **res.exact_edits}
-    else:
-        res.exact_edits = {}
+    res.exact_edits = {**new, **res.exact_edits} if res.exact_edits else {}
     return res
 
 
@@ -330,6 +338,8 @@ def verify_gguf(
     tol = max(2 * base.max_abs_logit_diff, FLOOR)
     if bake is None or not bake.requantised:
         return LlamaCppReport(baked, base, "gguf (source types)", tol, baked.max_abs_logit_diff <= tol, [])
+    if not bake.exact_edits:
+        raise ExportError("verify_gguf: the bake kept no exact reference (write_gguf(keep_exact=True)).")
     # re-quantised matrices: the fold's exactness is judged on the same edits with those matrices in
     # float32; the re-quantisation's own deviation (output vs that reference, both in llama.cpp) is reported
     with tempfile.TemporaryDirectory(prefix="actmerge-gguf-ref-") as d:

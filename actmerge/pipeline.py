@@ -166,6 +166,7 @@ def bake(
             source.config,
             gguf_out,
             force=o.force,
+            keep_exact=verify_after,
             log=log,
         )
         res.notes += written.notes()
@@ -234,6 +235,11 @@ def verify(
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
+        if checkpoint.suffix == ".gguf" and checkpoint.is_file():
+            raise ModelResolutionError(
+                f"{checkpoint} is a GGUF file: a GGUF output is verified as it is baked "
+                "(`actmerge bake MODEL --recipe R -o X.gguf --verify`); `verify` takes a baked directory."
+            )
         raise ModelResolutionError(
             f"{checkpoint} does not exist or is not a directory: give a baked output directory."
         )

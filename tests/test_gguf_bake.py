@@ -277,3 +277,16 @@ def test_export_gguf_quantises_with_llamacpp(tmp_path):
     assert types["blk.0.attn_output.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
     with pytest.raises(gguf_export.ExportError, match="choose one of"):
         gguf_export.export_gguf(base, tmp_path / "x.gguf", outtype="q9_z", log=lambda *_: None)
+
+
+def test_verify_of_a_gguf_file_says_how_it_is_verified(tmp_path):
+    """`actmerge verify X.gguf`: one line naming the route (`bake … -o X.gguf --verify`), exit 2."""
+    from typer.testing import CliRunner
+
+    from actmerge.cli import app
+
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    r = CliRunner().invoke(app, ["verify", str(gguf)])
+    assert r.exit_code == 2 and "-o X.gguf --verify" in r.output, r.output
+    assert "Traceback" not in r.output
