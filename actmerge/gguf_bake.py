@@ -172,6 +172,7 @@ def write_gguf(
     by_name = {t.name: t for t in reader.tensors}
     new: dict[str, tuple[np.ndarray, Q]] = {}  # GGUF name → (data as stored, type)
     res = GgufBake(Path(out), Path(src))
+    exact: dict[str, tuple[np.ndarray, Q]] = {}  # re-quantised matrices as their exact float32 fold
     refused: list[str] = []
     for (component, module), e in plan.edits.items():
         if component:
@@ -219,7 +220,7 @@ def write_gguf(
             res.requantised[g] = float(np.abs(back - arr).max())
             res.requantised_types[g] = qt.name
             if keep_exact:
-                res.exact_edits[g] = (arr.astype(np.float32), Q.F32)
+                exact[g] = (arr.astype(np.float32), Q.F32)
             new[g] = (data, qt)
             res.changed[g] = f"re-quantised to {qt.name} (max |Δ| {res.requantised[g]:.3g} vs the exact fold)"
     if refused:
@@ -229,7 +230,8 @@ def write_gguf(
             "directory and `actmerge export-gguf` it."
         )
     _write(reader, names, by_name, new, res, force, log)
-    res.exact_edits = {**new, **res.exact_edits} if res.exact_edits else {}
+    if exact:
+        res.exact_edits = {**new, **exact}
     return res
 
 

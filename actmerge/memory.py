@@ -20,7 +20,7 @@ built, so for a moment the process holds both (**load**: the stored bytes; measu
 bf16 Llama: peak 7.29 GiB = 4.60 float32 + 2.30 stored + runtime). A checkpoint stored in the loaded
 dtype is mapped without a copy and adds nothing. The estimate is the larger of the two moments; it is
 conservative where pages the fit never touches stay unmapped (a tied embedding the forward reads a
-few rows of: 1.38 × the measured peak on the float32 Gemma-3-270M snapshot).
+few rows of: 1.10-1.18 × the measured peak on the float32 Gemma-3-270M snapshot, bench/scale.py).
 
 Under ``torchrun`` each process holds the whole model and its share of the batch (``ranks``).
 ``tests/test_memory.py`` checks the estimate against the measured peak RSS of a fit within 20 %.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PlacementError
-from .io.st_format import tensor_index
+from .io.st_format import DTYPES, tensor_index
 
 GIB = 2**30
 RUNTIME = int(0.39 * GIB)  # python + torch + transformers + actmerge imported: peak RSS measured (CPU)
@@ -134,12 +134,9 @@ def load_transient(path: str | Path | None, dtype_bytes: int = 4) -> int:
     files = sorted(Path(path).glob("*.safetensors")) if path is not None else []
     if not files:
         return 0
-    size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
-    return sum(
-        math.prod(info.shape) * size.get(info.dtype, 4)
-        for info in tensor_index(files)[0].values()
-        if size.get(info.dtype, 4) != dtype_bytes
-    )
+    infos = tensor_index(files)[0].values()
+    sizes = ((math.prod(i.shape), DTYPES[i.dtype].itemsize if i.dtype in DTYPES else 4) for i in infos)
+    return sum(n * size for n, size in sizes if size != dtype_bytes)
 
 
 def site_dim(name: str, config: dict) -> int:

@@ -107,7 +107,8 @@ peak = max(peak_rss() // 1024, resource.getrusage(resource.RUSAGE_CHILDREN).ru_m
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "peak": peak * 1024, "lines": lines}))
 """
 GIB = 2**30
-STEPS = ("load", "fit", "bake", "verify", "lineas", "detox")
+LINEAS = ("lineas", "detox")  # the steps that fit LinEAS, each printing its memory estimate
+STEPS = ("load", "fit", "bake", "verify", *LINEAS)
 
 
 def run_step(what: str, model: str, work: Path, *extra: str) -> dict:
@@ -145,7 +146,7 @@ def measure(model: str, steps: int, fraction: float) -> dict:
             f"{source.name} {what}: {row[what]['seconds']:.0f} s, peak {row[what]['peak'] / GIB:.2f} GiB",
             flush=True,
         )
-    for what in ("lineas", "detox"):  # the estimate the fit printed before loading
+    for what in LINEAS:  # the estimate the fit printed before loading
         row[what]["estimate_text"] = next(x for x in row[what]["lines"] if "memory estimate" in x)
         got = re.search(r"~([0-9.]+) GiB", row[what]["estimate_text"])
         row[what]["estimate"] = float(got.group(1)) * GIB
@@ -160,7 +161,7 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         cell = {w: f"{r[w]['seconds']:.0f} s, {r[w]['peak'] / GIB:.2f} GiB" for w in STEPS}
-        for w in ("lineas", "detox"):
+        for w in LINEAS:
             est = r[w]["estimate"]
             cell[w] += f" ({est / GIB:.2f} GiB: {est / r[w]['peak']:.2f}×)"
         verdict = next((x for x in r["verify"]["lines"] if x.startswith("max |dlogit|")), "?")
@@ -195,9 +196,7 @@ def main() -> None:
     text = (
         table(rows)
         + "\n\n"
-        + "\n".join(
-            f"- {r['model']}, {w}: {r[w]['estimate_text']}" for r in rows for w in ("lineas", "detox")
-        )
+        + "\n".join(f"- {r['model']}, {w}: {r[w]['estimate_text']}" for r in rows for w in LINEAS)
     )
     print(text)
     commit = subprocess.run(

@@ -20,7 +20,7 @@ from ...recipe_sections import sections_of as sections
 from ...shifts import scale_home, shift_home
 from ...sites import Site, architecture_for, resolve_sites, site_for_key
 from ..base import FitRequest, FitResult
-from .collect import CollectOptions, FitOptions
+from .collect import CollectOptions, FitOptions, batches
 from .collect import fit as fit_maps
 from .plan import check_maps
 from .source import load
@@ -148,19 +148,11 @@ def ranks() -> int:
 
 
 def longest(tok, sentences: list, max_tokens: int) -> int:
-    """Tokens of the longest sentence as the batches hold it (truncated at ``max_tokens``): a batch
-    is padded to its own longest sentence, so no step holds more."""
-    templated = any(getattr(s, "span", None) is not None for s in sentences)
-    return min(
-        max_tokens,
-        max(
-            (
-                len(ids)
-                for ids in tok([str(s) for s in sentences], add_special_tokens=not templated)["input_ids"]
-            ),
-            default=1,
-        ),
-    )
+    """Tokens of the longest sentence as the fit's batches hold it (``collect.batches``: truncated at
+    ``max_tokens``, a chat template's own tokens included): a batch is padded to its own longest
+    sentence, so no step holds more."""
+    held = batches(tok, sentences, batch_size=64, max_tokens=max_tokens)
+    return max((b.inputs["input_ids"].shape[1] for b in held), default=1)
 
 
 def lineas_estimate(
